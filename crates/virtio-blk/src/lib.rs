@@ -1,1 +1,27 @@
-//! placeholder
+//! The virtio-blk protocol, as the device sees it (virtio 1.2 §5.2), with no I/O.
+//!
+//! This crate sits between the vhost-user plumbing in `backend/` and the disk engines in
+//! `crates/disk`: the backend pops a descriptor chain, hands it to [`Request::parse`], submits the
+//! typed [`Request`] (whose data segments point straight into guest memory) to a disk engine, and
+//! finally writes the status byte with [`write_status`].
+//!
+//! - [`config`]: the 96-byte `virtio_blk_config` space and GET_CONFIG/SET_CONFIG.
+//! - [`features`]: the device feature bits we offer.
+//! - [`request`]: request parsing and validation, status and device-ID writing.
+//!
+//! Everything a guest controls is validated here, once, before it reaches an I/O engine: a
+//! malformed chain costs only itself.
+
+pub mod config;
+pub mod error;
+pub mod features;
+pub mod request;
+
+pub use config::{BlkConfig, CONFIG_SPACE_SIZE, WRITEBACK_OFFSET};
+pub use error::{Error, Result};
+pub use features::{device_features, FeatureOptions};
+pub use request::{
+    device_id, write_device_id, write_status, DataSegment, DiscardRange, Limits, ParseError,
+    Request, RequestBuffers, RequestType, DEVICE_ID_LEN, SECTOR_SHIFT, SECTOR_SIZE, STATUS_IOERR,
+    STATUS_OK, STATUS_UNSUPP,
+};

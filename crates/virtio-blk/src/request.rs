@@ -1,0 +1,2139 @@
+//! Request parsing and validation: a descriptor chain in, a typed [`Request`] out (virtio 1.2
+//! §2.7.4, §5.2.6).
+//!
+//! This is the first step of the fast path after the pop: `kick → pop → parse → submit →
+//! complete → signal`. The chain is read as a byte stream, never by assuming one descriptor per
+//! part (the specification forbids that, §2.7.4.1): the first 16 bytes are the header and must be
+//! device-readable, the last byte is the status and must be device-writable, everything in
+//! between is data. Data stays in guest memory: [`Request::parse`] fills the caller's
+//! preallocated [`RequestBuffers`] with zero-copy [`DataSegment`]s, and copies out only what the
+//! device must act on (the header, and the DISCARD/WRITE_ZEROES ranges), so a guest changing
+//! those bytes afterwards changes nothing.
+//!
+//! Decisions the specification leaves open:
+//! - Zero-length descriptors carry no bytes and are skipped: they are not checked against guest
+//!   memory, their direction does not matter, and they do not count toward `seg_max`.
+//! - A chain that ends on a descriptor with NEXT set (bad `next`, a loop, a bad indirect table,
+//!   more than 4 GiB) has no knowable status byte: it is rejected without one.
+//! - A zero-length IN/OUT is valid (its range must still lie within the disk) and completes
+//!   without I/O.
+//! - IN/OUT lengths and sectors, and DISCARD/WRITE_ZEROES ranges, must be multiples of the
+//!   logical block size (`blk_size`, which Linux uses as its logical block size); the
+//!   `discard_sector_alignment` is a hint for the driver's splitting (§5.2.5) and is not
+//!   enforced, since Linux sends discards that start off it.
+//! - A DISCARD/WRITE_ZEROES range of zero sectors is IOERR.
+//! - When several things are wrong, the first one met in chain order is reported.
+
+use std::ops::Deref;
+
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::DescriptorChain;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
+
+use crate::config::BlkConfig;
+use crate::error::{Error, Result};
+
+/// log2 of the protocol's sector size.
+pub const SECTOR_SHIFT: u32 = 9;
+/// The protocol's sector size: always 512 bytes, whatever `blk_size` says.
+pub const SECTOR_SIZE: u64 = 1 << SECTOR_SHIFT;
+/// Length of the GET_ID device ID string.
+pub const DEVICE_ID_LEN: usize = VIRTIO_BLK_ID_BYTES as usize;
+
+/// Status byte: success.
+pub const STATUS_OK: u8 = VIRTIO_BLK_S_OK as u8;
+/// Status byte: device or driver error.
+pub const STATUS_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+/// Status byte: request not supported.
+pub const STATUS_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+
+/// Length of the request header: `le32 type, le32 reserved, le64 sector`.
+const HEADER_LEN: u32 = 16;
+/// Length of one `struct virtio_blk_discard_write_zeroes`.
+const RANGE_LEN: u32 = 16;
+/// Largest sector whose byte offset fits in u64.
+const MAX_SECTORS: u64 = u64::MAX >> SECTOR_SHIFT;
+
+/// The type of a request, from the header's `type` field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestType {
+    /// `VIRTIO_BLK_T_IN`: read sectors into the device-writable data.
+    In,
+    /// `VIRTIO_BLK_T_OUT`: write the device-readable data to sectors.
+    Out,
+    /// `VIRTIO_BLK_T_FLUSH`: make completed writes stable.
+    Flush,
+    /// `VIRTIO_BLK_T_GET_ID`: write the device ID string into the data.
+    GetId,
+    /// `VIRTIO_BLK_T_DISCARD`: deallocate the ranges in the data.
+    Discard,
+    /// `VIRTIO_BLK_T_WRITE_ZEROES`: zero the ranges in the data.
+    WriteZeroes,
+    /// Any other type; answered with `VIRTIO_BLK_S_UNSUPP`.
+    Unsupported(u32),
+}
+
+impl From<u32> for RequestType {
+    fn from(value: u32) -> Self {
+        match value {
+            VIRTIO_BLK_T_IN => RequestType::In,
+            VIRTIO_BLK_T_OUT => RequestType::Out,
+            VIRTIO_BLK_T_FLUSH => RequestType::Flush,
+            VIRTIO_BLK_T_GET_ID => RequestType::GetId,
+            VIRTIO_BLK_T_DISCARD => RequestType::Discard,
+            VIRTIO_BLK_T_WRITE_ZEROES => RequestType::WriteZeroes,
+            other => RequestType::Unsupported(other),
+        }
+    }
+}
+
+impl RequestType {
+    /// Whether the request changes the disk (refused on a read-only device).
+    pub fn is_write(self) -> bool {
+        matches!(
+            self,
+            RequestType::Out | RequestType::Discard | RequestType::WriteZeroes
+        )
+    }
+}
+
+/// What the device advertised, and so what a request may ask for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Disk size in 512-byte sectors.
+    pub capacity_sectors: u64,
+    /// Maximum number of data segments in a request.
+    pub seg_max: u32,
+    /// Maximum length of one data segment in bytes; 0 means no limit.
+    pub size_max: u32,
+    /// Maximum sectors in one discard range.
+    pub max_discard_sectors: u32,
+    /// Maximum ranges in one discard request.
+    pub max_discard_seg: u32,
+    /// Maximum sectors in one write-zeroes range.
+    pub max_write_zeroes_sectors: u32,
+    /// Maximum ranges in one write-zeroes request.
+    pub max_write_zeroes_seg: u32,
+    /// Discard alignment advertised to the driver, in sectors. A hint only: not enforced.
+    pub discard_sector_alignment: u32,
+    /// Whether write-zeroes may deallocate when the driver sets the unmap flag.
+    pub write_zeroes_may_unmap: bool,
+    /// The device is read-only: OUT, DISCARD and WRITE_ZEROES fail with IOERR.
+    pub read_only: bool,
+    /// Logical block size in bytes (`blk_size`): a power of two from 512 up; anything else
+    /// counts as 512.
+    pub logical_block_size: u32,
+}
+
+impl Limits {
+    /// The limits that a device with this config space advertises.
+    pub fn from_config(config: &BlkConfig, read_only: bool) -> Self {
+        Limits {
+            capacity_sectors: config.capacity_sectors,
+            seg_max: config.seg_max,
+            size_max: config.size_max,
+            max_discard_sectors: config.max_discard_sectors,
+            max_discard_seg: config.max_discard_seg,
+            max_write_zeroes_sectors: config.max_write_zeroes_sectors,
+            max_write_zeroes_seg: config.max_write_zeroes_seg,
+            discard_sector_alignment: config.discard_sector_alignment,
+            write_zeroes_may_unmap: config.write_zeroes_may_unmap != 0,
+            read_only,
+            logical_block_size: config.blk_size,
+        }
+    }
+
+    /// The logical block size actually enforced, in bytes.
+    pub fn block_size(&self) -> u32 {
+        let lbs = self.logical_block_size;
+        if lbs >= SECTOR_SIZE as u32 && lbs.is_power_of_two() {
+            lbs
+        } else {
+            SECTOR_SIZE as u32
+        }
+    }
+
+    fn block_sectors(&self) -> u64 {
+        u64::from(self.block_size() >> SECTOR_SHIFT)
+    }
+
+    /// Whether `num_sectors` sectors from `sector` on lie within the disk, byte offsets included.
+    fn check_capacity(&self, sector: u64, num_sectors: u64) -> Result<()> {
+        match sector.checked_add(num_sectors) {
+            Some(end) if end <= self.capacity_sectors && end <= MAX_SECTORS => Ok(()),
+            _ => Err(Error::OutOfRange {
+                sector,
+                num_sectors,
+                capacity_sectors: self.capacity_sectors,
+            }),
+        }
+    }
+}
+
+/// One piece of a request's data area in guest memory: a whole descriptor, or the part of one
+/// that is neither header nor status. Validated to lie in guest memory with the right access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataSegment {
+    /// Guest address of the piece.
+    pub addr: GuestAddress,
+    /// Length in bytes; never 0.
+    pub len: u32,
+}
+
+/// One DISCARD or WRITE_ZEROES range, copied out of guest memory and validated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiscardRange {
+    /// First sector.
+    pub sector: u64,
+    /// Number of sectors; never 0.
+    pub num_sectors: u32,
+    /// WRITE_ZEROES only: the driver set the unmap flag and the device allows it
+    /// (`write_zeroes_may_unmap`), so the range may be deallocated rather than written.
+    pub unmap: bool,
+}
+
+/// Caller-owned scratch for [`Request::parse`], preallocated once per queue.
+///
+/// Parsing clears and refills both vectors and never grows them: a chain that would need more
+/// room than was reserved is rejected, so the parse path does not allocate.
+#[derive(Clone, Debug, Default)]
+pub struct RequestBuffers {
+    /// The data area, in chain order.
+    pub data: Vec<DataSegment>,
+    /// DISCARD/WRITE_ZEROES ranges, in request order; empty for other types.
+    pub ranges: Vec<DiscardRange>,
+}
+
+impl RequestBuffers {
+    /// Reserve room for `seg_max` data segments and the larger of `max_discard_seg` and
+    /// `max_write_zeroes_seg` ranges. These come from the operator's configuration, not from
+    /// the guest.
+    pub fn new(limits: &Limits) -> Self {
+        let ranges = limits.max_discard_seg.max(limits.max_write_zeroes_seg);
+        RequestBuffers {
+            data: Vec::with_capacity(limits.seg_max as usize),
+            ranges: Vec::with_capacity(ranges as usize),
+        }
+    }
+
+    /// Empty both vectors, keeping their capacity.
+    pub fn clear(&mut self) {
+        self.data.clear();
+        self.ranges.clear();
+    }
+}
+
+/// A validated request. Its data segments and ranges are in the [`RequestBuffers`] it was
+/// parsed into.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Request {
+    /// The request's type; never [`RequestType::Unsupported`].
+    pub request_type: RequestType,
+    /// The header's sector: for IN/OUT validated with `data_len` against the capacity; as the
+    /// driver sent it for the other types, which do not use it.
+    pub sector: u64,
+    /// Total bytes in the data segments.
+    pub data_len: u32,
+    /// Where to write the status byte.
+    pub status_addr: GuestAddress,
+    /// Bytes of device-writable buffer before the status byte (the IN or GET_ID data area;
+    /// 0 for the other types), for used-length accounting.
+    pub writable_len: u32,
+}
+
+impl Request {
+    /// Parse and validate a descriptor chain, filling `bufs` (cleared first) with its data
+    /// segments and, for DISCARD/WRITE_ZEROES, its ranges.
+    ///
+    /// On failure the [`ParseError`] says where the failure status goes, if the chain has a
+    /// usable status byte; `bufs` is then left empty.
+    pub fn parse<M>(
+        mut chain: DescriptorChain<M>,
+        limits: &Limits,
+        bufs: &mut RequestBuffers,
+    ) -> std::result::Result<Request, ParseError>
+    where
+        M: Deref,
+        M::Target: GuestMemory,
+    {
+        bufs.clear();
+        let mut walk = Walk::new(limits, bufs);
+        let mut first_error = None;
+        // The last descriptor that carries bytes: its last byte is the status.
+        let mut last: Option<Descriptor> = None;
+        let mut ends_with_next = false;
+
+        // The iterator follows indirect tables and stops after queue-size descriptors per
+        // table, so this loop is bounded whatever the guest wrote. After the first error it
+        // keeps going only to find the status byte.
+        while let Some(desc) = chain.next() {
+            ends_with_next = desc.has_next();
+            if desc.len() == 0 {
+                continue;
+            }
+            last = Some(desc);
+            if first_error.is_none() {
+                if let Err(e) = walk.feed(chain.memory(), &desc) {
+                    first_error = Some(e);
+                }
+            }
+        }
+
+        let mem = chain.memory();
+        let result = match locate_status(mem, last, ends_with_next) {
+            Err(error) => Err(ParseError {
+                error,
+                status_addr: None,
+            }),
+            Ok(status_addr) => match first_error {
+                Some(error) => Err(error),
+                None => walk.finish(mem, status_addr),
+            }
+            .map_err(|error| ParseError {
+                error,
+                status_addr: Some(status_addr),
+            }),
+        };
+        if result.is_err() {
+            bufs.clear();
+        }
+        result
+    }
+
+    /// The used length (§2.7.8.2): the bytes actually written into device-writable buffers,
+    /// status byte included, once `data_written` bytes of the data area were filled (the read
+    /// length for IN, the [`write_device_id`] result for GET_ID, 0 for the other types or a
+    /// failed request). A chain rejected by [`Request::parse`] with a status byte has a used
+    /// length of 1.
+    pub fn used_len(&self, data_written: u32) -> u32 {
+        data_written.min(self.writable_len).saturating_add(1)
+    }
+}
+
+/// A chain that did not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct ParseError {
+    /// What is wrong; [`Error::status`] gives the status byte for it.
+    pub error: Error,
+    /// Where to write the failure status (`error.status()`, used length 1), if the chain's
+    /// last byte is device-writable and in guest memory. `None`: the chain has no usable status
+    /// byte and can only be dropped.
+    pub status_addr: Option<GuestAddress>,
+}
+
+/// Find the status byte: the last byte of the last descriptor that carries bytes, which must be
+/// device-writable and in guest memory, in a chain that ended where the driver said it does.
+fn locate_status<T: GuestMemory + ?Sized>(
+    mem: &T,
+    last: Option<Descriptor>,
+    ends_with_next: bool,
+) -> Result<GuestAddress> {
+    if ends_with_next {
+        return Err(Error::ChainTruncated);
+    }
+    let desc = last.ok_or(Error::EmptyChain)?;
+    if !desc.is_write_only() {
+        return Err(Error::StatusNotWritable);
+    }
+    let out_of_memory = Error::StatusOutOfMemory {
+        addr: desc.addr().0,
+    };
+    // `last` only holds descriptors with len > 0.
+    let Some(addr) = desc.addr().checked_add(u64::from(desc.len()) - 1) else {
+        return Err(out_of_memory);
+    };
+    if mem.check_range(addr, 1, Permissions::Write) {
+        Ok(addr)
+    } else {
+        Err(out_of_memory)
+    }
+}
+
+/// The state of one pass over a chain.
+struct Walk<'a> {
+    limits: &'a Limits,
+    bufs: &'a mut RequestBuffers,
+    header: [u8; HEADER_LEN as usize],
+    header_len: u32,
+    request_type: Option<RequestType>,
+    sector: u64,
+    seen_writable: bool,
+    /// The latest device-writable descriptor, held back because its last byte may be the
+    /// status.
+    pending: Option<DataSegment>,
+    data_len: u32,
+    writable_len: u32,
+}
+
+impl<'a> Walk<'a> {
+    fn new(limits: &'a Limits, bufs: &'a mut RequestBuffers) -> Self {
+        Walk {
+            limits,
+            bufs,
+            header: [0; HEADER_LEN as usize],
+            header_len: 0,
+            request_type: None,
+            sector: 0,
+            seen_writable: false,
+            pending: None,
+            data_len: 0,
+            writable_len: 0,
+        }
+    }
+
+    /// Take in one descriptor with `len > 0`.
+    fn feed<T: GuestMemory + ?Sized>(&mut self, mem: &T, desc: &Descriptor) -> Result<()> {
+        let addr = desc.addr();
+        let len = desc.len();
+        if addr.0.checked_add(u64::from(len)).is_none() {
+            return Err(Error::DescriptorOverflow { addr: addr.0, len });
+        }
+        let writable = desc.is_write_only();
+        let access = if writable {
+            Permissions::Write
+        } else {
+            Permissions::Read
+        };
+        if !mem.check_range(addr, len as usize, access) {
+            return Err(Error::DescriptorOutOfMemory { addr: addr.0, len });
+        }
+
+        if writable {
+            if self.header_len < HEADER_LEN {
+                return Err(Error::HeaderTooShort {
+                    len: self.header_len,
+                });
+            }
+            self.seen_writable = true;
+            if let Some(previous) = self.pending.replace(DataSegment { addr, len }) {
+                self.push_data(previous, true)?;
+            }
+            return Ok(());
+        }
+
+        if self.seen_writable {
+            return Err(Error::ReadableAfterWritable);
+        }
+        let mut used = 0;
+        if self.header_len < HEADER_LEN {
+            used = len.min(HEADER_LEN - self.header_len);
+            let start = self.header_len as usize;
+            mem.read_slice(&mut self.header[start..start + used as usize], addr)?;
+            self.header_len += used;
+            if self.header_len == HEADER_LEN {
+                self.decode_header()?;
+            }
+        }
+        if used < len {
+            // No overflow: addr + len was checked above.
+            let piece = DataSegment {
+                addr: GuestAddress(addr.0 + u64::from(used)),
+                len: len - used,
+            };
+            self.push_data(piece, false)?;
+        }
+        Ok(())
+    }
+
+    fn decode_header(&mut self) -> Result<()> {
+        let [t0, t1, t2, t3, _, _, _, _, s0, s1, s2, s3, s4, s5, s6, s7] = self.header;
+        let request_type = RequestType::from(u32::from_le_bytes([t0, t1, t2, t3]));
+        self.sector = u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]);
+        self.request_type = Some(request_type);
+        match request_type {
+            RequestType::Unsupported(t) => Err(Error::UnsupportedRequest(t)),
+            t if t.is_write() && self.limits.read_only => Err(Error::ReadOnly(t)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Add one piece of the data area, checking its direction, size and the segment count.
+    fn push_data(&mut self, piece: DataSegment, writable: bool) -> Result<()> {
+        let request_type = self.request_type.ok_or(Error::HeaderTooShort {
+            len: self.header_len,
+        })?;
+        match request_type {
+            RequestType::Flush => return Err(Error::FlushWithData),
+            RequestType::Unsupported(t) => return Err(Error::UnsupportedRequest(t)),
+            RequestType::In | RequestType::GetId if !writable => {
+                return Err(Error::WrongDataDirection {
+                    request_type,
+                    expected: "writable",
+                })
+            }
+            RequestType::Out | RequestType::Discard | RequestType::WriteZeroes if writable => {
+                return Err(Error::WrongDataDirection {
+                    request_type,
+                    expected: "readable",
+                })
+            }
+            _ => {}
+        }
+        let size_max = self.limits.size_max;
+        if size_max != 0 && piece.len > size_max {
+            return Err(Error::SegmentTooLarge {
+                len: piece.len,
+                max: size_max,
+            });
+        }
+        let room = (self.limits.seg_max as usize).min(self.bufs.data.capacity());
+        if self.bufs.data.len() >= room {
+            return Err(Error::TooManySegments {
+                max: self.limits.seg_max,
+            });
+        }
+        self.data_len = self
+            .data_len
+            .checked_add(piece.len)
+            .ok_or(Error::DataTooLong)?;
+        if writable {
+            self.writable_len += piece.len; // <= data_len, which did not overflow
+        }
+        self.bufs.data.push(piece);
+        Ok(())
+    }
+
+    /// The chain is done and its status byte found: flush the held-back descriptor and check
+    /// the request as a whole.
+    fn finish<T: GuestMemory + ?Sized>(
+        mut self,
+        mem: &T,
+        status_addr: GuestAddress,
+    ) -> Result<Request> {
+        if let Some(last) = self.pending.take() {
+            if last.len > 1 {
+                let data = DataSegment {
+                    addr: last.addr,
+                    len: last.len - 1,
+                };
+                self.push_data(data, true)?;
+            }
+        }
+        let request_type = match self.request_type {
+            Some(t) if self.header_len == HEADER_LEN => t,
+            _ => {
+                return Err(Error::HeaderTooShort {
+                    len: self.header_len,
+                })
+            }
+        };
+        match request_type {
+            RequestType::In | RequestType::Out => self.check_io()?,
+            RequestType::Flush => {}
+            RequestType::GetId => {
+                if self.data_len == 0 {
+                    return Err(Error::GetIdWithoutBuffer);
+                }
+            }
+            RequestType::Discard | RequestType::WriteZeroes => {
+                self.read_ranges(mem, request_type)?
+            }
+            RequestType::Unsupported(t) => return Err(Error::UnsupportedRequest(t)),
+        }
+        Ok(Request {
+            request_type,
+            sector: self.sector,
+            data_len: self.data_len,
+            status_addr,
+            writable_len: self.writable_len,
+        })
+    }
+
+    /// IN/OUT: whole logical blocks, aligned, within the disk.
+    fn check_io(&self) -> Result<()> {
+        let align = self.limits.block_size();
+        if self.data_len % align != 0 {
+            return Err(Error::DataLengthUnaligned {
+                len: self.data_len,
+                align,
+            });
+        }
+        if self.sector % self.limits.block_sectors() != 0 {
+            return Err(Error::SectorUnaligned {
+                sector: self.sector,
+                align,
+            });
+        }
+        let num_sectors = u64::from(self.data_len >> SECTOR_SHIFT);
+        self.limits.check_capacity(self.sector, num_sectors)
+    }
+
+    /// DISCARD/WRITE_ZEROES: copy the ranges out of the data area and check each.
+    fn read_ranges<T: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &T,
+        request_type: RequestType,
+    ) -> Result<()> {
+        let limits = self.limits;
+        let (max_seg, max_sectors, allowed_flags) = if request_type == RequestType::Discard {
+            (limits.max_discard_seg, limits.max_discard_sectors, 0)
+        } else {
+            (
+                limits.max_write_zeroes_seg,
+                limits.max_write_zeroes_sectors,
+                VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+            )
+        };
+        let len = self.data_len;
+        if len == 0 || len % RANGE_LEN != 0 {
+            return Err(Error::BadRangePayload { request_type, len });
+        }
+        let count = len / RANGE_LEN;
+        let bufs = &mut *self.bufs;
+        if count > max_seg || count as usize > bufs.ranges.capacity() {
+            return Err(Error::TooManyRanges {
+                request_type,
+                count,
+                max: max_seg,
+            });
+        }
+        let block_sectors = limits.block_sectors();
+        let mut reader = SegmentReader::new(&bufs.data);
+        for _ in 0..count {
+            let mut raw = [0u8; RANGE_LEN as usize];
+            reader.read(mem, &mut raw)?;
+            let [s0, s1, s2, s3, s4, s5, s6, s7, n0, n1, n2, n3, f0, f1, f2, f3] = raw;
+            let sector = u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]);
+            let num_sectors = u32::from_le_bytes([n0, n1, n2, n3]);
+            let flags = u32::from_le_bytes([f0, f1, f2, f3]);
+
+            if flags & !allowed_flags != 0 {
+                return Err(Error::UnsupportedFlags {
+                    request_type,
+                    flags,
+                });
+            }
+            if num_sectors == 0 {
+                return Err(Error::EmptyRange {
+                    request_type,
+                    sector,
+                });
+            }
+            if num_sectors > max_sectors {
+                return Err(Error::RangeTooLarge {
+                    request_type,
+                    sector,
+                    num_sectors,
+                    max: max_sectors,
+                });
+            }
+            if sector % block_sectors != 0 || u64::from(num_sectors) % block_sectors != 0 {
+                return Err(Error::RangeUnaligned {
+                    request_type,
+                    sector,
+                    num_sectors,
+                    align: limits.block_size(),
+                });
+            }
+            limits.check_capacity(sector, u64::from(num_sectors))?;
+            bufs.ranges.push(DiscardRange {
+                sector,
+                num_sectors,
+                unmap: flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0
+                    && limits.write_zeroes_may_unmap,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Reads the data area front to back as one byte stream, across segment boundaries.
+struct SegmentReader<'a> {
+    segments: &'a [DataSegment],
+    index: usize,
+    offset: u32,
+}
+
+impl<'a> SegmentReader<'a> {
+    fn new(segments: &'a [DataSegment]) -> Self {
+        SegmentReader {
+            segments,
+            index: 0,
+            offset: 0,
+        }
+    }
+
+    /// Fill `buf` with the next `buf.len()` bytes of the stream.
+    fn read<T: GuestMemory + ?Sized>(&mut self, mem: &T, buf: &mut [u8]) -> Result<()> {
+        let mut filled = 0;
+        while filled < buf.len() {
+            let segment = self.segments.get(self.index).ok_or(Error::DataTooLong)?;
+            let available = (segment.len - self.offset) as usize;
+            let take = available.min(buf.len() - filled);
+            let addr = GuestAddress(segment.addr.0 + u64::from(self.offset));
+            mem.read_slice(&mut buf[filled..filled + take], addr)?;
+            filled += take;
+            if take == available {
+                self.index += 1;
+                self.offset = 0;
+            } else {
+                // take < available <= u32::MAX
+                self.offset += take as u32;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Write the status byte (`STATUS_OK`, `STATUS_IOERR`, `STATUS_UNSUPP`) at `addr`.
+pub fn write_status<M: GuestMemory + ?Sized>(
+    mem: &M,
+    addr: GuestAddress,
+    status: u8,
+) -> Result<()> {
+    mem.write_slice(&[status], addr)?;
+    Ok(())
+}
+
+/// GET_ID: copy the device ID into the data segments, as much of it as fits (the driver's
+/// buffer may be shorter than 20 bytes); returns the number of bytes written. `serial` is
+/// already NUL-padded: see [`device_id`].
+pub fn write_device_id<M: GuestMemory + ?Sized>(
+    mem: &M,
+    data: &[DataSegment],
+    serial: &[u8; DEVICE_ID_LEN],
+) -> Result<u32> {
+    let mut written = 0usize;
+    for segment in data {
+        let rest = &serial[written..];
+        if rest.is_empty() {
+            break;
+        }
+        let take = rest.len().min(segment.len as usize);
+        mem.write_slice(&rest[..take], segment.addr)?;
+        written += take;
+    }
+    // written <= DEVICE_ID_LEN
+    Ok(written as u32)
+}
+
+/// The device ID string for `serial`: its first 20 bytes, NUL-padded when shorter (and then
+/// NUL-terminated, as the specification wants; a 20-byte ID has no terminator).
+pub fn device_id(serial: &[u8]) -> [u8; DEVICE_ID_LEN] {
+    let mut id = [0u8; DEVICE_ID_LEN];
+    let n = serial.len().min(DEVICE_ID_LEN);
+    id[..n].copy_from_slice(&serial[..n]);
+    id
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_bindings::virtio_ring::{
+        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    };
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestMemoryMmap;
+
+    type Mem = GuestMemoryMmap<()>;
+    type Parsed = std::result::Result<Request, ParseError>;
+
+    const MEM_SIZE: u64 = 0x10_0000;
+    const QUEUE_SIZE: u16 = 16;
+    const HDR: u64 = 0x1000;
+    const DATA: u64 = 0x2000;
+    const STATUS: u64 = 0x9000;
+    const TABLE: u64 = 0xa000;
+    const OUTSIDE: u64 = 0x1000_0000;
+    const CAPACITY: u64 = 2048;
+
+    const T_IN: u32 = VIRTIO_BLK_T_IN;
+    const T_OUT: u32 = VIRTIO_BLK_T_OUT;
+    const T_FLUSH: u32 = VIRTIO_BLK_T_FLUSH;
+    const T_GET_ID: u32 = VIRTIO_BLK_T_GET_ID;
+    const T_DISCARD: u32 = VIRTIO_BLK_T_DISCARD;
+    const T_WRITE_ZEROES: u32 = VIRTIO_BLK_T_WRITE_ZEROES;
+    const UNMAP: u32 = VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
+
+    /// One descriptor of a test chain; `next` links are filled in by the mock.
+    #[derive(Clone, Copy)]
+    struct D {
+        addr: u64,
+        len: u32,
+        write: bool,
+    }
+
+    fn r(addr: u64, len: u32) -> D {
+        D {
+            addr,
+            len,
+            write: false,
+        }
+    }
+
+    fn w(addr: u64, len: u32) -> D {
+        D {
+            addr,
+            len,
+            write: true,
+        }
+    }
+
+    fn memory() -> Mem {
+        Mem::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).expect("guest memory")
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            capacity_sectors: CAPACITY,
+            seg_max: 4,
+            size_max: 0x1_0000,
+            max_discard_sectors: 1024,
+            max_discard_seg: 2,
+            max_write_zeroes_sectors: 1024,
+            max_write_zeroes_seg: 2,
+            discard_sector_alignment: 8,
+            write_zeroes_may_unmap: true,
+            read_only: false,
+            logical_block_size: 512,
+        }
+    }
+
+    fn raw(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
+    }
+
+    fn header_bytes(request_type: u32, sector: u64) -> [u8; 16] {
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&request_type.to_le_bytes());
+        h[4..8].copy_from_slice(&0xdead_beefu32.to_le_bytes()); // reserved: ignored
+        h[8..].copy_from_slice(&sector.to_le_bytes());
+        h
+    }
+
+    fn write_header(mem: &Mem, addr: u64, request_type: u32, sector: u64) {
+        mem.write_slice(&header_bytes(request_type, sector), GuestAddress(addr))
+            .expect("header");
+    }
+
+    fn range_bytes(sector: u64, num_sectors: u32, flags: u32) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&sector.to_le_bytes());
+        b[8..12].copy_from_slice(&num_sectors.to_le_bytes());
+        b[12..].copy_from_slice(&flags.to_le_bytes());
+        b
+    }
+
+    fn write_ranges(mem: &Mem, addr: u64, ranges: &[(u64, u32, u32)]) -> u32 {
+        for (i, &(sector, num, flags)) in ranges.iter().enumerate() {
+            mem.write_slice(
+                &range_bytes(sector, num, flags),
+                GuestAddress(addr + 16 * i as u64),
+            )
+            .expect("range");
+        }
+        16 * ranges.len() as u32
+    }
+
+    fn parse_raw(mem: &Mem, descs: &[RawDescriptor], limits: &Limits) -> (Parsed, RequestBuffers) {
+        let vq = MockSplitQueue::new(mem, QUEUE_SIZE);
+        let chain = vq.build_multiple_desc_chains(descs).expect("chain");
+        let mut bufs = RequestBuffers::new(limits);
+        let parsed = Request::parse(chain, limits, &mut bufs);
+        (parsed, bufs)
+    }
+
+    fn parse_with(mem: &Mem, descs: &[D], limits: &Limits) -> (Parsed, RequestBuffers) {
+        let vq = MockSplitQueue::new(mem, QUEUE_SIZE);
+        let raws: Vec<RawDescriptor> = descs
+            .iter()
+            .map(|d| {
+                raw(
+                    d.addr,
+                    d.len,
+                    if d.write { VRING_DESC_F_WRITE } else { 0 },
+                    0,
+                )
+            })
+            .collect();
+        let chain = vq.build_desc_chain(&raws).expect("chain");
+        let mut bufs = RequestBuffers::new(limits);
+        let parsed = Request::parse(chain, limits, &mut bufs);
+        (parsed, bufs)
+    }
+
+    fn parse(mem: &Mem, descs: &[D]) -> (Parsed, RequestBuffers) {
+        parse_with(mem, descs, &limits())
+    }
+
+    fn seg(addr: u64, len: u32) -> DataSegment {
+        DataSegment {
+            addr: GuestAddress(addr),
+            len,
+        }
+    }
+
+    /// The chain failed with a status byte at `status_at`; returns the error.
+    fn failed_with(parsed: Parsed, bufs: &RequestBuffers, status: u8, status_at: u64) -> Error {
+        let err = parsed.expect_err("chain must be rejected");
+        assert_eq!(err.status_addr, Some(GuestAddress(status_at)), "{err}");
+        assert_eq!(err.error.status(), status, "{err}");
+        assert!(bufs.data.is_empty() && bufs.ranges.is_empty());
+        err.error
+    }
+
+    fn ioerr(parsed: Parsed, bufs: &RequestBuffers, status_at: u64) -> Error {
+        failed_with(parsed, bufs, STATUS_IOERR, status_at)
+    }
+
+    fn unsupp(parsed: Parsed, bufs: &RequestBuffers, status_at: u64) -> Error {
+        failed_with(parsed, bufs, STATUS_UNSUPP, status_at)
+    }
+
+    /// The chain has no usable status byte; returns the error.
+    fn dropped(parsed: Parsed, bufs: &RequestBuffers) -> Error {
+        let err = parsed.expect_err("chain must be rejected");
+        assert_eq!(err.status_addr, None, "{err}");
+        assert!(bufs.data.is_empty() && bufs.ranges.is_empty());
+        err.error
+    }
+
+    // ---- well-formed requests ----
+
+    #[test]
+    fn in_request_parses_into_writable_segments() {
+        let mem = memory();
+        write_header(&mem, HDR, T_IN, 8);
+        let (parsed, bufs) = parse(
+            &mem,
+            &[
+                r(HDR, 16),
+                w(DATA, 512),
+                w(DATA + 0x1000, 1024),
+                w(STATUS, 1),
+            ],
+        );
+        let req = parsed.expect("valid IN");
+        assert_eq!(
+            req,
+            Request {
+                request_type: RequestType::In,
+                sector: 8,
+                data_len: 1536,
+                status_addr: GuestAddress(STATUS),
+                writable_len: 1536,
+            }
+        );
+        assert_eq!(bufs.data, [seg(DATA, 512), seg(DATA + 0x1000, 1024)]);
+        assert!(bufs.ranges.is_empty());
+        assert_eq!(req.used_len(1536), 1537);
+    }
+
+    #[test]
+    fn out_request_parses_into_readable_segments() {
+        let mem = memory();
+        write_header(&mem, HDR, T_OUT, 2040);
+        let (parsed, bufs) = parse(
+            &mem,
+            &[
+                r(HDR, 16),
+                r(DATA, 2048),
+                r(DATA + 0x1000, 2048),
+                w(STATUS, 1),
+            ],
+        );
+        let req = parsed.expect("valid OUT");
+        assert_eq!(req.request_type, RequestType::Out);
+        assert_eq!(req.sector, 2040);
+        assert_eq!(req.data_len, 4096);
+        assert_eq!(req.writable_len, 0);
+        assert_eq!(req.status_addr, GuestAddress(STATUS));
+        assert_eq!(bufs.data, [seg(DATA, 2048), seg(DATA + 0x1000, 2048)]);
+        assert_eq!(req.used_len(0), 1);
+    }
+
+    #[test]
+    fn flush_request_parses_without_data() {
+        let mem = memory();
+        write_header(&mem, HDR, T_FLUSH, 0);
+        let (parsed, bufs) = parse(&mem, &[r(HDR, 16), w(STATUS, 1)]);
+        let req = parsed.expect("valid FLUSH");
+        assert_eq!(req.request_type, RequestType::Flush);
+        assert_eq!(req.data_len, 0);
+        assert!(bufs.data.is_empty());
+    }
+
+    #[test]
+    fn get_id_request_receives_the_nul_padded_id() {
+        let mem = memory();
+        write_header(&mem, HDR, T_GET_ID, 0);
+        mem.write_slice(&[0xaa; 20], GuestAddress(DATA))
+            .expect("fill");
+        let (parsed, bufs) = parse(&mem, &[r(HDR, 16), w(DATA, 20), w(STATUS, 1)]);
+        let req = parsed.expect("valid GET_ID");
+        assert_eq!(req.request_type, RequestType::GetId);
+        assert_eq!(req.writable_len, 20);
+        let written = write_device_id(&mem, &bufs.data, &device_id(b"serial-1")).expect("write id");
+        assert_eq!(written, 20);
+        let mut id = [0u8; 20];
+        mem.read_slice(&mut id, GuestAddress(DATA)).expect("read");
+        assert_eq!(&id[..8], b"serial-1");
+        assert_eq!(id[8..], [0; 12]);
+        assert_eq!(req.used_len(written), 21);
+    }
+
+    #[test]
+    fn get_id_with_four_byte_buffer_writes_only_four_bytes() {
+        let mem = memory();
+        write_header(&mem, HDR, T_GET_ID, 0);
+        mem.write_slice(&[0xaa; 64], GuestAddress(DATA - 16))
+            .expect("guard");
+        let (parsed, bufs) = parse(&mem, &[r(HDR, 16), w(DATA, 4), w(STATUS, 1)]);
+        let req = parsed.expect("valid GET_ID");
+        assert_eq!(req.data_len, 4);
+        let written = write_device_id(&mem, &bufs.data, &device_id(b"0123456789abcdefghijKLMN"))
+            .expect("write id");
+        assert_eq!(written, 4);
+        let mut around = [0u8; 64];
+        mem.read_slice(&mut around, GuestAddress(DATA - 16))
+            .expect("read");
+        assert_eq!(around[..16], [0xaa; 16], "guard before");
+        assert_eq!(&around[16..20], b"0123");
+        assert_eq!(around[20..], [0xaa; 44], "guard after");
+        assert_eq!(req.used_len(written), 5);
+    }
+
+    #[test]
+    fn get_id_spread_over_segments_is_written_as_a_stream() {
+        let mem = memory();
+        write_header(&mem, HDR, T_GET_ID, 0);
+        let (parsed, bufs) = parse(
+            &mem,
+            &[r(HDR, 16), w(DATA, 3), w(DATA + 0x100, 30), w(STATUS, 1)],
+        );
+        parsed.expect("valid GET_ID");
+        let id = device_id(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ");
+        assert_eq!(write_device_id(&mem, &bufs.data, &id).expect("id"), 20);
+        let mut a = [0u8; 3];
+        let mut b = [0u8; 17];
+        mem.read_slice(&mut a, GuestAddress(DATA)).expect("read");
+        mem.read_slice(&mut b, GuestAddress(DATA + 0x100))
+            .expect("read");
+        assert_eq!(&a, b"ABC");
+        assert_eq!(&b, b"DEFGHIJKLMNOPQRST");
+    }
+
+    #[test]
+    fn discard_request_copies_its_ranges() {
+        let mem = memory();
+        write_header(&mem, HDR, T_DISCARD, 0);
+        let len = write_ranges(&mem, DATA, &[(0, 8, 0), (1000, 1024, 0)]);
+        let (parsed, bufs) = parse(&mem, &[r(HDR, 16), r(DATA, len), w(STATUS, 1)]);
+        let req = parsed.expect("valid DISCARD");
+        assert_eq!(req.request_type, RequestType::Discard);
+        assert_eq!(req.data_len, 32);
+        assert_eq!(
+            bufs.ranges,
+            [
+                DiscardRange {
+                    sector: 0,
+                    num_sectors: 8,
+                    unmap: false
+                },
+                DiscardRange {
+                    sector: 1000,
+                    num_sectors: 1024,
+                    unmap: false
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn discard_not_on_discard_sector_alignment_is_accepted() {
+        let mem = memory();
+        write_header(&mem, HDR, T_DISCARD, 0);
+        let len = write_ranges(&mem, DATA, &[(3, 5, 0)]);
+        let (parsed, bufs) = parse(&mem, &[r(HDR, 16), r(DATA, len), w(STATUS, 1)]);
+        parsed.expect("alignment is a hint");
+        assert_eq!(bufs.ranges.len(), 1);
+    }
+
+    #[test]
+    fn write_zeroes_keeps_unmap_when_the_device_may_unmap() {
+        let mem = memory();
+        write_header(&mem, HDR, T_WRITE_ZEROES, 0);
+        let len = write_ranges(&mem, DATA, &[(16, 16, UNMAP), (64, 8, 0)]);
+        let (parsed, bufs) = parse(&mem, &[r(HDR, 16), r(DATA, len), w(STATUS, 1)]);
+        let req = parsed.expect("valid WRITE_ZEROES");
+        assert_eq!(req.request_type, RequestType::WriteZeroes);
+        assert!(bufs.ranges[0].unmap);
+        assert!(!bufs.ranges[1].unmap);
+    }
+
+    #[test]
+    fn write_zeroes_drops_unmap_when_the_device_may_not_unmap() {
+        let mem = memory();
+        write_header(&mem, HDR, T_WRITE_ZEROES, 0);
+        let len = write_ranges(&mem, DATA, &[(16, 16, UNMAP)]);
+        let limits = Limits {
+            write_zeroes_may_unmap: false,
+            ..limits()
+        };
+        let (parsed, bufs) = parse_with(&mem, &[r(HDR, 16), r(DATA, len), w(STATUS, 1)], &limits);
+        parsed.expect("valid WRITE_ZEROES");
+        assert!(!bufs.ranges[0].unmap);
+    }
+
+    #[test]
+    fn header_split_across_two_descriptors_is_accepted() {
+        let mem = memory();
+        let h = header_bytes(T_IN, 24);
+        mem.write_slice(&h[..8], GuestAddress(HDR)).expect("h0");
+        mem.write_slice(&h[8..], GuestAddress(HDR + 0x100))
+            .expect("h1");
+        let (parsed, bufs) = parse(
+            &mem,
+            &[r(HDR, 8), r(HDR + 0x100, 8), w(DATA, 512), w(STATUS, 1)],
+        );
+        let req = parsed.expect("split header");
+        assert_eq!(req.request_type, RequestType::In);
+        assert_eq!(req.sector, 24);
+        assert_eq!(bufs.data, [seg(DATA, 512)]);
+    }
+
+    #[test]
+    fn header_split_in_odd_pieces_with_data_in_the_last_one_is_accepted() {
+        let mem = memory();
+        let h = header_bytes(T_OUT, 2);
+        mem.write_slice(&h[..3], GuestAddress(HDR)).expect("h0");
+        mem.write_slice(&h[3..10], GuestAddress(HDR + 0x100))
+            .expect("h1");
+        mem.write_slice(&h[10..], GuestAddress(DATA)).expect("h2");
+        let (parsed, bufs) = parse(
+            &mem,
+            &[r(HDR, 3), r(HDR + 0x100, 7), r(DATA, 6 + 512), w(STATUS, 1)],
+        );
+        let req = parsed.expect("split header");
+        assert_eq!(req.request_type, RequestType::Out);
+        assert_eq!(req.sector, 2);
+        assert_eq!(bufs.data, [seg(DATA + 6, 512)]);
+    }
+
+    #[test]
+    fn data_and_status_in_one_descriptor_are_accepted() {
+        let mem = memory();
+        write_header(&mem, HDR, T_IN, 0);
+        let (parsed, bufs) = parse(&mem, &[r(HDR, 16), w(DATA, 513)]);
+        let req = parsed.expect("data+status");
+        assert_eq!(req.status_addr, GuestAddress(DATA + 512));
+        assert_eq!(req.data_len, 512);
+        assert_eq!(req.writable_len, 512);
+        assert_eq!(bufs.data, [seg(DATA, 512)]);
+    }
+
+    #[test]
+    fn header_and_data_in_one_descriptor_are_accepted() {
+        let mem = memory();
+        write_header(&mem, HDR, T_OUT, 0);
+        let (parsed, bufs) = parse(&mem, &[r(HDR, 16 + 1024), w(STATUS, 1)]);
+        let req = parsed.expect("header+data");
+        assert_eq!(req.data_len, 1024);
+        assert_eq!(bufs.data, [seg(HDR + 16, 1024)]);
+    }
+
+    #[test]
+    fn indirect_descriptors_are_followed() {
+        let mem = memory();
+        write_header(&mem, HDR, T_IN, 4);
+        let table = [
+            raw(HDR, 16, VRING_DESC_F_NEXT, 1),
+            raw(DATA, 1024, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 2),
+            raw(STATUS, 1, VRING_DESC_F_WRITE, 0),
+        ];
+        for (i, d) in table.iter().enumerate() {
+            mem.write_obj(*d, GuestAddress(TABLE + 16 * i as u64))
+                .expect("table");
+        }
+        let (parsed, bufs) = parse_raw(
+            &mem,
+            &[raw(
+                TABLE,
+                16 * table.len() as u32,
+                VRING_DESC_F_INDIRECT,
+                0,
+            )],
+            &limits(),
+        );
+        let req = parsed.expect("indirect");
+        assert_eq!(req.request_type, RequestType::In);
+        assert_eq!(req.sector, 4);
+        assert_eq!(req.status_addr, GuestAddress(STATUS));
+        assert_eq!(bufs.data, [seg(DATA, 1024)]);
+    }
+
+    #[test]
+    fn zero_length_descriptors_are_skipped_and_not_counted() {
+        let mem = memory();
+        write_header(&mem, HDR, T_IN, 0);
+        let limits = Limits {
+            seg_max: 1,
+            ..limits()
+        };
+        let (parsed, bufs) = parse_with(
+            &mem,
+            &[
+                r(OUTSIDE, 0),
+                r(HDR, 16),
+                w(DATA, 0),
+                r(OUTSIDE, 0),
+                w(DATA, 512),
+                w(OUTSIDE, 0),
+                w(STATUS, 1),
+                r(0, 0),
+            ],
+            &limits,
+        );
+        parsed.expect("zero-length descriptors are harmless");
+        assert_eq!(bufs.data, [seg(DATA, 512)]);
+    }
+
+    #[test]
+    fn descriptor_spanning_two_memory_regions_is_accepted() {
+        let mem = Mem::from_ranges(&[
+            (GuestAddress(0), MEM_SIZE as usize),
+            (GuestAddress(MEM_SIZE), MEM_SIZE as usize),
+        ])
+        .expect("two regions");
+        write_header(&mem, HDR, T_OUT, 0);
+        let (parsed, bufs) = parse(&mem, &[r(HDR, 16), r(MEM_SIZE - 256, 512), w(STATUS, 1)]);
+        parsed.expect("contiguous regions");
+        assert_eq!(bufs.data, [seg(MEM_SIZE - 256, 512)]);
+    }
+
+    #[test]
+    fn parse_reuses_the_buffers_without_growing_them() {
+        let mem = memory();
+        let limits = limits();
+        let mut bufs = RequestBuffers::new(&limits);
+        let (data_cap, ranges_cap) = (bufs.data.capacity(), bufs.ranges.capacity());
+        let vq = MockSplitQueue::new(&mem, QUEUE_SIZE);
+
+        write_header(&mem, HDR, T_IN, 0);
+        let descs = [
+            raw(HDR, 16, 0, 0),
+            raw(DATA, 512, VRING_DESC_F_WRITE, 0),
+            raw(DATA + 512, 512, VRING_DESC_F_WRITE, 0),
+            raw(STATUS, 1, VRING_DESC_F_WRITE, 0),
+        ];
+        let chain = vq.build_desc_chain(&descs).expect("chain");
+        Request::parse(chain, &limits, &mut bufs).expect("first");
+        assert_eq!(bufs.data.len(), 2);
+
+        write_header(&mem, HDR + 0x100, T_FLUSH, 0);
+        let descs = [
+            raw(HDR + 0x100, 16, 0, 0),
+            raw(STATUS, 1, VRING_DESC_F_WRITE, 0),
+        ];
+        let chain = vq.build_desc_chain(&descs).expect("chain");
+        Request::parse(chain, &limits, &mut bufs).expect("second");
+        assert!(bufs.data.is_empty(), "cleared for the next request");
+        assert_eq!(
+            (bufs.data.capacity(), bufs.ranges.capacity()),
+            (data_cap, ranges_cap)
+        );
+    }
+
+    // ---- header and status ----
+
+    #[test]
+    fn header_shorter_than_16_bytes_is_ioerr() {
+        let mem = memory();
+        write_header(&mem, HDR, T_IN, 0);
+        let (parsed, bufs) = parse(&mem, &[r(HDR, 8), w(DATA, 512), w(STATUS, 1)]);
+        let e = ioerr(parsed, &bufs, STATUS);
+        assert!(matches!(e, Error::HeaderTooShort { len: 8 }), "{e}");
+    }
+
+    #[test]
+    fn header_in_a_writable_descriptor_is_ioerr() {
+        let mem = memory();
+        write_header(&mem, HDR, T_IN, 0);
+        let (parsed, bufs) = parse(&mem, &[w(HDR, 16), w(DATA, 512), w(STATUS, 1)]);
+        let e = ioerr(parsed, &bufs, STATUS);
+        assert!(matches!(e, Error::HeaderTooShort { len: 0 }), "{e}");
+    }
+
+    #[test]
+    fn header_outside_memory_is_ioerr() {
+        let mem = memory();
+        let (parsed, bufs) = parse(&mem, &[r(OUTSIDE, 16), w(STATUS, 1)]);
+        let e = ioerr(parsed, &bufs, STATUS);
+        assert!(matches!(e, Error::DescriptorOutOfMemory { .. }), "{e}");
+    }
+
+    #[test]
+    fn chain_of_only_a_header_is_dropped() {
+        let mem = memory();
+        write_header(&mem, HDR, T_FLUSH, 0);
+        let (parsed, bufs) = parse(&mem, &[r(HDR, 16)]);
+        let e = dropped(parsed, &bufs);
+        assert!(matches!(e, Error::StatusNotWritable), "{e}");
+    }
+
+    #[test]
+    fn missing_status_after_readable_data_is_dropped() {
+        let mem = memory();
+        write_header(&mem, HDR, T_OUT, 0);
+        let (parsed, bufs) = parse(&mem, &[r(HDR, 16), r(DATA, 512)]);
+        let e = dropped(parsed, &bufs);
+        assert!(matches!(e, Error::StatusNotWritable), "{e}");
+    }
+
+    #[test]
+    fn read_only_status_descriptor_is_dropped() {
+        let mem = memory();
+        write_header(&mem, HDR, T_OUT, 0);
+        let (parsed, bufs) = parse(&mem, &[r(HDR, 16), r(DATA, 512), r(STATUS, 1)]);
+        let e = dropped(parsed, &bufs);
+        assert!(matches!(e, Error::StatusNotWritable), "{e}");
+    }
+
+    #[test]
+    fn zero_length_status_after_readable_data_is_dropped() {
+        let mem = memory();
+        write_header(&mem, HDR, T_OUT, 0);
+        let (parsed, bufs) = parse(&mem, &[r(HDR, 16), r(DATA, 512), w(STATUS, 0)]);
+        dropped(parsed, &bufs);
+    }
+
+    #[test]
+    fn zero_length_status_after_writable_data_takes_the_data_last_byte() {
+        // The chain is a byte stream: its last byte is the status, wherever it lies.
+        let mem = memory();
+        write_header(&mem, HDR, T_IN, 0);
+        let (parsed, bufs) = parse(&mem, &[r(HDR, 16), w(DATA, 512), w(STATUS, 0)]);
+        let e = ioerr(parsed, &bufs, DATA + 511);
+        assert!(
+            matches!(e, Error::DataLengthUnaligned { len: 511, .. }),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn status_outside_memory_is_dropped() {
+        let mem = memory();
+        write_header(&mem, HDR, T_FLUSH, 0);
+        let (parsed, bufs) = parse(&mem, &[r(HDR, 16), w(OUTSIDE, 1)]);
+        let e = dropped(parsed, &bufs);
+        assert!(matches!(e, Error::StatusOutOfMemory { .. }), "{e}");
+    }
+
+    #[test]
+    fn status_descriptor_wrapping_u64_is_dropped() {
+        let mem = memory();
+        write_header(&mem, HDR, T_FLUSH, 0);
+        let (parsed, bufs) = parse(&mem, &[r(HDR, 16), w(u64::MAX, 2)]);
+        let e = dropped(parsed, &bufs);
+        assert!(matches!(e, Error::StatusOutOfMemory { .. }), "{e}");
+    }
+
+    #[test]
+    fn empty_chain_is_dropped() {
+        let mem = memory();
+        let (parsed, bufs) = parse(&mem, &[w(STATUS, 0)]);
+        let e = dropped(parsed, &bufs);
+        assert!(matches!(e, Error::EmptyChain), "{e}");
+    }
+
+    #[test]
+    fn status_is_usable_even_when_everything_else_is_broken() {
+        let mem = memory();
+        let (parsed, bufs) = parse(&mem, &[w(OUTSIDE, 4), r(u64::MAX - 8, 512), w(STATUS, 1)]);
+        ioerr(parsed, &bufs, STATUS);
+    }
+
+    // ---- directions ----
+
+    #[test]
+    fn readable_after_writable_is_ioerr() {
+        let mem = memory();
+        write_header(&mem, HDR, T_IN, 0);
+        let (parsed, bufs) = parse(
+            &mem,
+            &[r(HDR, 16), w(DATA, 512), r(DATA + 512, 512), w(STATUS, 1)],
+        );
+        let e = ioerr(parsed, &bufs, STATUS);
+        assert!(matches!(e, Error::ReadableAfterWritable), "{e}");
+    }
+
+    #[test]
+    fn in_with_readable_data_is_ioerr() {
+        let mem = memory();
+        write_header(&mem, HDR, T_IN, 0);
+        let (parsed, bufs) = parse(&mem, &[r(HDR, 16), r(DATA, 512), w(STATUS, 1)]);
+        let e = ioerr(parsed, &bufs, STATUS);
+        assert!(matches!(e, Error::WrongDataDirection { .. }), "{e}");
+    }
+
+    #[test]
+    fn out_with_writable_data_is_ioerr() {
+        let mem = memory();
+        write_header(&mem, HDR, T_OUT, 0);
+        let (parsed, bufs) = parse(&mem, &[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]);
+        let e = ioerr(parsed, &bufs, STATUS);
+        assert!(matches!(e, Error::WrongDataDirection { .. }), "{e}");
+    }
+
+    #[test]
+    fn out_with_a_two_byte_status_descriptor_is_ioerr() {
+        // The byte before the status is device-writable data, which OUT must not have.
+        let mem = memory();
+        write_header(&mem, HDR, T_OUT, 0);
+        let (parsed, bufs) = parse(&mem, &[r(HDR, 16), r(DATA, 512), w(STATUS, 2)]);
+        let e = ioerr(parsed, &bufs, STATUS + 1);
+        assert!(matches!(e, Error::WrongDataDirection { .. }), "{e}");
+    }
+
+    #[test]
+    fn get_id_with_readable_data_is_ioerr() {
+        let mem = memory();
+        write_header(&mem, HDR, T_GET_ID, 0);
+        let (parsed, bufs) = parse(&mem, &[r(HDR, 16), r(DATA, 20), w(STATUS, 1)]);
+        let e = ioerr(parsed, &bufs, STATUS);
+        assert!(matches!(e, Error::WrongDataDirection { .. }), "{e}");
+    }
+
+    #[test]
+    fn discard_with_writable_data_is_ioerr() {
+        let mem = memory();
+        write_header(&mem, HDR, T_DISCARD, 0);
+        let len = write_ranges(&mem, DATA, &[(0, 8, 0)]);
+        let (parsed, bufs) = parse(&mem, &[r(HDR, 16), w(DATA, len), w(STATUS, 1)]);
+        let e = ioerr(parsed, &bufs, STATUS);
+        assert!(matches!(e, Error::WrongDataDirection { .. }), "{e}");
+    }
+
+    #[test]
+    fn flush_with_writable_data_is_ioerr() {
+        let mem = memory();
+        write_header(&mem, HDR, T_FLUSH, 0);
+        let (parsed, bufs) = parse(&mem, &[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]);
+        let e = ioerr(parsed, &bufs, STATUS);
+        assert!(matches!(e, Error::FlushWithData), "{e}");
+    }
+
+    #[test]
+    fn flush_with_readable_data_is_ioerr() {
+        let mem = memory();
+        write_header(&mem, HDR, T_FLUSH, 0);
+        let (parsed, bufs) = parse(&mem, &[r(HDR, 16 + 8), w(STATUS, 1)]);
+        let e = ioerr(parsed, &bufs, STATUS);
+        assert!(matches!(e, Error::FlushWithData), "{e}");
+    }
+
+    // ---- addresses and lengths ----
+
+    #[test]
+    fn data_outside_memory_is_ioerr() {
+        let mem = memory();
+        write_header(&mem, HDR, T_IN, 0);
+        let (parsed, bufs) = parse(&mem, &[r(HDR, 16), w(OUTSIDE, 512), w(STATUS, 1)]);
+        let e = ioerr(parsed, &bufs, STATUS);
+        assert!(matches!(e, Error::DescriptorOutOfMemory { .. }), "{e}");
+    }
+
+    #[test]
+    fn data_straddling_the_end_of_memory_is_ioerr() {
+        let mem = memory();
+        write_header(&mem, HDR, T_OUT, 0);
+        let (parsed, bufs) = parse(&mem, &[r(HDR, 16), r(MEM_SIZE - 256, 512), w(STATUS, 1)]);
+        let e = ioerr(parsed, &bufs, STATUS);
+        assert!(matches!(e, Error::DescriptorOutOfMemory { .. }), "{e}");
+    }
+
+    #[test]
+    fn data_across_a_hole_in_memory_is_ioerr() {
+        let mem = Mem::from_ranges(&[
+            (GuestAddress(0), MEM_SIZE as usize),
+            (GuestAddress(2 * MEM_SIZE), MEM_SIZE as usize),
+        ])
+        .expect("two regions with a hole");
+        write_header(&mem, HDR, T_OUT, 0);
+        let (parsed, bufs) = parse(&mem, &[r(HDR, 16), r(MEM_SIZE - 512, 1024), w(STATUS, 1)]);
+        let e = ioerr(parsed, &bufs, STATUS);
+        assert!(matches!(e, Error::DescriptorOutOfMemory { .. }), "{e}");
+    }
+
+    #[test]
+    fn descriptor_wrapping_u64_is_ioerr() {
+        let mem = memory();
+        write_header(&mem, HDR, T_IN, 0);
+        let (parsed, bufs) = parse(&mem, &[r(HDR, 16), w(u64::MAX - 100, 512), w(STATUS, 1)]);
+        let e = ioerr(parsed, &bufs, STATUS);
+        assert!(matches!(e, Error::DescriptorOverflow { .. }), "{e}");
+    }
+
+    #[test]
+    fn huge_descriptor_length_is_ioerr() {
+        let mem = memory();
+        write_header(&mem, HDR, T_IN, 0);
+        let (parsed, bufs) = parse(&mem, &[r(HDR, 16), w(DATA, 0xffff_0000), w(STATUS, 1)]);
+        let e = ioerr(parsed, &bufs, STATUS);
+        assert!(matches!(e, Error::DescriptorOutOfMemory { .. }), "{e}");
+    }
+
+    #[test]
+    fn descriptor_length_0xffff_fff0_makes_a_chain_over_4gib_which_is_dropped() {
+        // 16 + 0xffff_fff0 bytes is more than a chain may hold (§2.7.5.2): the iterator stops
+        // there, so the real end of the chain, and its status byte, are unknown.
+        let mem = memory();
+        write_header(&mem, HDR, T_IN, 0);
+        let (parsed, bufs) = parse(&mem, &[r(HDR, 16), w(DATA, 0xffff_fff0), w(STATUS, 1)]);
+        let e = dropped(parsed, &bufs);
+        assert!(matches!(e, Error::ChainTruncated), "{e}");
+    }
+
+    #[test]
+    fn in_length_not_a_multiple_of_512_is_ioerr() {
+        let mem = memory();
+        write_header(&mem, HDR, T_IN, 0);
+        let (parsed, bufs) = parse(&mem, &[r(HDR, 16), w(DATA, 500), w(STATUS, 1)]);
+        let e = ioerr(parsed, &bufs, STATUS);
+        assert!(
+            matches!(
+                e,
+                Error::DataLengthUnaligned {
+                    len: 500,
+                    align: 512
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn out_length_not_a_multiple_of_512_is_ioerr() {
+        let mem = memory();
+        write_header(&mem, HDR, T_OUT, 0);
+        let (parsed, bufs) = parse(
+            &mem,
+            &[
+                r(HDR, 16),
+                r(DATA, 512),
+                r(DATA + 0x1000, 100),
+                w(STATUS, 1),
+            ],
+        );
+        let e = ioerr(parsed, &bufs, STATUS);
+        assert!(matches!(e, Error::DataLengthUnaligned { .. }), "{e}");
+    }
+
+    #[test]
+    fn zero_length_in_is_a_valid_no_op() {
+        let mem = memory();
+        write_header(&mem, HDR, T_IN, CAPACITY);
+        let (parsed, bufs) = parse(&mem, &[r(HDR, 16), w(STATUS, 1)]);
+        let req = parsed.expect("empty read");
+        assert_eq!(req.data_len, 0);
+        assert!(bufs.data.is_empty());
+    }
+
+    #[test]
+    fn zero_length_in_past_capacity_is_ioerr() {
+        let mem = memory();
+        write_header(&mem, HDR, T_IN, CAPACITY + 1);
+        let (parsed, bufs) = parse(&mem, &[r(HDR, 16), w(STATUS, 1)]);
+        let e = ioerr(parsed, &bufs, STATUS);
+        assert!(matches!(e, Error::OutOfRange { .. }), "{e}");
+    }
+
+    #[test]
+    fn in_of_the_last_sector_is_accepted() {
+        let mem = memory();
+        write_header(&mem, HDR, T_IN, CAPACITY - 1);
+        let (parsed, _) = parse(&mem, &[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]);
+        parsed.expect("last sector");
+    }
+
+    #[test]
+    fn in_at_capacity_is_ioerr() {
+        let mem = memory();
+        write_header(&mem, HDR, T_IN, CAPACITY);
+        let (parsed, bufs) = parse(&mem, &[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]);
+        let e = ioerr(parsed, &bufs, STATUS);
+        assert!(matches!(e, Error::OutOfRange { .. }), "{e}");
+    }
+
+    #[test]
+    fn out_crossing_the_end_of_the_disk_is_ioerr() {
+        let mem = memory();
+        write_header(&mem, HDR, T_OUT, CAPACITY - 1);
+        let (parsed, bufs) = parse(&mem, &[r(HDR, 16), r(DATA, 1024), w(STATUS, 1)]);
+        let e = ioerr(parsed, &bufs, STATUS);
+        assert!(matches!(e, Error::OutOfRange { .. }), "{e}");
+    }
+
+    #[test]
+    fn sector_times_512_overflowing_u64_is_ioerr() {
+        let mem = memory();
+        let limits = Limits {
+            capacity_sectors: u64::MAX,
+            ..limits()
+        };
+        for sector in [u64::MAX >> SECTOR_SHIFT, u64::MAX / 2, u64::MAX] {
+            write_header(&mem, HDR, T_IN, sector);
+            let (parsed, bufs) =
+                parse_with(&mem, &[r(HDR, 16), w(DATA, 512), w(STATUS, 1)], &limits);
+            let e = ioerr(parsed, &bufs, STATUS);
+            assert!(matches!(e, Error::OutOfRange { .. }), "{e}");
+        }
+    }
+
+    #[test]
+    fn seg_max_segments_are_accepted() {
+        let mem = memory();
+        write_header(&mem, HDR, T_IN, 0);
+        let (parsed, bufs) = parse(
+            &mem,
+            &[
+                r(HDR, 16),
+                w(DATA, 512),
+                w(DATA + 0x1000, 512),
+                w(DATA + 0x2000, 512),
+                w(DATA + 0x3000, 512),
+                w(STATUS, 1),
+            ],
+        );
+        parsed.expect("4 segments");
+        assert_eq!(bufs.data.len(), 4);
+    }
+
+    #[test]
+    fn more_than_seg_max_segments_is_ioerr() {
+        let mem = memory();
+        write_header(&mem, HDR, T_IN, 0);
+        let (parsed, bufs) = parse(
+            &mem,
+            &[
+                r(HDR, 16),
+                w(DATA, 512),
+                w(DATA + 0x1000, 512),
+                w(DATA + 0x2000, 512),
+                w(DATA + 0x3000, 512),
+                w(DATA + 0x4000, 512),
+                w(STATUS, 1),
+            ],
+        );
+        let e = ioerr(parsed, &bufs, STATUS);
+        assert!(matches!(e, Error::TooManySegments { max: 4 }), "{e}");
+    }
+
+    #[test]
+    fn buffers_smaller_than_seg_max_are_never_grown() {
+        let mem = memory();
+        write_header(&mem, HDR, T_OUT, 0);
+        let small = Limits {
+            seg_max: 2,
+            ..limits()
+        };
+        let mut bufs = RequestBuffers::new(&small);
+        let capacity = bufs.data.capacity();
+        let vq = MockSplitQueue::new(&mem, QUEUE_SIZE);
+        let mut descs = vec![raw(HDR, 16, 0, 0)];
+        for i in 0..(capacity as u64 + 1) {
+            descs.push(raw(DATA + 0x1000 * i, 512, 0, 0));
+        }
+        descs.push(raw(STATUS, 1, VRING_DESC_F_WRITE, 0));
+        let chain = vq.build_desc_chain(&descs).expect("chain");
+        let err = Request::parse(chain, &limits(), &mut bufs).expect_err("too many");
+        assert!(matches!(err.error, Error::TooManySegments { .. }));
+        assert_eq!(bufs.data.capacity(), capacity);
+    }
+
+    #[test]
+    fn segment_larger_than_size_max_is_ioerr() {
+        let mem = memory();
+        write_header(&mem, HDR, T_IN, 0);
+        let limits = Limits {
+            size_max: 4096,
+            ..limits()
+        };
+        let (parsed, bufs) = parse_with(&mem, &[r(HDR, 16), w(DATA, 8192), w(STATUS, 1)], &limits);
+        let e = ioerr(parsed, &bufs, STATUS);
+        assert!(
+            matches!(
+                e,
+                Error::SegmentTooLarge {
+                    len: 8192,
+                    max: 4096
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn io_not_aligned_to_the_logical_block_is_ioerr() {
+        let mem = memory();
+        let limits = Limits {
+            logical_block_size: 4096,
+            ..limits()
+        };
+        write_header(&mem, HDR, T_IN, 0);
+        let (parsed, bufs) = parse_with(&mem, &[r(HDR, 16), w(DATA, 512), w(STATUS, 1)], &limits);
+        let e = ioerr(parsed, &bufs, STATUS);
+        assert!(
+            matches!(e, Error::DataLengthUnaligned { align: 4096, .. }),
+            "{e}"
+        );
+
+        write_header(&mem, HDR, T_IN, 1);
+        let (parsed, bufs) = parse_with(&mem, &[r(HDR, 16), w(DATA, 4096), w(STATUS, 1)], &limits);
+        let e = ioerr(parsed, &bufs, STATUS);
+        assert!(matches!(e, Error::SectorUnaligned { sector: 1, .. }), "{e}");
+
+        write_header(&mem, HDR, T_IN, 8);
+        let (parsed, _) = parse_with(&mem, &[r(HDR, 16), w(DATA, 4096), w(STATUS, 1)], &limits);
+        parsed.expect("aligned 4K read");
+    }
+
+    // ---- read-only ----
+
+    #[test]
+    fn writes_to_a_read_only_device_are_ioerr() {
+        let mem = memory();
+        let limits = Limits {
+            read_only: true,
+            ..limits()
+        };
+        let len = write_ranges(&mem, DATA, &[(0, 8, 0)]);
+        for t in [T_OUT, T_DISCARD, T_WRITE_ZEROES] {
+            write_header(&mem, HDR, t, 0);
+            let (parsed, bufs) =
+                parse_with(&mem, &[r(HDR, 16), r(DATA, len), w(STATUS, 1)], &limits);
+            let e = ioerr(parsed, &bufs, STATUS);
+            assert!(matches!(e, Error::ReadOnly(_)), "{e}");
+        }
+    }
+
+    #[test]
+    fn reads_flushes_and_get_id_on_a_read_only_device_are_accepted() {
+        let mem = memory();
+        let limits = Limits {
+            read_only: true,
+            ..limits()
+        };
+        for (t, data) in [(T_IN, 512), (T_GET_ID, 20), (T_FLUSH, 0)] {
+            write_header(&mem, HDR, t, 0);
+            let descs: Vec<D> = if data == 0 {
+                vec![r(HDR, 16), w(STATUS, 1)]
+            } else {
+                vec![r(HDR, 16), w(DATA, data), w(STATUS, 1)]
+            };
+            let (parsed, _) = parse_with(&mem, &descs, &limits);
+            parsed.expect("allowed on read-only");
+        }
+    }
+
+    // ---- discard and write zeroes ----
+
+    fn discard_chain(
+        mem: &Mem,
+        request_type: u32,
+        ranges: &[(u64, u32, u32)],
+    ) -> (Parsed, RequestBuffers) {
+        write_header(mem, HDR, request_type, 0);
+        let len = write_ranges(mem, DATA, ranges);
+        parse(mem, &[r(HDR, 16), r(DATA, len), w(STATUS, 1)])
+    }
+
+    #[test]
+    fn discard_beyond_capacity_is_ioerr() {
+        let mem = memory();
+        let (parsed, bufs) = discard_chain(&mem, T_DISCARD, &[(CAPACITY - 4, 8, 0)]);
+        let e = ioerr(parsed, &bufs, STATUS);
+        assert!(matches!(e, Error::OutOfRange { .. }), "{e}");
+    }
+
+    #[test]
+    fn discard_at_a_sector_overflowing_u64_is_ioerr() {
+        let mem = memory();
+        let (parsed, bufs) = discard_chain(&mem, T_DISCARD, &[(u64::MAX - 2, 8, 0)]);
+        let e = ioerr(parsed, &bufs, STATUS);
+        assert!(matches!(e, Error::OutOfRange { .. }), "{e}");
+    }
+
+    #[test]
+    fn write_zeroes_beyond_capacity_is_ioerr() {
+        let mem = memory();
+        let (parsed, bufs) = discard_chain(&mem, T_WRITE_ZEROES, &[(0, 8, 0), (CAPACITY, 1, 0)]);
+        let e = ioerr(parsed, &bufs, STATUS);
+        assert!(matches!(e, Error::OutOfRange { .. }), "{e}");
+    }
+
+    #[test]
+    fn discard_with_too_many_ranges_is_ioerr() {
+        let mem = memory();
+        let (parsed, bufs) = discard_chain(&mem, T_DISCARD, &[(0, 8, 0), (8, 8, 0), (16, 8, 0)]);
+        let e = ioerr(parsed, &bufs, STATUS);
+        assert!(
+            matches!(
+                e,
+                Error::TooManyRanges {
+                    count: 3,
+                    max: 2,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn write_zeroes_with_too_many_ranges_is_ioerr() {
+        let mem = memory();
+        let limits = Limits {
+            max_write_zeroes_seg: 1,
+            ..limits()
+        };
+        write_header(&mem, HDR, T_WRITE_ZEROES, 0);
+        let len = write_ranges(&mem, DATA, &[(0, 8, 0), (8, 8, 0)]);
+        let (parsed, bufs) = parse_with(&mem, &[r(HDR, 16), r(DATA, len), w(STATUS, 1)], &limits);
+        let e = ioerr(parsed, &bufs, STATUS);
+        assert!(
+            matches!(
+                e,
+                Error::TooManyRanges {
+                    count: 2,
+                    max: 1,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn discard_payload_not_a_multiple_of_16_is_ioerr() {
+        let mem = memory();
+        write_header(&mem, HDR, T_DISCARD, 0);
+        write_ranges(&mem, DATA, &[(0, 8, 0), (8, 8, 0)]);
+        let (parsed, bufs) = parse(&mem, &[r(HDR, 16), r(DATA, 24), w(STATUS, 1)]);
+        let e = ioerr(parsed, &bufs, STATUS);
+        assert!(matches!(e, Error::BadRangePayload { len: 24, .. }), "{e}");
+    }
+
+    #[test]
+    fn discard_without_ranges_is_ioerr() {
+        let mem = memory();
+        write_header(&mem, HDR, T_DISCARD, 0);
+        let (parsed, bufs) = parse(&mem, &[r(HDR, 16), w(STATUS, 1)]);
+        let e = ioerr(parsed, &bufs, STATUS);
+        assert!(matches!(e, Error::BadRangePayload { len: 0, .. }), "{e}");
+    }
+
+    #[test]
+    fn discard_range_longer_than_max_discard_sectors_is_ioerr() {
+        let mem = memory();
+        let (parsed, bufs) = discard_chain(&mem, T_DISCARD, &[(0, 1025, 0)]);
+        let e = ioerr(parsed, &bufs, STATUS);
+        assert!(
+            matches!(
+                e,
+                Error::RangeTooLarge {
+                    num_sectors: 1025,
+                    max: 1024,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn write_zeroes_range_longer_than_max_write_zeroes_sectors_is_ioerr() {
+        let mem = memory();
+        let (parsed, bufs) = discard_chain(&mem, T_WRITE_ZEROES, &[(0, u32::MAX, 0)]);
+        let e = ioerr(parsed, &bufs, STATUS);
+        assert!(matches!(e, Error::RangeTooLarge { .. }), "{e}");
+    }
+
+    #[test]
+    fn discard_range_of_zero_sectors_is_ioerr() {
+        let mem = memory();
+        let (parsed, bufs) = discard_chain(&mem, T_DISCARD, &[(8, 0, 0)]);
+        let e = ioerr(parsed, &bufs, STATUS);
+        assert!(matches!(e, Error::EmptyRange { sector: 8, .. }), "{e}");
+    }
+
+    #[test]
+    fn discard_range_not_aligned_to_the_logical_block_is_ioerr() {
+        let mem = memory();
+        let limits = Limits {
+            logical_block_size: 4096,
+            ..limits()
+        };
+        for (sector, num) in [(4, 8), (8, 4)] {
+            write_header(&mem, HDR, T_DISCARD, 0);
+            let len = write_ranges(&mem, DATA, &[(sector, num, 0)]);
+            let (parsed, bufs) =
+                parse_with(&mem, &[r(HDR, 16), r(DATA, len), w(STATUS, 1)], &limits);
+            let e = ioerr(parsed, &bufs, STATUS);
+            assert!(matches!(e, Error::RangeUnaligned { .. }), "{e}");
+        }
+    }
+
+    #[test]
+    fn discard_with_unmap_flag_is_unsupp() {
+        let mem = memory();
+        let (parsed, bufs) = discard_chain(&mem, T_DISCARD, &[(0, 8, UNMAP)]);
+        let e = unsupp(parsed, &bufs, STATUS);
+        assert!(matches!(e, Error::UnsupportedFlags { flags: 1, .. }), "{e}");
+    }
+
+    #[test]
+    fn discard_with_reserved_flags_is_unsupp() {
+        let mem = memory();
+        let (parsed, bufs) = discard_chain(&mem, T_DISCARD, &[(0, 8, 0), (8, 8, 0x8000_0000)]);
+        unsupp(parsed, &bufs, STATUS);
+    }
+
+    #[test]
+    fn write_zeroes_with_reserved_flags_is_unsupp() {
+        let mem = memory();
+        for flags in [2, UNMAP | 4, 0x8000_0000] {
+            let (parsed, bufs) = discard_chain(&mem, T_WRITE_ZEROES, &[(0, 8, flags)]);
+            let e = unsupp(parsed, &bufs, STATUS);
+            assert!(matches!(e, Error::UnsupportedFlags { .. }), "{e}");
+        }
+    }
+
+    #[test]
+    fn discard_ranges_straddling_descriptors_are_read_as_a_stream() {
+        let mem = memory();
+        write_header(&mem, HDR, T_DISCARD, 0);
+        let mut payload = [0u8; 32];
+        payload[..16].copy_from_slice(&range_bytes(8, 16, 0));
+        payload[16..].copy_from_slice(&range_bytes(512, 1024, 0));
+        // Pieces of 10, 1 and 21 bytes: both ranges cross descriptor boundaries.
+        mem.write_slice(&payload[..10], GuestAddress(DATA))
+            .expect("p0");
+        mem.write_slice(&payload[10..11], GuestAddress(DATA + 0x100))
+            .expect("p1");
+        mem.write_slice(&payload[11..], GuestAddress(DATA + 0x200))
+            .expect("p2");
+        let (parsed, bufs) = parse(
+            &mem,
+            &[
+                r(HDR, 16),
+                r(DATA, 10),
+                r(DATA + 0x100, 1),
+                r(DATA + 0x200, 21),
+                w(STATUS, 1),
+            ],
+        );
+        parsed.expect("straddling ranges");
+        assert_eq!(
+            bufs.ranges,
+            [
+                DiscardRange {
+                    sector: 8,
+                    num_sectors: 16,
+                    unmap: false
+                },
+                DiscardRange {
+                    sector: 512,
+                    num_sectors: 1024,
+                    unmap: false
+                }
+            ]
+        );
+    }
+
+    // ---- request types ----
+
+    #[test]
+    fn unknown_type_is_unsupp() {
+        let mem = memory();
+        for t in [2, 3, 5, 10, 14, 16, 0x8000_0000, u32::MAX] {
+            write_header(&mem, HDR, t, 0);
+            let (parsed, bufs) = parse(&mem, &[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]);
+            let e = unsupp(parsed, &bufs, STATUS);
+            assert!(matches!(e, Error::UnsupportedRequest(x) if x == t), "{e}");
+        }
+    }
+
+    #[test]
+    fn unknown_type_without_status_is_dropped() {
+        let mem = memory();
+        write_header(&mem, HDR, 99, 0);
+        let (parsed, bufs) = parse(&mem, &[r(HDR, 16), r(DATA, 512)]);
+        dropped(parsed, &bufs);
+    }
+
+    #[test]
+    fn request_type_maps_the_spec_values() {
+        assert_eq!(RequestType::from(0), RequestType::In);
+        assert_eq!(RequestType::from(1), RequestType::Out);
+        assert_eq!(RequestType::from(4), RequestType::Flush);
+        assert_eq!(RequestType::from(8), RequestType::GetId);
+        assert_eq!(RequestType::from(11), RequestType::Discard);
+        assert_eq!(RequestType::from(13), RequestType::WriteZeroes);
+        assert_eq!(RequestType::from(5), RequestType::Unsupported(5));
+    }
+
+    // ---- broken chains ----
+
+    #[test]
+    fn looping_chain_is_dropped() {
+        let mem = memory();
+        write_header(&mem, HDR, T_FLUSH, 0);
+        let (parsed, bufs) = parse_raw(
+            &mem,
+            &[
+                raw(HDR, 16, VRING_DESC_F_NEXT, 1),
+                raw(STATUS, 1, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 0),
+            ],
+            &limits(),
+        );
+        let e = dropped(parsed, &bufs);
+        assert!(matches!(e, Error::ChainTruncated), "{e}");
+    }
+
+    #[test]
+    fn next_index_out_of_range_is_dropped() {
+        let mem = memory();
+        write_header(&mem, HDR, T_FLUSH, 0);
+        let (parsed, bufs) = parse_raw(
+            &mem,
+            &[
+                raw(HDR, 16, VRING_DESC_F_NEXT, 1),
+                raw(STATUS, 1, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 200),
+            ],
+            &limits(),
+        );
+        let e = dropped(parsed, &bufs);
+        assert!(matches!(e, Error::ChainTruncated), "{e}");
+    }
+
+    #[test]
+    fn nested_indirect_table_is_dropped() {
+        let mem = memory();
+        write_header(&mem, HDR, T_FLUSH, 0);
+        let table = [
+            raw(HDR, 16, VRING_DESC_F_NEXT, 1),
+            raw(TABLE + 0x100, 32, VRING_DESC_F_INDIRECT, 0),
+        ];
+        for (i, d) in table.iter().enumerate() {
+            mem.write_obj(*d, GuestAddress(TABLE + 16 * i as u64))
+                .expect("table");
+        }
+        let (parsed, bufs) =
+            parse_raw(&mem, &[raw(TABLE, 32, VRING_DESC_F_INDIRECT, 0)], &limits());
+        let e = dropped(parsed, &bufs);
+        assert!(matches!(e, Error::ChainTruncated), "{e}");
+    }
+
+    #[test]
+    fn indirect_table_length_not_a_multiple_of_16_is_dropped() {
+        let mem = memory();
+        write_header(&mem, HDR, T_FLUSH, 0);
+        let (parsed, bufs) =
+            parse_raw(&mem, &[raw(TABLE, 40, VRING_DESC_F_INDIRECT, 0)], &limits());
+        let e = dropped(parsed, &bufs);
+        assert!(matches!(e, Error::EmptyChain), "{e}");
+    }
+
+    // ---- status, used length, device ID ----
+
+    #[test]
+    fn write_status_writes_exactly_one_byte() {
+        let mem = memory();
+        mem.write_slice(&[0xaa; 3], GuestAddress(STATUS - 1))
+            .expect("guard");
+        write_status(&mem, GuestAddress(STATUS), STATUS_UNSUPP).expect("status");
+        let mut around = [0u8; 3];
+        mem.read_slice(&mut around, GuestAddress(STATUS - 1))
+            .expect("read");
+        assert_eq!(around, [0xaa, STATUS_UNSUPP, 0xaa]);
+    }
+
+    #[test]
+    fn write_status_outside_memory_fails() {
+        let mem = memory();
+        let e = write_status(&mem, GuestAddress(OUTSIDE), STATUS_OK).expect_err("outside");
+        assert!(matches!(e, Error::GuestMemory(_)), "{e}");
+    }
+
+    #[test]
+    fn used_len_counts_the_data_written_and_the_status_byte() {
+        let req = Request {
+            request_type: RequestType::In,
+            sector: 0,
+            data_len: 1024,
+            status_addr: GuestAddress(STATUS),
+            writable_len: 1024,
+        };
+        assert_eq!(req.used_len(1024), 1025);
+        assert_eq!(req.used_len(512), 513);
+        assert_eq!(req.used_len(0), 1);
+        assert_eq!(req.used_len(u32::MAX), 1025);
+    }
+
+    #[test]
+    fn device_id_pads_short_serials_and_truncates_long_ones() {
+        assert_eq!(&device_id(b"abc")[..4], b"abc\0");
+        assert_eq!(device_id(b"abc")[3..], [0; 17]);
+        assert_eq!(
+            &device_id(b"0123456789012345678901234"),
+            b"01234567890123456789"
+        );
+        assert_eq!(device_id(b""), [0; DEVICE_ID_LEN]);
+    }
+
+    #[test]
+    fn error_status_is_unsupp_only_for_unsupported_types_and_flags() {
+        assert_eq!(Error::UnsupportedRequest(2).status(), STATUS_UNSUPP);
+        assert_eq!(
+            Error::UnsupportedFlags {
+                request_type: RequestType::Discard,
+                flags: 1
+            }
+            .status(),
+            STATUS_UNSUPP
+        );
+        assert_eq!(Error::FlushWithData.status(), STATUS_IOERR);
+        assert_eq!(Error::ReadOnly(RequestType::Out).status(), STATUS_IOERR);
+        assert_eq!(Error::ChainTruncated.status(), STATUS_IOERR);
+    }
+
+    #[test]
+    fn limits_follow_the_config_space() {
+        let config = BlkConfig {
+            capacity_sectors: 100,
+            seg_max: 126,
+            size_max: 1 << 20,
+            blk_size: 4096,
+            max_discard_sectors: 7,
+            max_discard_seg: 3,
+            discard_sector_alignment: 8,
+            max_write_zeroes_sectors: 9,
+            max_write_zeroes_seg: 5,
+            write_zeroes_may_unmap: 1,
+            ..BlkConfig::default()
+        };
+        let limits = Limits::from_config(&config, true);
+        assert_eq!(limits.capacity_sectors, 100);
+        assert_eq!(limits.seg_max, 126);
+        assert_eq!(limits.block_size(), 4096);
+        assert!(limits.write_zeroes_may_unmap && limits.read_only);
+        let bufs = RequestBuffers::new(&limits);
+        assert!(bufs.data.capacity() >= 126);
+        assert!(bufs.ranges.capacity() >= 5);
+        for odd in [0, 100, 513, 3000] {
+            let l = Limits {
+                logical_block_size: odd,
+                ..limits
+            };
+            assert_eq!(l.block_size(), 512);
+        }
+    }
+}
