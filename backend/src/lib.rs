@@ -1,1 +1,61 @@
-//! placeholder
+//! vhost-user-blk: a virtio-blk device backend that a VMM attaches over a vhost-user socket.
+//!
+//! The binary is a thin shell over this library: [`args`] parses the command line, [`server`]
+//! accepts one VMM connection after another, [`device`] is the virtio-blk device that
+//! `vhost-user-backend` drives, [`queue_thread`] is the fast path of each queue thread,
+//! [`stats`] its counters and [`control`] the control socket that reports them.
+
+pub mod args;
+pub mod control;
+pub mod device;
+pub mod queue_thread;
+pub mod server;
+pub mod stats;
+
+use std::path::PathBuf;
+
+/// Errors of the backend process.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The image could not be opened.
+    #[error("opening the image: {source}")]
+    Image {
+        /// The disk crate's error, which names the path.
+        #[source]
+        source: disk::Error,
+    },
+    /// An I/O engine could not be created.
+    #[error("creating the I/O engine: {source}")]
+    Engine {
+        /// The disk crate's error.
+        #[source]
+        source: disk::Error,
+    },
+    /// The vhost-user socket could not be set up.
+    #[error("vhost-user socket {path}: {source}")]
+    Socket {
+        /// Socket path (or `fd N`).
+        path: String,
+        /// The vhost-user error.
+        #[source]
+        source: vhost::vhost_user::Error,
+    },
+    /// The vhost-user daemon failed.
+    #[error("vhost-user daemon: {0}")]
+    Daemon(String),
+    /// The control socket failed.
+    #[error("control socket {}: {source}", path.display())]
+    Control {
+        /// Socket path.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Setting up signal handling failed.
+    #[error("signal handling: {0}")]
+    Signals(#[source] std::io::Error),
+}
+
+/// Result of the backend's operations.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,212 @@
+//! The command line, following the vhost-user specification's "Backend program conventions"
+//! for block devices (`--socket-path`, `--fd`, `--print-capabilities`, `--blk-file`,
+//! `--read-only`), plus this backend's own options.
+//!
+//! Parsing only: turning the options into a running device is `server.rs`'s job.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use disk::{CacheMode, EngineKind};
+
+/// The capabilities JSON that `--print-capabilities` prints, per the vhost-user specification.
+pub const CAPABILITIES: &str = r#"{"type":"block","features":["read-only","blk-file"]}"#;
+
+/// vhost-user-blk: a virtio-blk device backend that a VMM attaches over a vhost-user socket.
+#[derive(Debug, Parser)]
+#[command(
+    name = "vhost-user-blk",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    /// A subcommand (`ctl`); without one, run the backend.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Options of the backend.
+    #[command(flatten)]
+    pub backend: BackendArgs,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Talk to a running backend's control socket.
+    Ctl(CtlArgs),
+}
+
+/// Options of `vhost-user-blk ctl`.
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The control socket the backend was started with (`--control`).
+    #[arg(long, value_name = "PATH")]
+    pub control: PathBuf,
+    /// The command: `stats`, or a raw JSON request line.
+    #[arg(default_value = "stats")]
+    pub request: String,
+}
+
+/// Options of the backend itself.
+#[derive(Debug, Args)]
+pub struct BackendArgs {
+    /// Listen on this unix socket for the VMM (the socket file is created; a stale one replaced).
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["fd", "print_capabilities"], conflicts_with = "fd")]
+    pub socket_path: Option<PathBuf>,
+
+    /// Use this already-listening unix socket file descriptor, inherited from the manager.
+    #[arg(long, value_name = "N")]
+    pub fd: Option<i32>,
+
+    /// Print the backend's capabilities as JSON and exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
+
+    /// The disk image: a regular file, a block device, or `null:SIZE` (no I/O, for benchmarks).
+    #[arg(
+        long,
+        value_name = "PATH",
+        required_unless_present = "print_capabilities"
+    )]
+    pub blk_file: Option<PathBuf>,
+
+    /// Expose the disk read-only to the guest (and open the image read-only).
+    #[arg(long)]
+    pub read_only: bool,
+
+    /// Create the image as a sparse file of this size if it does not exist (bytes, or K/M/G/T).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub size: Option<u64>,
+
+    /// Number of virtqueues; one fast-path thread serves each.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub num_queues: u16,
+
+    /// Maximum size of each virtqueue (a power of two).
+    #[arg(long, default_value_t = 256, value_parser = parse_queue_size)]
+    pub queue_size: u16,
+
+    /// Host cache mode: none (O_DIRECT), writeback (buffered) or dontcache (buffered, dropped behind).
+    #[arg(long, default_value = "none")]
+    pub cache: CacheMode,
+
+    /// I/O engine: io-uring (one ring per queue thread) or sync (for hosts without io_uring).
+    #[arg(long, default_value = "io-uring")]
+    pub io_engine: EngineKind,
+
+    /// Serial number that GET_ID reports (at most 20 bytes).
+    #[arg(long, value_parser = parse_serial)]
+    pub serial: Option<String>,
+
+    /// Logical block size the guest sees.
+    #[arg(long, default_value_t = 512, value_parser = parse_block_size)]
+    pub logical_block_size: u32,
+
+    /// Serve line-delimited JSON commands (`stats`) on this unix socket.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, shift) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("unknown size suffix '{c}' (use K, M, G or T)")),
+            };
+            (&s[..i], shift)
+        }
+        _ => (s, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (bytes, or a number with K/M/G/T)"))?;
+    n.checked_shl(shift)
+        .filter(|v| v >> shift == n)
+        .ok_or_else(|| format!("size '{s}' is too large"))
+}
+
+fn parse_queue_size(s: &str) -> Result<u16, String> {
+    let n: u16 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a queue size"))?;
+    if n.is_power_of_two() && (2..=32768).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!(
+            "queue size {n} must be a power of two from 2 to 32768"
+        ))
+    }
+}
+
+fn parse_block_size(s: &str) -> Result<u32, String> {
+    match s {
+        "512" => Ok(512),
+        "4096" => Ok(4096),
+        _ => Err(format!("logical block size must be 512 or 4096, not '{s}'")),
+    }
+}
+
+fn parse_serial(s: &str) -> Result<String, String> {
+    if s.len() > virtio_blk::DEVICE_ID_LEN {
+        Err(format!(
+            "serial is {} bytes; at most {} fit",
+            s.len(),
+            virtio_blk::DEVICE_ID_LEN
+        ))
+    } else {
+        Ok(s.to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_take_binary_suffixes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("2m"), Ok(2 << 20));
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn queue_size_must_be_power_of_two() {
+        assert_eq!(parse_queue_size("256"), Ok(256));
+        assert!(parse_queue_size("100").is_err());
+        assert!(parse_queue_size("0").is_err());
+    }
+
+    #[test]
+    fn conventions_options_parse() {
+        let cli = Cli::try_parse_from([
+            "vhost-user-blk",
+            "--socket-path",
+            "/tmp/s",
+            "--blk-file",
+            "/tmp/i",
+            "--read-only",
+            "--num-queues",
+            "4",
+            "--cache",
+            "writeback",
+        ])
+        .expect("valid command line");
+        assert!(cli.backend.read_only);
+        assert_eq!(cli.backend.num_queues, 4);
+        assert_eq!(cli.backend.cache, CacheMode::Writeback);
+    }
+
+    #[test]
+    fn socket_or_fd_is_required() {
+        assert!(Cli::try_parse_from(["vhost-user-blk", "--blk-file", "/tmp/i"]).is_err());
+        assert!(Cli::try_parse_from(["vhost-user-blk", "--print-capabilities"]).is_ok());
+    }
+}

@@ -1,0 +1,323 @@
+//! The virtio-blk device as `vhost-user-backend` sees it: features, config space, the queue to
+//! thread map, and the dispatch of each worker thread's events to its [`QueueThread`].
+//!
+//! One [`BlkDevice`] serves one vhost-user connection: `vhost-user-backend`'s per-connection
+//! state cannot be reused, so the server builds a fresh device (and fresh engines) for each
+//! frontend that connects, over the same image and the same counters.
+
+use std::os::unix::io::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use disk::{EngineKind, Image};
+use log::{debug, info, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::VhostUserBackend;
+use virtio_blk::{device_features, BlkConfig, FeatureOptions, Limits, DEVICE_ID_LEN};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::queue_thread::{GuestMemAtomic, QueueThread, Vring};
+use crate::stats::DeviceStats;
+use crate::{Error, Result};
+
+/// Largest single data segment we accept (and advertise as `size_max`).
+pub const SIZE_MAX: u32 = 1 << 20;
+/// Most sectors one discard or write-zeroes range may cover (1 GiB).
+pub const MAX_RANGE_SECTORS: u32 = 1 << 21;
+/// Most ranges one discard or write-zeroes request may carry.
+pub const MAX_RANGES: u32 = 16;
+
+/// How the device is set up; fixed for the life of the process.
+#[derive(Debug, Clone)]
+pub struct DeviceSettings {
+    /// Number of virtqueues.
+    pub num_queues: u16,
+    /// Maximum virtqueue size.
+    pub queue_size: u16,
+    /// Expose the disk read-only.
+    pub read_only: bool,
+    /// Logical block size the guest sees (512 or 4096).
+    pub logical_block_size: u32,
+    /// GET_ID answer, NUL-padded.
+    pub serial: [u8; DEVICE_ID_LEN],
+    /// Which I/O engine each queue thread gets.
+    pub engine: EngineKind,
+}
+
+/// State every queue thread of a device reads.
+pub struct DeviceShared {
+    /// Validation limits, matching what the config space advertises.
+    pub limits: Limits,
+    /// GET_ID answer.
+    pub serial: [u8; DEVICE_ID_LEN],
+    /// The disk image.
+    pub image: Arc<Image>,
+    /// Counters, shared across connections.
+    pub stats: Arc<DeviceStats>,
+    /// Whether the guest left the write cache on (CONFIG_WCE); off means writethrough.
+    pub writeback: AtomicBool,
+    /// Whether the driver negotiated VIRTIO_RING_F_EVENT_IDX.
+    pub event_idx: AtomicBool,
+    /// Guest memory, updated by `vhost-user-backend` on every memory-table change.
+    pub mem: GuestMemAtomic,
+}
+
+/// A virtio-blk device for one vhost-user connection.
+pub struct BlkDevice {
+    settings: DeviceSettings,
+    config: BlkConfig,
+    features: u64,
+    shared: Arc<DeviceShared>,
+    /// One entry per worker thread; each is locked only by its own thread's events, so the lock
+    /// is uncontended.
+    threads: Vec<Mutex<QueueThread>>,
+    /// Per worker thread, the bitmask of queues it serves.
+    queue_masks: Vec<u64>,
+}
+
+impl BlkDevice {
+    /// A device over `image` for one connection, with one worker thread per queue.
+    pub fn new(
+        settings: &DeviceSettings,
+        image: Arc<Image>,
+        stats: Arc<DeviceStats>,
+        mem: GuestMemAtomic,
+    ) -> Result<Self> {
+        let num_queues = usize::from(settings.num_queues);
+        let capacity_sectors = image.capacity() >> virtio_blk::SECTOR_SHIFT;
+        // Leave room for the header and status descriptors, as QEMU does.
+        let seg_max = u32::from(settings.queue_size).saturating_sub(2).max(1);
+        let block_sectors = settings.logical_block_size >> virtio_blk::SECTOR_SHIFT;
+        let config = BlkConfig {
+            capacity_sectors,
+            size_max: SIZE_MAX,
+            seg_max,
+            blk_size: settings.logical_block_size,
+            min_io_size: 1,
+            writeback: 1,
+            num_queues: settings.num_queues,
+            max_discard_sectors: MAX_RANGE_SECTORS,
+            max_discard_seg: MAX_RANGES,
+            discard_sector_alignment: block_sectors,
+            max_write_zeroes_sectors: MAX_RANGE_SECTORS,
+            max_write_zeroes_seg: MAX_RANGES,
+            write_zeroes_may_unmap: 1,
+            ..BlkConfig::default()
+        };
+        let limits = Limits {
+            capacity_sectors,
+            seg_max,
+            size_max: SIZE_MAX,
+            max_discard_sectors: MAX_RANGE_SECTORS,
+            max_discard_seg: MAX_RANGES,
+            max_write_zeroes_sectors: MAX_RANGE_SECTORS,
+            max_write_zeroes_seg: MAX_RANGES,
+            discard_sector_alignment: block_sectors,
+            write_zeroes_may_unmap: true,
+            read_only: settings.read_only,
+            logical_block_size: settings.logical_block_size,
+        };
+        let features = device_features(&FeatureOptions {
+            read_only: settings.read_only,
+            num_queues: settings.num_queues,
+        }) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+
+        let shared = Arc::new(DeviceShared {
+            limits,
+            serial: settings.serial,
+            image: image.clone(),
+            stats,
+            writeback: AtomicBool::new(true),
+            event_idx: AtomicBool::new(false),
+            mem,
+        });
+
+        let queue_masks: Vec<u64> = (0..num_queues).map(|q| 1u64 << q).collect();
+        let mut threads = Vec::with_capacity(queue_masks.len());
+        for mask in &queue_masks {
+            let queues: Vec<usize> = (0..num_queues).filter(|q| mask & (1 << q) != 0).collect();
+            let depth = u32::from(settings.queue_size) * queues.len() as u32;
+            let engine = disk::new_engine(settings.engine, image.clone(), depth)
+                .map_err(|source| Error::Engine { source })?;
+            threads.push(Mutex::new(QueueThread::new(
+                engine,
+                &queues,
+                usize::from(settings.queue_size),
+                shared.clone(),
+            )));
+        }
+
+        Ok(Self {
+            settings: settings.clone(),
+            config,
+            features,
+            shared,
+            threads,
+            queue_masks,
+        })
+    }
+
+    /// The epoll id of a worker's engine completion eventfd: past the queue ids and the id
+    /// `vhost-user-backend` reserves for its exit and vring-enable events (`num_queues`).
+    pub fn completion_event_id(&self) -> u64 {
+        u64::from(self.settings.num_queues) + 1
+    }
+
+    /// The engine completion eventfd of worker thread `thread`, to register with its epoll loop.
+    pub fn completion_fd(&self, thread: usize) -> Option<RawFd> {
+        self.threads.get(thread).map(|t| lock(t).completion_fd())
+    }
+
+    /// Number of worker threads.
+    pub fn num_threads(&self) -> usize {
+        self.threads.len()
+    }
+
+    /// Wait until no request is in flight on `queue` (or on every queue when `None`), up to
+    /// `timeout`. Returns whether the device went idle.
+    pub fn wait_idle(&self, queue: Option<usize>, timeout: Duration) -> bool {
+        let stats = &self.shared.stats;
+        let in_flight = || match queue {
+            Some(q) if q < stats.num_queues() => stats
+                .queue(q)
+                .in_flight
+                .load(std::sync::atomic::Ordering::Acquire),
+            Some(_) => 0,
+            None => stats.in_flight(),
+        };
+        let deadline = Instant::now() + timeout;
+        while in_flight() > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        true
+    }
+}
+
+fn lock(thread: &Mutex<QueueThread>) -> std::sync::MutexGuard<'_, QueueThread> {
+    // A panic on a queue thread aborts the process (panic = "abort" in release); in tests a
+    // poisoned lock still holds consistent slots, so keep serving.
+    thread.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl VhostUserBackend for BlkDevice {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.settings.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.settings.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn acked_features(&self, features: u64) {
+        debug!("driver acked features {features:#x}");
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.shared.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let mut config = self.config.clone();
+        config.writeback = u8::from(self.shared.writeback.load(Ordering::Relaxed));
+        config.read(offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> std::io::Result<()> {
+        // Only the write-cache byte is writable (VIRTIO_BLK_F_CONFIG_WCE); ignore the rest, as
+        // an error here would end the connection.
+        if offset == virtio_blk::WRITEBACK_OFFSET && buf.len() == 1 {
+            let writeback = buf[0] != 0;
+            info!(
+                "guest set the write cache to {}",
+                if writeback {
+                    "writeback"
+                } else {
+                    "writethrough"
+                }
+            );
+            self.shared.writeback.store(writeback, Ordering::Relaxed);
+        } else {
+            warn!(
+                "ignoring a config write of {} bytes at offset {offset}",
+                buf.len()
+            );
+        }
+        Ok(())
+    }
+
+    fn update_memory(&self, _mem: GuestMemAtomic) -> std::io::Result<()> {
+        // The handle is the one we were built with; queue threads load it on every pass.
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        self.queue_masks.clone()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // A fresh pair for each thread: one shared pair would stop only the first thread.
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                warn!("creating an exit event: {e}");
+                None
+            }
+        }
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
+        // GET_VRING_BASE: the ring is no longer ready, so nothing new is popped; wait for what
+        // is in flight so that the frontend gets every used entry before it takes the ring back.
+        if !self.wait_idle(Some(queue_index as usize), Duration::from_secs(30)) {
+            warn!("queue {queue_index}: requests still in flight after 30 s at GET_VRING_BASE");
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> std::io::Result<()> {
+        if evset != EventSet::IN {
+            warn!("unexpected event set {evset:?} for event {device_event}");
+        }
+        let Some(thread) = self.threads.get(thread_id) else {
+            return Err(std::io::Error::other(format!(
+                "event for unknown worker thread {thread_id}"
+            )));
+        };
+        let mut thread = lock(thread);
+        if usize::from(device_event) < vrings.len() {
+            thread.process_queue(usize::from(device_event), vrings);
+        } else if u64::from(device_event) == self.completion_event_id() {
+            thread.reap(vrings);
+        } else {
+            warn!("unknown event {device_event} on worker thread {thread_id}");
+        }
+        Ok(())
+    }
+}

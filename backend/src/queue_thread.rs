@@ -1,0 +1,545 @@
+//! The fast path of one queue thread, top to bottom: kick → pop → parse → submit → complete →
+//! signal.
+//!
+//! `vhost-user-backend` runs one epoll worker thread per entry of `queues_per_thread()`; each
+//! worker owns one [`QueueThread`]: the I/O engine (one io_uring per thread), and for each of its
+//! virtqueues a table of request slots indexed by descriptor head, preallocated at connection time
+//! so that no request allocates. A kick pops every available chain, parses it into a validated
+//! [`Request`], and submits its data as iovecs that point straight into guest memory. The engine's
+//! completion eventfd is registered in the same epoll loop; a completion writes the status byte,
+//! adds the used entry, and the guest is signalled once per pass (EVENT_IDX honoured).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use disk::{Completion, Engine, Op};
+use log::{debug, error, warn};
+use vhost_user_backend::{VringRwLock, VringState, VringT};
+use virtio_blk::{
+    write_device_id, write_status, Request, RequestBuffers, RequestType, SECTOR_SHIFT,
+    STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
+};
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+};
+
+use crate::device::DeviceShared;
+use crate::stats::QueueStats;
+
+/// Guest memory as the backend maps it (no dirty-page bitmap: migration is not offered).
+pub type GuestMem = GuestMemoryMmap<()>;
+/// The guest memory handle shared with `vhost-user-backend`, updated on memory-table changes.
+pub type GuestMemAtomic = GuestMemoryAtomic<GuestMem>;
+/// The vring type this backend uses.
+pub type Vring = VringRwLock<GuestMemAtomic>;
+
+/// The iovecs of one request, pointing into guest memory.
+struct IoVecs(Vec<libc::iovec>);
+
+// SAFETY: the pointers target guest memory that the owning slot keeps mapped (it holds an
+// `Arc` of the memory snapshot until the request completes), and only the queue thread that
+// owns the slot, or the kernel on its behalf, touches it.
+unsafe impl Send for IoVecs {}
+
+/// State of one request from submission to completion, indexed by its descriptor head.
+struct Slot {
+    /// Engine operations still outstanding; 0 means the slot is free.
+    pending: u32,
+    /// Status so far (`OK` until an operation fails).
+    status: u8,
+    request_type: RequestType,
+    status_addr: GuestAddress,
+    data_len: u32,
+    /// Preallocated to the most iovecs a request may need; never grows while in flight.
+    iovecs: IoVecs,
+    /// Keeps the guest memory that `iovecs` point into mapped until completion.
+    mem: Option<Arc<GuestMem>>,
+}
+
+/// Per-virtqueue state owned by its queue thread.
+struct QueueContext {
+    /// The queue's global index.
+    index: usize,
+    slots: Vec<Slot>,
+    bufs: RequestBuffers,
+    needs_signal: bool,
+}
+
+/// What became of a popped chain.
+enum Started {
+    /// Submitted to the engine; completes later.
+    InFlight,
+    /// Completed at once; add a used entry of this length.
+    Done(u32),
+    /// Not ours to complete (a head index already in flight): leave it alone.
+    Ignored,
+}
+
+/// The state of one fast-path worker thread: its engine and its queues.
+pub struct QueueThread {
+    engine: Box<dyn Engine>,
+    queues: Vec<QueueContext>,
+    shared: Arc<DeviceShared>,
+}
+
+impl QueueThread {
+    /// A thread serving `queue_indices` (global indices, in the order `vhost-user-backend` hands
+    /// this thread its vrings), with slots for `queue_size` heads per queue.
+    pub fn new(
+        engine: Box<dyn Engine>,
+        queue_indices: &[usize],
+        queue_size: usize,
+        shared: Arc<DeviceShared>,
+    ) -> Self {
+        // A data segment crosses at most one guest memory region boundary in practice; allow
+        // twice the segment limit and reject a request that would need more.
+        let iovec_capacity = shared.limits.seg_max as usize * 2;
+        let queues = queue_indices
+            .iter()
+            .map(|&index| QueueContext {
+                index,
+                slots: (0..queue_size)
+                    .map(|_| Slot {
+                        pending: 0,
+                        status: STATUS_OK,
+                        request_type: RequestType::Flush,
+                        status_addr: GuestAddress(0),
+                        data_len: 0,
+                        iovecs: IoVecs(Vec::with_capacity(iovec_capacity)),
+                        mem: None,
+                    })
+                    .collect(),
+                bufs: RequestBuffers::new(&shared.limits),
+                needs_signal: false,
+            })
+            .collect();
+        Self {
+            engine,
+            queues,
+            shared,
+        }
+    }
+
+    /// The engine's completion eventfd, to register in this thread's epoll loop.
+    pub fn completion_fd(&self) -> std::os::unix::io::RawFd {
+        self.engine.completion_fd()
+    }
+
+    /// A kick on the thread's `local`-th vring: serve every available chain.
+    pub fn process_queue(&mut self, local: usize, vrings: &[Vring]) {
+        let Some(vring) = vrings.get(local) else {
+            error!(
+                "kick for vring {local} of a thread that has {}",
+                vrings.len()
+            );
+            return;
+        };
+        let mem = self.shared.mem.memory().into_inner();
+        let event_idx = self.shared.event_idx.load(Ordering::Relaxed);
+        loop {
+            let mut state = vring.get_mut();
+            // Stopped by GET_VRING_BASE: the frontend owns the ring again.
+            if !state.get_queue().ready() {
+                break;
+            }
+            if event_idx {
+                if let Err(e) = state.disable_notification() {
+                    warn!(
+                        "queue {}: disabling notifications: {e:?}",
+                        self.queues[local].index
+                    );
+                }
+            }
+            loop {
+                // Pop in its own statement so the borrow of the queue ends before add_used.
+                let chain = state.get_queue_mut().pop_descriptor_chain(&*mem);
+                let Some(chain) = chain else { break };
+                let head = chain.head_index();
+                match self.start_request(local, chain, &mem) {
+                    Started::InFlight => {}
+                    Started::Done(used_len) => {
+                        if let Err(e) = state.add_used(head, used_len) {
+                            error!(
+                                "queue {}: add_used({head}): {e:?}",
+                                self.queues[local].index
+                            );
+                        }
+                        self.queues[local].needs_signal = true;
+                    }
+                    Started::Ignored => {}
+                }
+            }
+            if !event_idx {
+                break;
+            }
+            match state.enable_notification() {
+                // More chains arrived while notifications were off: go round again.
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    warn!(
+                        "queue {}: enabling notifications: {e:?}",
+                        self.queues[local].index
+                    );
+                    break;
+                }
+            }
+        }
+        if let Err(e) = self.engine.commit() {
+            error!(
+                "queue {}: submitting to the engine: {e}",
+                self.queues[local].index
+            );
+        }
+        // A synchronous engine has finished already, and io_uring may have too: complete what is
+        // done without another trip through epoll.
+        self.reap(vrings);
+    }
+
+    /// The engine's completion eventfd fired: complete what finished and signal the guest.
+    pub fn reap(&mut self, vrings: &[Vring]) {
+        let Self {
+            engine,
+            queues,
+            shared,
+        } = self;
+        let mut on_completion = |c: Completion| {
+            let local = (c.user_data >> 16) as usize;
+            let head = (c.user_data & 0xffff) as u16;
+            let Some(queue) = queues.get_mut(local) else {
+                error!("completion for unknown queue slot {local}");
+                return;
+            };
+            let Some(slot) = queue.slots.get_mut(usize::from(head)) else {
+                error!("queue {}: completion for unknown head {head}", queue.index);
+                return;
+            };
+            if slot.pending == 0 {
+                error!("queue {}: completion for idle head {head}", queue.index);
+                return;
+            }
+            match c.result {
+                Ok(n) if is_complete_transfer(slot, n) => {}
+                Ok(n) => {
+                    warn!(
+                        "queue {}: short transfer on head {head}: {n} of {} bytes",
+                        queue.index, slot.data_len
+                    );
+                    slot.status = STATUS_IOERR;
+                }
+                Err(e) => {
+                    warn!(
+                        "queue {}: {:?} request (head {head}) failed: {e}",
+                        queue.index, slot.request_type
+                    );
+                    slot.status = STATUS_IOERR;
+                }
+            }
+            slot.pending -= 1;
+            if slot.pending > 0 {
+                return;
+            }
+            let stats = shared.stats.queue(queue.index);
+            let used_len = finish(shared, slot, stats);
+            QueueStats::sub(&stats.in_flight, 1);
+            if let Some(vring) = vrings.get(local) {
+                if let Err(e) = vring.add_used(head, used_len) {
+                    error!("queue {}: add_used({head}): {e:?}", queue.index);
+                }
+                queue.needs_signal = true;
+            }
+        };
+        if let Err(e) = engine.reap(&mut on_completion) {
+            error!("reaping completions: {e}");
+        }
+        self.signal(vrings);
+    }
+
+    /// Signal each queue that has new used entries, once, if the guest wants it.
+    fn signal(&mut self, vrings: &[Vring]) {
+        for (local, queue) in self.queues.iter_mut().enumerate() {
+            if !std::mem::take(&mut queue.needs_signal) {
+                continue;
+            }
+            let Some(vring) = vrings.get(local) else {
+                continue;
+            };
+            let mut state = vring.get_mut();
+            if signal_if_needed(&mut state, queue.index) {
+                QueueStats::add(&self.shared.stats.queue(queue.index).signals, 1);
+            }
+        }
+    }
+
+    /// Parse one chain and either submit it or complete it at once.
+    fn start_request(
+        &mut self,
+        local: usize,
+        chain: DescriptorChain<&GuestMem>,
+        mem: &Arc<GuestMem>,
+    ) -> Started {
+        let shared = &*self.shared;
+        let queue = &mut self.queues[local];
+        let stats = shared.stats.queue(queue.index);
+        let head = chain.head_index();
+        let Some(slot) = queue.slots.get_mut(usize::from(head)) else {
+            // virtio-queue checks heads against the queue size, which never exceeds ours.
+            error!("queue {}: head {head} beyond the slot table", queue.index);
+            return Started::Ignored;
+        };
+        if slot.pending > 0 {
+            warn!(
+                "queue {}: guest reused head {head} while it is in flight; ignoring the duplicate",
+                queue.index
+            );
+            QueueStats::add(&stats.dropped, 1);
+            return Started::Ignored;
+        }
+
+        let request = match Request::parse(chain, &shared.limits, &mut queue.bufs) {
+            Ok(request) => request,
+            Err(e) => {
+                QueueStats::add(&stats.requests, 1);
+                return match e.status_addr {
+                    Some(addr) => {
+                        let status = e.error.status();
+                        warn!(
+                            "queue {}: rejecting head {head} with status {status}: {}",
+                            queue.index, e.error
+                        );
+                        QueueStats::add(&stats.errors, 1);
+                        if let Err(err) = write_status(&**mem, addr, status) {
+                            error!(
+                                "queue {}: writing status of head {head}: {err}",
+                                queue.index
+                            );
+                        }
+                        Started::Done(1)
+                    }
+                    None => {
+                        warn!(
+                            "queue {}: dropping head {head}, it has no usable status byte: {}",
+                            queue.index, e.error
+                        );
+                        QueueStats::add(&stats.dropped, 1);
+                        // Return the descriptors unused so the ring does not leak them.
+                        Started::Done(0)
+                    }
+                };
+            }
+        };
+
+        slot.status = STATUS_OK;
+        slot.request_type = request.request_type;
+        slot.status_addr = request.status_addr;
+        slot.data_len = request.data_len;
+        slot.iovecs.0.clear();
+        let offset = request.sector << SECTOR_SHIFT;
+        let user_data = ((local as u64) << 16) | u64::from(head);
+
+        let ops = match request.request_type {
+            RequestType::In | RequestType::Out => {
+                if let Err(reason) = fill_iovecs(mem, &queue.bufs, &mut slot.iovecs.0) {
+                    warn!("queue {}: head {head}: {reason}", queue.index);
+                    return complete_now(mem, slot, stats, STATUS_IOERR, 1);
+                }
+                let iovecs = slot.iovecs.0.as_ptr();
+                let iovcnt = slot.iovecs.0.len();
+                if request.request_type == RequestType::In {
+                    OpList::One(Op::Read {
+                        offset,
+                        iovecs,
+                        iovcnt,
+                    })
+                } else {
+                    OpList::One(Op::Write {
+                        offset,
+                        iovecs,
+                        iovcnt,
+                    })
+                }
+            }
+            RequestType::Flush => OpList::One(Op::Flush),
+            RequestType::Discard | RequestType::WriteZeroes => OpList::Ranges,
+            RequestType::GetId => {
+                return match write_device_id(&**mem, &queue.bufs.data, &shared.serial) {
+                    Ok(n) => complete_now(mem, slot, stats, STATUS_OK, n + 1),
+                    Err(e) => {
+                        warn!("queue {}: GET_ID head {head}: {e}", queue.index);
+                        complete_now(mem, slot, stats, STATUS_IOERR, 1)
+                    }
+                };
+            }
+            RequestType::Unsupported(t) => {
+                debug!("queue {}: unsupported request type {t}", queue.index);
+                return complete_now(mem, slot, stats, STATUS_UNSUPP, 1);
+            }
+        };
+
+        slot.mem = Some(Arc::clone(mem));
+        let mut submitted = 0u32;
+        let mut failed = false;
+        let mut submit = |engine: &mut Box<dyn Engine>, op: Op| {
+            // SAFETY: the iovec array lives in the slot, which is not reused while `pending` is
+            // non-zero, and the buffers it points to are guest memory kept mapped by `slot.mem`
+            // until the completion is reaped.
+            match unsafe { engine.submit(op, user_data) } {
+                Ok(()) => submitted += 1,
+                Err(e) => {
+                    warn!("head {head}: submitting to the engine: {e}");
+                    failed = true;
+                }
+            }
+        };
+        match ops {
+            OpList::One(op) => submit(&mut self.engine, op),
+            OpList::Ranges => {
+                for range in &queue.bufs.ranges {
+                    let offset = range.sector << SECTOR_SHIFT;
+                    let len = u64::from(range.num_sectors) << SECTOR_SHIFT;
+                    let op = if request.request_type == RequestType::Discard {
+                        Op::Discard { offset, len }
+                    } else {
+                        Op::WriteZeroes {
+                            offset,
+                            len,
+                            unmap: range.unmap,
+                        }
+                    };
+                    submit(&mut self.engine, op);
+                }
+            }
+        }
+        if failed {
+            slot.status = STATUS_IOERR;
+        }
+        if submitted == 0 {
+            let status = if failed { STATUS_IOERR } else { STATUS_OK };
+            return complete_now(mem, slot, stats, status, 1);
+        }
+        slot.pending = submitted;
+        QueueStats::add(&stats.in_flight, 1);
+        Started::InFlight
+    }
+}
+
+/// The engine operations a request turns into.
+enum OpList {
+    One(Op),
+    /// One operation per discard / write-zeroes range in the request buffers.
+    Ranges,
+}
+
+/// Whether an engine result of `n` bytes finished the slot's operation.
+fn is_complete_transfer(slot: &Slot, n: u32) -> bool {
+    match slot.request_type {
+        RequestType::In | RequestType::Out => n == slot.data_len,
+        _ => true,
+    }
+}
+
+/// Translate the request's data segments into host iovecs over guest memory.
+fn fill_iovecs(
+    mem: &GuestMem,
+    bufs: &RequestBuffers,
+    iovecs: &mut Vec<libc::iovec>,
+) -> Result<(), String> {
+    for seg in &bufs.data {
+        for slice in GuestMemoryBackend::get_slices(mem, seg.addr, seg.len as usize) {
+            let slice = slice.map_err(|e| format!("mapping {:#x}+{}: {e}", seg.addr.0, seg.len))?;
+            if iovecs.len() == iovecs.capacity() {
+                return Err(format!("more than {} host segments", iovecs.capacity()));
+            }
+            iovecs.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: slice.len(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Complete a request that needs no engine work: write its status, count it.
+fn complete_now(
+    mem: &GuestMem,
+    slot: &mut Slot,
+    stats: &QueueStats,
+    status: u8,
+    used_len: u32,
+) -> Started {
+    if let Err(e) = write_status(mem, slot.status_addr, status) {
+        error!("writing status at {:#x}: {e}", slot.status_addr.0);
+    }
+    count(stats, slot, status);
+    Started::Done(used_len)
+}
+
+/// Finish a request whose engine work is done: durability for writethrough, status, counters.
+/// Returns the used length: bytes written into device-writable buffers, status byte included.
+fn finish(shared: &DeviceShared, slot: &mut Slot, stats: &QueueStats) -> u32 {
+    if slot.status == STATUS_OK
+        && slot.request_type == RequestType::Out
+        && !shared.writeback.load(Ordering::Relaxed)
+    {
+        // The guest turned the write cache off: a write completes only once it is durable.
+        if let Err(e) = shared.image.flush() {
+            warn!("writethrough flush after a write: {e}");
+            slot.status = STATUS_IOERR;
+        }
+    }
+    let mem = slot.mem.take();
+    if let Some(mem) = &mem {
+        if let Err(e) = write_status(&**mem, slot.status_addr, slot.status) {
+            error!("writing status at {:#x}: {e}", slot.status_addr.0);
+        }
+    }
+    count(stats, slot, slot.status);
+    if slot.status == STATUS_OK && slot.request_type == RequestType::In {
+        slot.data_len + 1
+    } else {
+        1
+    }
+}
+
+fn count(stats: &QueueStats, slot: &Slot, status: u8) {
+    QueueStats::add(&stats.requests, 1);
+    if status != STATUS_OK {
+        QueueStats::add(&stats.errors, 1);
+        return;
+    }
+    let counter = match slot.request_type {
+        RequestType::In => {
+            QueueStats::add(&stats.bytes_read, u64::from(slot.data_len));
+            &stats.reads
+        }
+        RequestType::Out => {
+            QueueStats::add(&stats.bytes_written, u64::from(slot.data_len));
+            &stats.writes
+        }
+        RequestType::Flush => &stats.flushes,
+        RequestType::Discard => &stats.discards,
+        RequestType::WriteZeroes => &stats.write_zeroes,
+        RequestType::GetId => &stats.get_ids,
+        RequestType::Unsupported(_) => return,
+    };
+    QueueStats::add(counter, 1);
+}
+
+/// Signal the guest for a queue if it asked to be (EVENT_IDX or the NO_INTERRUPT flag).
+fn signal_if_needed(state: &mut VringState<GuestMemAtomic>, index: usize) -> bool {
+    let needed = match state.needs_notification() {
+        Ok(needed) => needed,
+        Err(e) => {
+            warn!("queue {index}: checking whether to notify: {e:?}");
+            true
+        }
+    };
+    if needed {
+        if let Err(e) = state.signal_used_queue() {
+            warn!("queue {index}: signalling the guest: {e}");
+            return false;
+        }
+    }
+    needed
+}

@@ -1,0 +1,251 @@
+//! The backend's lifecycle: open the image, then serve one VMM connection after another on the
+//! same socket, and stop cleanly on SIGINT/SIGTERM.
+//!
+//! `vhost-user-backend`'s per-connection state cannot be reused once a frontend disconnects, so
+//! each connection gets a fresh [`BlkDevice`] and `VhostUserDaemon` over the same image and the
+//! same counters: a VM reboot, or another VM, attaches without restarting us. When a connection
+//! ends — the VMM hung up, or we were asked to stop — the requests still in flight finish before
+//! the worker threads are told to exit.
+
+use std::os::unix::io::FromRawFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use disk::{Image, ImageOptions};
+use log::{error, info, warn};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::args::BackendArgs;
+use crate::control::{self, DeviceInfo};
+use crate::device::{BlkDevice, DeviceSettings};
+use crate::stats::DeviceStats;
+use crate::{Error, Result};
+
+/// How long in-flight requests get to finish when a connection ends.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the signal thread and the connection loop share.
+#[derive(Default)]
+struct Lifecycle {
+    /// SIGINT or SIGTERM arrived.
+    stopping: bool,
+    /// A connection is being served (or drained).
+    connected: bool,
+    /// Ends the current connection.
+    shutdown: Option<ShutdownHandle>,
+}
+
+/// Run the backend until SIGINT/SIGTERM.
+pub fn run(args: &BackendArgs) -> Result<()> {
+    let Some(blk_file) = args.blk_file.clone() else {
+        // clap requires it unless --print-capabilities, which main handles.
+        return Err(Error::Daemon("--blk-file is required".into()));
+    };
+    let image = Arc::new(
+        Image::open(&ImageOptions {
+            path: blk_file,
+            read_only: args.read_only,
+            cache: args.cache,
+            size: args.size,
+        })
+        .map_err(|source| Error::Image { source })?,
+    );
+    let serial = virtio_blk::device_id(args.serial.as_deref().unwrap_or("").as_bytes());
+    let settings = DeviceSettings {
+        num_queues: args.num_queues,
+        queue_size: args.queue_size,
+        read_only: args.read_only,
+        logical_block_size: args.logical_block_size,
+        serial,
+        engine: args.io_engine,
+    };
+    info!(
+        "image {} ({} bytes{}), cache {}, engine {}, {} queue(s) of {}",
+        image.path().display(),
+        image.capacity(),
+        if args.read_only { ", read-only" } else { "" },
+        args.cache,
+        args.io_engine,
+        args.num_queues,
+        args.queue_size,
+    );
+    let stats = Arc::new(DeviceStats::new(usize::from(args.num_queues)));
+    if let Some(path) = &args.control {
+        control::spawn(
+            path,
+            stats.clone(),
+            DeviceInfo {
+                image: image.path().display().to_string(),
+                capacity: image.capacity(),
+                cache: args.cache.to_string(),
+                engine: args.io_engine.to_string(),
+                read_only: args.read_only,
+            },
+        )?;
+    }
+
+    let (mut listener, socket_name, socket_file) = listen(args)?;
+    let lifecycle = Arc::new(Mutex::new(Lifecycle::default()));
+    spawn_signal_thread(lifecycle.clone(), socket_file)?;
+    info!("listening on {socket_name}");
+
+    loop {
+        serve_one(&settings, &image, &stats, &mut listener, &lifecycle)?;
+        let stopping = lock(&lifecycle).stopping;
+        if stopping {
+            info!("stopping: every in-flight request has completed");
+            return Ok(());
+        }
+        info!("frontend disconnected; waiting for the next one on {socket_name}");
+    }
+}
+
+/// Serve one frontend from accept to disconnect, then drain its in-flight requests.
+fn serve_one(
+    settings: &DeviceSettings,
+    image: &Arc<Image>,
+    stats: &Arc<DeviceStats>,
+    listener: &mut Listener,
+    lifecycle: &Mutex<Lifecycle>,
+) -> Result<()> {
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let device = Arc::new(BlkDevice::new(
+        settings,
+        image.clone(),
+        stats.clone(),
+        mem.clone(),
+    )?);
+    let mut daemon = VhostUserDaemon::new("vhost-user-blk".into(), device.clone(), mem)
+        .map_err(|e| Error::Daemon(format!("creating the daemon: {e}")))?;
+    for (thread, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+        let Some(fd) = device.completion_fd(thread) else {
+            continue;
+        };
+        handler
+            .register_listener(fd, EventSet::IN, device.completion_event_id())
+            .map_err(|e| Error::Daemon(format!("registering engine completions: {e}")))?;
+    }
+
+    daemon
+        .start(listener)
+        .map_err(|e| Error::Daemon(format!("accepting a frontend: {e}")))?;
+    info!("frontend connected");
+    {
+        let mut state = lock(lifecycle);
+        state.connected = true;
+        state.shutdown = daemon.shutdown_handle();
+        if state.stopping {
+            daemon.request_shutdown();
+        }
+    }
+    match daemon.wait() {
+        Ok(()) => {}
+        Err(e) => warn!("connection ended: {e}"),
+    }
+    lock(lifecycle).shutdown = None;
+
+    if !device.wait_idle(None, DRAIN_TIMEOUT) {
+        error!(
+            "{} request(s) still in flight {DRAIN_TIMEOUT:?} after the connection ended",
+            stats.in_flight()
+        );
+    }
+    for handler in daemon.get_epoll_handlers() {
+        handler.send_exit_event();
+    }
+    drop(daemon);
+    for q in stats.snapshot() {
+        info!(
+            "queue {}: {} requests ({} reads, {} writes, {} flushes, {} errors), {} bytes read, {} bytes written",
+            q.index, q.requests, q.reads, q.writes, q.flushes, q.errors, q.bytes_read, q.bytes_written
+        );
+    }
+    lock(lifecycle).connected = false;
+    Ok(())
+}
+
+/// The listening socket: `--socket-path` (created, a stale file replaced) or `--fd`.
+fn listen(args: &BackendArgs) -> Result<(Listener, String, Option<PathBuf>)> {
+    if let Some(path) = &args.socket_path {
+        let name = path.display().to_string();
+        let listener = Listener::new(path, true).map_err(|source| Error::Socket {
+            path: name.clone(),
+            source,
+        })?;
+        return Ok((listener, name, Some(path.clone())));
+    }
+    let Some(fd) = args.fd else {
+        return Err(Error::Daemon(
+            "either --socket-path or --fd is required".into(),
+        ));
+    };
+    // The fd must be an open, listening unix socket; check before taking ownership of it.
+    // SAFETY: fcntl(F_GETFD) only queries the descriptor's flags.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(Error::Socket {
+            path: format!("fd {fd}"),
+            source: vhost::vhost_user::Error::SocketError(std::io::Error::last_os_error()),
+        });
+    }
+    // SAFETY: the manager handed us this descriptor for our exclusive use (the vhost-user
+    // backend conventions), and it was just checked to be open.
+    let listener = unsafe { Listener::from_raw_fd(fd) };
+    Ok((listener, format!("fd {fd}"), None))
+}
+
+fn lock(lifecycle: &Mutex<Lifecycle>) -> std::sync::MutexGuard<'_, Lifecycle> {
+    lifecycle.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Block SIGINT and SIGTERM in every thread and take them on a dedicated thread: an idle backend
+/// exits at once; a connected one ends the connection, lets in-flight requests finish, then exits.
+fn spawn_signal_thread(
+    lifecycle: Arc<Mutex<Lifecycle>>,
+    socket_file: Option<PathBuf>,
+) -> Result<()> {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t owned by this frame.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+    }
+    // Threads spawned after this inherit the mask, so only sigwait below sees the signals. The
+    // vhost-user worker threads are spawned per connection, after this point.
+    // SAFETY: `set` is initialised; a null old-set pointer is allowed.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(Error::Signals(std::io::Error::from_raw_os_error(rc)));
+    }
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: `set` and `sig` are valid for the call.
+            let rc = unsafe { libc::sigwait(&set, &mut sig) };
+            if rc != 0 {
+                continue;
+            }
+            info!("signal {sig}: stopping");
+            let mut state = lock(&lifecycle);
+            state.stopping = true;
+            if state.connected {
+                if let Some(handle) = &state.shutdown {
+                    handle.shutdown();
+                }
+                // The connection loop drains in-flight requests and returns.
+            } else {
+                if let Some(path) = &socket_file {
+                    let _ = std::fs::remove_file(path);
+                }
+                std::process::exit(0);
+            }
+        })
+        .map_err(Error::Signals)?;
+    Ok(())
+}
