@@ -1,1 +1,392 @@
-//! placeholder
+//! Disk images, cache modes and I/O engines for the vhost-user-blk backend.
+//!
+//! This crate sits under the queue threads in the data flow: a queue thread parses a request
+//! (`virtio-blk`), turns it into an [`Op`] whose iovecs point straight into guest memory, hands it
+//! to its own [`Engine`] with [`Engine::submit`], pushes the batch to the kernel with
+//! [`Engine::commit`] and, when [`Engine::completion_fd`] becomes readable in its epoll loop,
+//! collects the results with [`Engine::reap`].
+//!
+//! - [`Image`] is the disk: a regular file (created sparse when missing), a block device, or a
+//!   null image for measuring the virtqueue path alone. It is shared as `Arc<Image>` by every queue
+//!   thread and by the deferred workers, which call its synchronous operations
+//!   ([`Image::flush`], [`Image::writeback_and_evict`], ...).
+//! - [`CacheMode`] selects O_DIRECT, buffered, or buffered with drop-behind (`RWF_DONTCACHE`,
+//!   probed once at open, or the `sync_file_range` + `POSIX_FADV_DONTNEED` fallback).
+//! - Two engines: io_uring (one ring per queue thread) and a synchronous one for hosts without
+//!   io_uring. Neither allocates per request while the requests in flight stay within the queue
+//!   depth given to [`new_engine`].
+//!
+//! With the `fault-injection` feature, an image can be told to fail I/O that touches a range of
+//! sectors with `EIO` (see `Image::set_fail_sectors`), for the fault tests.
+
+// Tests may unwrap; the library itself may not (checked when it is built without `test`).
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+
+#[cfg(feature = "fault-injection")]
+mod fault;
+mod image;
+mod iov;
+mod sync_engine;
+mod sys;
+#[cfg(test)]
+mod testutil;
+mod uring;
+
+pub use image::{parse_size, resident_bytes_of, EvictionPath, Image, ImageOptions};
+pub use sync_engine::SyncEngine;
+pub use uring::UringEngine;
+
+/// `RWF_DONTCACHE` (Linux 6.14+): buffered I/O whose pages are dropped once written back.
+pub const RWF_DONTCACHE: i32 = 0x80;
+
+/// Sector size used by [`Image`] for fault-injection ranges and capacity reports.
+pub const SECTOR_SIZE: u64 = 512;
+
+/// Errors of this crate; each carries the context (path, offset, length) a user needs.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The image path does not exist and no size was given to create it.
+    #[error("{path} does not exist; give a size to create it")]
+    Missing {
+        /// The image path.
+        path: PathBuf,
+    },
+    /// Creating a missing image file failed.
+    #[error("creating {path} ({size} bytes): {source}")]
+    Create {
+        /// The image path.
+        path: PathBuf,
+        /// The requested size in bytes.
+        size: u64,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// Opening the image failed.
+    #[error("opening {path}: {source}")]
+    Open {
+        /// The image path.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The path is neither a regular file nor a block device.
+    #[error("{path} is neither a regular file nor a block device")]
+    UnsupportedFileType {
+        /// The image path.
+        path: PathBuf,
+    },
+    /// Reading the size of the image failed.
+    #[error("reading the size of {path}: {source}")]
+    Size {
+        /// The image path.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// A size string (`--size`, `null:SIZE`) could not be parsed.
+    #[error("invalid size {0:?} (expected bytes with an optional K, M, G or T suffix)")]
+    ParseSize(String),
+    /// A cache mode string could not be parsed.
+    #[error("invalid cache mode {0:?} (expected none, writeback or dontcache)")]
+    ParseCacheMode(String),
+    /// An engine kind string could not be parsed.
+    #[error("invalid I/O engine {0:?} (expected io-uring or sync)")]
+    ParseEngineKind(String),
+    /// `fdatasync` failed.
+    #[error("flushing {path}: {source}")]
+    Flush {
+        /// The image path.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// Discarding a range failed.
+    #[error("discarding {len} bytes at offset {offset} of {path}: {source}")]
+    Discard {
+        /// The image path.
+        path: PathBuf,
+        /// Byte offset of the range.
+        offset: u64,
+        /// Length of the range in bytes.
+        len: u64,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// Zeroing a range failed.
+    #[error("writing zeroes to {len} bytes at offset {offset} of {path}: {source}")]
+    WriteZeroes {
+        /// The image path.
+        path: PathBuf,
+        /// Byte offset of the range.
+        offset: u64,
+        /// Length of the range in bytes.
+        len: u64,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// Writing back or evicting a range from the host page cache failed.
+    #[error("writing back and evicting {len} bytes at offset {offset} of {path}: {source}")]
+    Evict {
+        /// The image path.
+        path: PathBuf,
+        /// Byte offset of the range.
+        offset: u64,
+        /// Length of the range in bytes.
+        len: u64,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// Counting the resident pages of an image failed.
+    #[error("counting page-cache residency of {path}: {source}")]
+    Residency {
+        /// The image path.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// Setting up an io_uring failed (old kernel, seccomp, `io_uring_disabled` sysctl, ...).
+    #[error("setting up an io_uring of {entries} entries: {source}")]
+    RingSetup {
+        /// Requested submission queue entries.
+        entries: u32,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// Creating or registering the completion eventfd failed.
+    #[error("setting up the completion eventfd: {source}")]
+    EventFd {
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// `io_uring_enter` failed for a reason other than a full ring.
+    #[error("submitting to the io_uring of {path}: {source}")]
+    Submit {
+        /// The image path.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+}
+
+/// The result type of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// How image I/O uses the host page cache (`--cache`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    /// `O_DIRECT`: no host page cache.
+    None,
+    /// Buffered I/O: fast, but a guest can fill host memory with its data.
+    #[default]
+    Writeback,
+    /// Buffered with drop-behind: `RWF_DONTCACHE` where supported, else buffered I/O followed by
+    /// [`Image::writeback_and_evict`] in the deferred worker.
+    DontCache,
+}
+
+impl FromStr for CacheMode {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "none" => Ok(CacheMode::None),
+            "writeback" => Ok(CacheMode::Writeback),
+            "dontcache" => Ok(CacheMode::DontCache),
+            _ => Err(Error::ParseCacheMode(s.to_owned())),
+        }
+    }
+}
+
+impl fmt::Display for CacheMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CacheMode::None => "none",
+            CacheMode::Writeback => "writeback",
+            CacheMode::DontCache => "dontcache",
+        })
+    }
+}
+
+/// Which [`Engine`] a queue thread runs (`--io-engine`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum EngineKind {
+    /// One io_uring per queue thread.
+    #[default]
+    IoUring,
+    /// Blocking `preadv2`/`pwritev2` on the queue thread, for hosts without io_uring.
+    Sync,
+}
+
+impl FromStr for EngineKind {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "io-uring" | "io_uring" => Ok(EngineKind::IoUring),
+            "sync" => Ok(EngineKind::Sync),
+            _ => Err(Error::ParseEngineKind(s.to_owned())),
+        }
+    }
+}
+
+impl fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EngineKind::IoUring => "io-uring",
+            EngineKind::Sync => "sync",
+        })
+    }
+}
+
+/// One request for an [`Engine`]. Offsets and lengths are in bytes.
+///
+/// The iovec pointers of `Read` and `Write` are raw because they point into guest memory that
+/// the engine does not own; see [`Engine::submit`] for the contract.
+#[derive(Clone, Copy, Debug)]
+pub enum Op {
+    /// Read into the buffers of `iovecs[..iovcnt]` from `offset`.
+    Read {
+        /// Byte offset in the image.
+        offset: u64,
+        /// The first of `iovcnt` iovecs.
+        iovecs: *const libc::iovec,
+        /// Number of iovecs.
+        iovcnt: usize,
+    },
+    /// Write the buffers of `iovecs[..iovcnt]` at `offset`.
+    Write {
+        /// Byte offset in the image.
+        offset: u64,
+        /// The first of `iovcnt` iovecs.
+        iovecs: *const libc::iovec,
+        /// Number of iovecs.
+        iovcnt: usize,
+    },
+    /// `fdatasync` the image.
+    Flush,
+    /// Deallocate a range (advisory: unsupported file systems report success).
+    Discard {
+        /// Byte offset in the image.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// Make a range read back as zeroes, deallocating it when `unmap` allows.
+    WriteZeroes {
+        /// Byte offset in the image.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+        /// Whether the range may be deallocated.
+        unmap: bool,
+    },
+}
+
+/// A finished request, handed to the callback of [`Engine::reap`].
+#[derive(Debug)]
+pub struct Completion {
+    /// The `user_data` given to [`Engine::submit`].
+    pub user_data: u64,
+    /// Bytes transferred for `Read` and `Write` (always the full length on success); 0 for the
+    /// other operations. An error is this request's alone: the engine keeps serving.
+    pub result: std::result::Result<u32, io::Error>,
+}
+
+/// An I/O engine: one per queue thread, never shared.
+pub trait Engine: Send {
+    /// Queue `op`; it may execute at once (the sync engine does). When the submission ring is
+    /// full, what is queued is submitted first to make room: a request is never dropped.
+    ///
+    /// Errors returned here concern the engine (the ring could not be entered), not the request;
+    /// a request's own failure is reported in its [`Completion`].
+    ///
+    /// # Safety
+    ///
+    /// For `Op::Read` and `Op::Write`, the iovec array and every buffer it points to must stay
+    /// valid, and must not be accessed by anyone else, until this `user_data` has been reaped
+    /// (or the engine dropped: dropping waits for the kernel to finish with them).
+    unsafe fn submit(&mut self, op: Op, user_data: u64) -> Result<()>;
+
+    /// Push everything queued to the kernel: one `io_uring_enter` per pass of the queue thread.
+    fn commit(&mut self) -> Result<()>;
+
+    /// An eventfd that becomes readable when completions are ready; register it in the queue
+    /// thread's epoll loop.
+    fn completion_fd(&self) -> std::os::unix::io::RawFd;
+
+    /// Clear the eventfd and call `f` once for each finished request.
+    ///
+    /// Short transfers are finished before they are reported; reads past the end of a file
+    /// complete with zeroes.
+    fn reap(&mut self, f: &mut dyn FnMut(Completion)) -> Result<()>;
+
+    /// Requests submitted and not yet reaped.
+    fn in_flight(&self) -> usize;
+
+    /// Which kind of engine this is.
+    fn kind(&self) -> EngineKind;
+}
+
+/// Create the engine of one queue thread over `image`.
+///
+/// `queue_depth` is the number of requests the thread keeps in flight (the virtqueue size);
+/// the engine preallocates for that many and allocates only if more are submitted.
+pub fn new_engine(
+    kind: EngineKind,
+    image: Arc<Image>,
+    queue_depth: u32,
+) -> Result<Box<dyn Engine>> {
+    Ok(match kind {
+        EngineKind::IoUring => Box::new(UringEngine::new(image, queue_depth)?),
+        EngineKind::Sync => Box::new(SyncEngine::new(image, queue_depth)?),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_mode_parses_and_displays() {
+        for (s, m) in [
+            ("none", CacheMode::None),
+            ("writeback", CacheMode::Writeback),
+            ("dontcache", CacheMode::DontCache),
+        ] {
+            assert_eq!(s.parse::<CacheMode>().unwrap(), m);
+            assert_eq!(m.to_string(), s);
+        }
+        assert!("direct".parse::<CacheMode>().is_err());
+    }
+
+    #[test]
+    fn image_is_shared_and_engines_move_between_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        fn send<T: Send>() {}
+        send_sync::<Image>();
+        send::<Box<dyn Engine>>();
+        send::<UringEngine>();
+        send::<SyncEngine>();
+    }
+
+    #[test]
+    fn engine_kind_parses_both_spellings() {
+        assert_eq!(
+            "io-uring".parse::<EngineKind>().unwrap(),
+            EngineKind::IoUring
+        );
+        assert_eq!(
+            "io_uring".parse::<EngineKind>().unwrap(),
+            EngineKind::IoUring
+        );
+        assert_eq!("sync".parse::<EngineKind>().unwrap(), EngineKind::Sync);
+        assert_eq!(EngineKind::IoUring.to_string(), "io-uring");
+        assert!("aio".parse::<EngineKind>().is_err());
+    }
+}

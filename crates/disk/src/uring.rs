@@ -1,0 +1,819 @@
+//! The io_uring engine: one ring per queue thread.
+//!
+//! Reads and writes become `READV`/`WRITEV` straight over the guest's iovecs (with
+//! `RWF_DONTCACHE` in `rw_flags` under `dontcache`), FLUSH becomes `FSYNC(DATASYNC)`, DISCARD and
+//! WRITE_ZEROES on files become `FALLOCATE`. The image's descriptor is registered with the ring
+//! (fixed file 0), to spare the kernel a descriptor lookup per request.
+//! The completion eventfd is registered with `IORING_REGISTER_EVENTFD`.
+//!
+//! What the ring cannot do well runs at submission on the queue thread and waits in a ready list
+//! for [`Engine::reap`]: block-device `BLKDISCARD`/`BLKZEROOUT`, `O_DIRECT` requests whose buffers
+//! are not aligned, requests with more iovecs than one call takes, null-image requests and
+//! injected faults. At reap, a short transfer is finished synchronously, and errors that have a
+//! fallback (`RWF_DONTCACHE` refused, `ZERO_RANGE` unsupported, `O_DIRECT` refused) get it.
+//!
+//! Each request occupies a slot, preallocated for the queue depth, whose index is the SQE's
+//! `user_data`; nothing is allocated per request while the depth is respected.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use log::{debug, warn};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::image::zeroes_mode;
+use crate::{iov, Completion, Engine, EngineKind, Error, Image, Op, Result, RWF_DONTCACHE};
+
+/// Most iovecs one `READV`/`WRITEV` takes (`UIO_MAXIOV`).
+const IOV_MAX: usize = 1024;
+
+/// Largest ring we ask for; the kernel's limit is 32768.
+const MAX_ENTRIES: u32 = 32768;
+
+/// A request between submission and reap.
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    user_data: u64,
+    op: Op,
+    /// Bytes a read or write must move.
+    len: u32,
+    /// The `rw_flags` it was submitted with.
+    flags: i32,
+}
+
+impl Slot {
+    const EMPTY: Slot = Slot {
+        user_data: 0,
+        op: Op::Flush,
+        len: 0,
+        flags: 0,
+    };
+}
+
+/// The io_uring engine; see the module documentation.
+pub struct UringEngine {
+    image: Arc<Image>,
+    ring: IoUring,
+    eventfd: EventFd,
+    /// Whether the image is fixed file 0 of the ring.
+    fixed: bool,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    /// Completions decided at submission.
+    ready: VecDeque<Completion>,
+    /// CQEs (slot, result) taken early to make room in the completion queue.
+    stash: VecDeque<(u64, i32)>,
+    /// Submitted and not yet reaped, all paths.
+    in_flight: usize,
+    /// SQEs pushed whose CQE has not been taken from the ring.
+    in_ring: usize,
+    /// Completion queue size: `in_ring` never exceeds it, so the CQ never overflows.
+    cq_entries: usize,
+}
+
+// SAFETY: the only non-Send parts are the raw iovec pointers kept in `slots`. They point into
+// memory the submitter guarantees valid and unaliased until reaped (the contract of
+// `Engine::submit`), whichever thread the engine runs on, and only this engine uses them.
+unsafe impl Send for UringEngine {}
+
+impl UringEngine {
+    /// A ring of at least `queue_depth` entries over `image`.
+    pub fn new(image: Arc<Image>, queue_depth: u32) -> Result<Self> {
+        let depth = queue_depth.clamp(1, MAX_ENTRIES);
+        let entries = depth.next_power_of_two();
+        let ring = IoUring::builder()
+            .build(entries)
+            .map_err(|source| Error::RingSetup { entries, source })?;
+        let eventfd = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::EventFd { source })?;
+        ring.submitter()
+            .register_eventfd(eventfd.as_raw_fd())
+            .map_err(|source| Error::EventFd { source })?;
+        let fixed = !image.is_null()
+            && ring
+                .submitter()
+                .register_files(&[image.as_raw_fd()])
+                .map_err(|e| debug!("io_uring: registering the image fd failed: {e}"))
+                .is_ok();
+        let cq_entries = ring.params().cq_entries() as usize;
+        Ok(UringEngine {
+            image,
+            ring,
+            eventfd,
+            fixed,
+            slots: vec![Slot::EMPTY; depth as usize],
+            free: (0..depth).rev().collect(),
+            ready: VecDeque::with_capacity(depth as usize),
+            stash: VecDeque::with_capacity(cq_entries),
+            in_flight: 0,
+            in_ring: 0,
+            cq_entries,
+        })
+    }
+
+    /// Complete a request now; [`Engine::reap`] reports it.
+    fn complete_now(&mut self, user_data: u64, result: io::Result<u32>) {
+        if self.ready.is_empty() {
+            // Make the completion fd readable for this completion; a failing write only delays
+            // the report until the next reap.
+            let _ = self.eventfd.write(1);
+        }
+        self.ready.push_back(Completion { user_data, result });
+    }
+
+    /// Run `op` on this thread and complete it now.
+    ///
+    /// # Safety
+    ///
+    /// As [`Engine::submit`].
+    unsafe fn run_now(&mut self, op: Op, user_data: u64) -> Result<()> {
+        // SAFETY: `execute` has `submit`'s contract, which our caller upholds.
+        let result = unsafe { self.image.execute(op) };
+        self.complete_now(user_data, result);
+        Ok(())
+    }
+
+    fn alloc_slot(&mut self, slot: Slot) -> u32 {
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = slot;
+                i
+            }
+            None => {
+                // More in flight than the queue depth: grow, once per new high-water mark.
+                self.slots.push(slot);
+                (self.slots.len() - 1) as u32
+            }
+        }
+    }
+
+    /// Queue `entry` for `slot`, submitting what is queued when the ring is full.
+    fn push(&mut self, entry: squeue::Entry, slot: Slot) -> Result<()> {
+        while self.in_ring >= self.cq_entries {
+            self.make_room()?;
+        }
+        let idx = self.alloc_slot(slot);
+        let entry = entry.user_data(idx.into());
+        loop {
+            // SAFETY: the entry's buffers (iovecs and what they point to) stay valid until the
+            // CQE is reaped, by the contract of `Engine::submit`; fallocate and fsync entries
+            // point at nothing.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                self.in_ring += 1;
+                return Ok(());
+            }
+            if let Err(e) = self.submit_queued() {
+                self.free.push(idx);
+                return Err(e);
+            }
+        }
+    }
+
+    /// Enter the ring until the submission queue is empty.
+    fn submit_queued(&mut self) -> Result<()> {
+        while !self.ring.submission().is_empty() {
+            match self.ring.submit() {
+                Ok(n) if n > 0 => {}
+                Ok(_) => self.make_room()?,
+                Err(e) => match e.raw_os_error() {
+                    Some(libc::EINTR) => {}
+                    Some(libc::EBUSY | libc::EAGAIN) => self.make_room()?,
+                    _ => {
+                        return Err(Error::Submit {
+                            path: self.image.path().to_owned(),
+                            source: e,
+                        })
+                    }
+                },
+            }
+        }
+        Ok(())
+    }
+
+    /// Move finished CQEs aside (to `stash`, reported at the next reap) so that the kernel has
+    /// room to post more; when none has finished, submit what is queued and wait for one.
+    fn make_room(&mut self) -> Result<()> {
+        if self.stash_cqes() > 0 {
+            return Ok(());
+        }
+        if self.in_ring == 0 {
+            return Err(Error::Submit {
+                path: self.image.path().to_owned(),
+                source: io::Error::from_raw_os_error(libc::EBUSY),
+            });
+        }
+        match self.ring.submit_and_wait(1) {
+            Ok(_) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {}
+            Err(source) => {
+                return Err(Error::Submit {
+                    path: self.image.path().to_owned(),
+                    source,
+                })
+            }
+        }
+        self.stash_cqes();
+        Ok(())
+    }
+
+    /// Take every posted CQE into `stash`; returns how many.
+    fn stash_cqes(&mut self) -> usize {
+        let before = self.stash.len();
+        for cqe in self.ring.completion() {
+            self.stash.push_back((cqe.user_data(), cqe.result()));
+        }
+        let taken = self.stash.len() - before;
+        self.in_ring -= taken;
+        taken
+    }
+
+    /// Turn the CQE of slot `idx` into a completion, finishing short transfers and applying
+    /// fallbacks.
+    fn finish(&mut self, idx: u64, res: i32) -> Completion {
+        let slot = self.slots[idx as usize];
+        self.free.push(idx as u32);
+        let result = match slot.op {
+            Op::Read {
+                offset,
+                iovecs,
+                iovcnt,
+            } => self.finish_rw(false, &slot, offset, iovecs, iovcnt, res),
+            Op::Write {
+                offset,
+                iovecs,
+                iovcnt,
+            } => self.finish_rw(true, &slot, offset, iovecs, iovcnt, res),
+            Op::Flush => errno_result(res),
+            Op::Discard { .. } if res == -libc::EOPNOTSUPP => Ok(0),
+            Op::Discard { .. } => errno_result(res),
+            Op::WriteZeroes { offset, len, .. } if res == -libc::EOPNOTSUPP => {
+                self.image.write_zeroes_by_writing(offset, len).map(|()| 0)
+            }
+            Op::WriteZeroes { .. } => errno_result(res),
+        };
+        Completion {
+            user_data: slot.user_data,
+            result,
+        }
+    }
+
+    fn finish_rw(
+        &self,
+        write: bool,
+        slot: &Slot,
+        offset: u64,
+        iovecs: *const libc::iovec,
+        iovcnt: usize,
+        res: i32,
+    ) -> io::Result<u32> {
+        // SAFETY: the iovecs stay valid until this request is reaped, which is after this call.
+        let iov = unsafe { iov::as_slice(iovecs, iovcnt) };
+        if res >= 0 {
+            let done = res.unsigned_abs();
+            if done >= slot.len {
+                return Ok(slot.len);
+            }
+            // Short: finish the rest here (zero-filling past the end of the file).
+            // SAFETY: the buffers are still the engine's until reaped.
+            return unsafe {
+                self.image
+                    .rw_sync(write, iov, offset, done as usize, slot.flags)
+            };
+        }
+        let errno = -res;
+        let flags = match errno {
+            libc::EOPNOTSUPP if slot.flags & RWF_DONTCACHE != 0 => {
+                self.image.dontcache_refused();
+                slot.flags & !RWF_DONTCACHE
+            }
+            // O_DIRECT refused the buffers: `rw_sync` retries through the buffered descriptor.
+            libc::EINVAL if self.image.is_direct() => slot.flags,
+            libc::EAGAIN | libc::EINTR => slot.flags,
+            _ => return Err(io::Error::from_raw_os_error(errno)),
+        };
+        // SAFETY: as above.
+        unsafe { self.image.rw_sync(write, iov, offset, 0, flags) }
+    }
+}
+
+/// Build an SQE over the image's descriptor, fixed or plain.
+macro_rules! on_image {
+    ($engine:expr, |$fd:ident| $build:expr) => {
+        if $engine.fixed {
+            let $fd = types::Fixed(0);
+            $build
+        } else {
+            let $fd = types::Fd($engine.image.as_raw_fd());
+            $build
+        }
+    };
+}
+
+fn errno_result(res: i32) -> io::Result<u32> {
+    if res < 0 {
+        Err(io::Error::from_raw_os_error(-res))
+    } else {
+        Ok(0)
+    }
+}
+
+impl Engine for UringEngine {
+    unsafe fn submit(&mut self, op: Op, user_data: u64) -> Result<()> {
+        self.in_flight += 1;
+        if self.image.is_null() {
+            // SAFETY: our caller upholds `submit`'s contract, which is `run_now`'s.
+            return unsafe { self.run_now(op, user_data) };
+        }
+        let pushed = match op {
+            Op::Read {
+                offset,
+                iovecs,
+                iovcnt,
+            }
+            | Op::Write {
+                offset,
+                iovecs,
+                iovcnt,
+            } => {
+                let write = matches!(op, Op::Write { .. });
+                // SAFETY: the caller guarantees the iovec array until reaped.
+                let iov = unsafe { iov::as_slice(iovecs, iovcnt) };
+                let len = match iov::total_len(iov) {
+                    Ok(len) => len,
+                    Err(e) => {
+                        self.complete_now(user_data, Err(e));
+                        return Ok(());
+                    }
+                };
+                if iovcnt > IOV_MAX
+                    || self.image.check_fault(offset, len.into()).is_err()
+                    || !self.image.dio_aligned(iov, offset)
+                {
+                    // SAFETY: as above.
+                    return unsafe { self.run_now(op, user_data) };
+                }
+                let flags = self.image.rw_flags();
+                let entry = if write {
+                    on_image!(self, |fd| opcode::Writev::new(fd, iovecs, iovcnt as u32)
+                        .offset(offset)
+                        .rw_flags(flags)
+                        .build())
+                } else {
+                    on_image!(self, |fd| opcode::Readv::new(fd, iovecs, iovcnt as u32)
+                        .offset(offset)
+                        .rw_flags(flags)
+                        .build())
+                };
+                let slot = Slot {
+                    user_data,
+                    op,
+                    len,
+                    flags,
+                };
+                self.push(entry, slot)
+            }
+            Op::Flush => {
+                let entry = on_image!(self, |fd| opcode::Fsync::new(fd)
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build());
+                self.push(
+                    entry,
+                    Slot {
+                        user_data,
+                        op,
+                        ..Slot::EMPTY
+                    },
+                )
+            }
+            Op::Discard { offset, len } | Op::WriteZeroes { offset, len, .. } => {
+                if len == 0
+                    || self.image.is_block_device()
+                    || self.image.check_fault(offset, len).is_err()
+                {
+                    // SAFETY: no buffers are involved.
+                    return unsafe { self.run_now(op, user_data) };
+                }
+                let mode = match op {
+                    Op::WriteZeroes { unmap, .. } => zeroes_mode(unmap),
+                    _ => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                };
+                let entry = on_image!(self, |fd| opcode::Fallocate::new(fd, len)
+                    .offset(offset)
+                    .mode(mode)
+                    .build());
+                self.push(
+                    entry,
+                    Slot {
+                        user_data,
+                        op,
+                        ..Slot::EMPTY
+                    },
+                )
+            }
+        };
+        if pushed.is_err() {
+            self.in_flight -= 1;
+        }
+        pushed
+    }
+
+    fn commit(&mut self) -> Result<()> {
+        self.submit_queued()
+    }
+
+    fn completion_fd(&self) -> RawFd {
+        self.eventfd.as_raw_fd()
+    }
+
+    fn reap(&mut self, f: &mut dyn FnMut(Completion)) -> Result<()> {
+        // Clear first: the kernel signals the eventfd after posting each CQE, and we push to
+        // `ready` only while holding `&mut self`, so nothing posted after this read is missed.
+        let _ = self.eventfd.read();
+        while let Some(c) = self.ready.pop_front() {
+            self.in_flight -= 1;
+            f(c);
+        }
+        while let Some((idx, res)) = self.stash.pop_front() {
+            let c = self.finish(idx, res);
+            self.in_flight -= 1;
+            f(c);
+        }
+        loop {
+            let next: Option<cqueue::Entry> = self.ring.completion().next();
+            let Some(cqe) = next else { break };
+            self.in_ring -= 1;
+            let c = self.finish(cqe.user_data(), cqe.result());
+            self.in_flight -= 1;
+            f(c);
+        }
+        Ok(())
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    fn kind(&self) -> EngineKind {
+        EngineKind::IoUring
+    }
+}
+
+impl Drop for UringEngine {
+    /// Wait for the kernel to finish with every buffer it was given: the guest memory they point
+    /// to may be unmapped as soon as the engine is gone.
+    fn drop(&mut self) {
+        if self.in_ring == 0 {
+            return;
+        }
+        warn!(
+            "{}: io_uring engine dropped with {} requests in the kernel; waiting for them",
+            self.image.path().display(),
+            self.in_ring
+        );
+        while self.in_ring > 0 {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {}
+                Err(e) => {
+                    warn!("io_uring: waiting for in-flight requests failed: {e}");
+                    return;
+                }
+            }
+            let taken = self.ring.completion().count();
+            self.in_ring -= taken;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+    use std::path::Path;
+
+    use super::*;
+    use crate::testutil::{fill_pattern, AlignedBuf, TempDir};
+    use crate::{new_engine, CacheMode, ImageOptions, SyncEngine};
+
+    const KINDS: [EngineKind; 2] = [EngineKind::IoUring, EngineKind::Sync];
+
+    fn image(path: &Path, cache: CacheMode, size: u64) -> Arc<Image> {
+        Arc::new(
+            Image::open(&ImageOptions {
+                path: path.to_owned(),
+                read_only: false,
+                cache,
+                size: Some(size),
+            })
+            .unwrap(),
+        )
+    }
+
+    /// Wait for the completion fd, then reap until `n` completions arrived.
+    fn reap_n(engine: &mut dyn Engine, n: usize) -> Vec<Completion> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            let mut pfd = libc::pollfd {
+                fd: engine.completion_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd that lives across the call.
+            let ret = unsafe { libc::poll(&mut pfd, 1, 5000) };
+            assert!(ret > 0, "no completion within 5 s");
+            engine.reap(&mut |c| out.push(c)).unwrap();
+        }
+        assert_eq!(out.len(), n);
+        out
+    }
+
+    fn run(engine: &mut dyn Engine, op: Op) -> io::Result<u32> {
+        // SAFETY: the tests keep every buffer alive and untouched until the reap below.
+        unsafe { engine.submit(op, 42) }.unwrap();
+        engine.commit().unwrap();
+        let mut c = reap_n(engine, 1);
+        let c = c.remove(0);
+        assert_eq!(c.user_data, 42);
+        c.result
+    }
+
+    fn iovecs(bufs: &mut [Vec<u8>]) -> Vec<libc::iovec> {
+        bufs.iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            })
+            .collect()
+    }
+
+    fn write_op(offset: u64, iov: &[libc::iovec]) -> Op {
+        Op::Write {
+            offset,
+            iovecs: iov.as_ptr(),
+            iovcnt: iov.len(),
+        }
+    }
+
+    fn read_op(offset: u64, iov: &[libc::iovec]) -> Op {
+        Op::Read {
+            offset,
+            iovecs: iov.as_ptr(),
+            iovcnt: iov.len(),
+        }
+    }
+
+    #[test]
+    fn both_engines_round_trip_multiple_iovecs() {
+        for cache in [CacheMode::Writeback, CacheMode::DontCache] {
+            for kind in KINDS {
+                let dir = TempDir::new();
+                let img = image(&dir.join("rt.img"), cache, 1 << 20);
+                let mut engine = new_engine(kind, img, 16).unwrap();
+                assert_eq!(engine.kind(), kind);
+                let mut src = vec![vec![0u8; 512], vec![0u8; 4096], vec![0u8; 1536]];
+                for (i, b) in src.iter_mut().enumerate() {
+                    fill_pattern(b, i as u8 + 1);
+                }
+                let wiov = iovecs(&mut src);
+                assert_eq!(run(&mut *engine, write_op(8192, &wiov)).unwrap(), 6144);
+                assert_eq!(run(&mut *engine, Op::Flush).unwrap(), 0);
+                // Read back with a different split.
+                let mut dst = vec![vec![0u8; 1000], vec![0u8; 5144]];
+                let riov = iovecs(&mut dst);
+                assert_eq!(run(&mut *engine, read_op(8192, &riov)).unwrap(), 6144);
+                assert!(src.concat() == dst.concat(), "{kind} {cache}");
+                assert_eq!(engine.in_flight(), 0);
+            }
+        }
+    }
+
+    #[test]
+    fn both_engines_do_direct_io_with_aligned_buffers() {
+        for kind in KINDS {
+            let dir = TempDir::new();
+            let img = image(&dir.join("direct.img"), CacheMode::None, 1 << 20);
+            let mut engine = new_engine(kind, Arc::clone(&img), 16).unwrap();
+            let mut a = AlignedBuf::new(4096);
+            let mut b = AlignedBuf::new(8192);
+            fill_pattern(a.as_mut(), 1);
+            fill_pattern(b.as_mut(), 2);
+            let wiov = [a.iovec(), b.iovec()];
+            assert_eq!(run(&mut *engine, write_op(65536, &wiov)).unwrap(), 12288);
+            let mut c = AlignedBuf::new(12288);
+            let riov = [c.iovec()];
+            assert_eq!(run(&mut *engine, read_op(65536, &riov)).unwrap(), 12288);
+            assert!(c.as_ref()[..4096] == *a.as_ref());
+            assert!(c.as_ref()[4096..] == *b.as_ref());
+            // O_DIRECT kept it out of the page cache.
+            assert_eq!(img.resident_bytes_in(65536, 12288).unwrap(), 0, "{kind}");
+            // Unaligned buffers still work, through the buffered descriptor.
+            let mut odd = vec![0u8; 4097];
+            let oiov = [libc::iovec {
+                iov_base: odd[1..].as_mut_ptr().cast(),
+                iov_len: 4096,
+            }];
+            assert_eq!(run(&mut *engine, read_op(65536, &oiov)).unwrap(), 4096);
+            assert!(odd[1..] == *a.as_ref());
+        }
+    }
+
+    #[test]
+    fn reads_past_end_of_file_complete_with_zeroes() {
+        for kind in KINDS {
+            let dir = TempDir::new();
+            let path = dir.join("short.img");
+            std::fs::write(&path, [5u8; 3000]).unwrap();
+            let img = image(&path, CacheMode::Writeback, 3000);
+            let mut engine = new_engine(kind, img, 4).unwrap();
+            let mut bufs = vec![vec![1u8; 2048], vec![1u8; 2048]];
+            let iov = iovecs(&mut bufs);
+            assert_eq!(run(&mut *engine, read_op(0, &iov)).unwrap(), 4096);
+            let all = bufs.concat();
+            assert!(all[..3000].iter().all(|&b| b == 5), "{kind}");
+            assert!(all[3000..].iter().all(|&b| b == 0), "{kind}");
+        }
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_through_the_engines() {
+        for kind in KINDS {
+            let dir = TempDir::new();
+            let path = dir.join("dz.img");
+            let img = image(&path, CacheMode::Writeback, 4 << 20);
+            let mut engine = new_engine(kind, img, 8).unwrap();
+            let mut data = vec![vec![0u8; 2 << 20]];
+            fill_pattern(&mut data[0], 4);
+            let iov = iovecs(&mut data);
+            run(&mut *engine, write_op(0, &iov)).unwrap();
+            run(&mut *engine, Op::Flush).unwrap();
+            let before = std::fs::metadata(&path).unwrap().blocks();
+            let discard = Op::Discard {
+                offset: 0,
+                len: 1 << 20,
+            };
+            assert_eq!(run(&mut *engine, discard).unwrap(), 0);
+            let after = std::fs::metadata(&path).unwrap().blocks();
+            assert!(after <= before - 2048 + 64, "{kind}: {before} -> {after}");
+            for unmap in [false, true] {
+                let wz = Op::WriteZeroes {
+                    offset: (1 << 20) + 512,
+                    len: 4096,
+                    unmap,
+                };
+                assert_eq!(run(&mut *engine, wz).unwrap(), 0);
+            }
+            let mut back = vec![vec![9u8; 2 << 20]];
+            let riov = iovecs(&mut back);
+            run(&mut *engine, read_op(0, &riov)).unwrap();
+            let back = &back[0];
+            let z = (1 << 20) + 512;
+            assert!(back[..1 << 20].iter().all(|&b| b == 0), "{kind}");
+            assert!(back[1 << 20..z] == data[0][1 << 20..z], "{kind}");
+            assert!(back[z..z + 4096].iter().all(|&b| b == 0), "{kind}");
+            assert!(back[z + 4096..] == data[0][z + 4096..], "{kind}");
+        }
+    }
+
+    #[test]
+    fn read_only_image_fails_writes_per_request_and_keeps_serving() {
+        for kind in KINDS {
+            let dir = TempDir::new();
+            let path = dir.join("ro.img");
+            std::fs::write(&path, [6u8; 8192]).unwrap();
+            let img = Arc::new(
+                Image::open(&ImageOptions {
+                    read_only: true,
+                    ..ImageOptions::new(&path)
+                })
+                .unwrap(),
+            );
+            let mut engine = new_engine(kind, img, 8).unwrap();
+            let mut w = vec![vec![1u8; 512]];
+            let wiov = iovecs(&mut w);
+            let mut r = vec![vec![0u8; 512]];
+            let riov = iovecs(&mut r);
+            // SAFETY: the buffers outlive the reap below and are not touched before it.
+            unsafe {
+                engine.submit(write_op(0, &wiov), 1).unwrap();
+                engine.submit(read_op(512, &riov), 2).unwrap();
+                engine
+                    .submit(
+                        Op::Discard {
+                            offset: 0,
+                            len: 512,
+                        },
+                        3,
+                    )
+                    .unwrap();
+            }
+            engine.commit().unwrap();
+            let mut done = reap_n(&mut *engine, 3);
+            done.sort_by_key(|c| c.user_data);
+            let errno = |c: &Completion| c.result.as_ref().unwrap_err().raw_os_error();
+            assert_eq!(errno(&done[0]), Some(libc::EBADF), "{kind}");
+            assert_eq!(done[1].result.as_ref().unwrap(), &512, "{kind}");
+            assert_eq!(errno(&done[2]), Some(libc::EBADF), "{kind}");
+            assert!(r[0].iter().all(|&b| b == 6));
+            // And the next request is served as usual.
+            assert_eq!(run(&mut *engine, read_op(0, &riov)).unwrap(), 512);
+            assert_eq!(engine.in_flight(), 0);
+        }
+    }
+
+    #[test]
+    fn null_image_completes_everything_at_once() {
+        for kind in KINDS {
+            let img = Arc::new(Image::open(&ImageOptions::new("null:1G")).unwrap());
+            let mut engine = new_engine(kind, img, 4).unwrap();
+            let mut bufs = vec![vec![7u8; 4096], vec![7u8; 512]];
+            let iov = iovecs(&mut bufs);
+            assert_eq!(run(&mut *engine, read_op(0, &iov)).unwrap(), 4608);
+            assert!(bufs.concat().iter().all(|&b| b == 7), "reads leave buffers");
+            assert_eq!(run(&mut *engine, write_op(1 << 29, &iov)).unwrap(), 4608);
+            assert_eq!(run(&mut *engine, Op::Flush).unwrap(), 0);
+            let discard = Op::Discard {
+                offset: 0,
+                len: 1 << 20,
+            };
+            assert_eq!(run(&mut *engine, discard).unwrap(), 0);
+        }
+    }
+
+    #[test]
+    fn more_requests_than_the_ring_holds_are_all_completed() {
+        let dir = TempDir::new();
+        let img = image(&dir.join("deep.img"), CacheMode::Writeback, 1 << 20);
+        let mut engine = UringEngine::new(img, 4).unwrap();
+        let n = 100;
+        let mut bufs: Vec<Vec<u8>> = (0..n).map(|i| vec![i as u8; 512]).collect();
+        let iov = iovecs(&mut bufs);
+        for (i, v) in iov.iter().enumerate() {
+            // SAFETY: `bufs` and `iov` outlive the reap below.
+            unsafe {
+                engine
+                    .submit(write_op(i as u64 * 512, std::slice::from_ref(v)), i as u64)
+                    .unwrap()
+            };
+        }
+        engine.commit().unwrap();
+        assert_eq!(engine.in_flight(), n);
+        let mut done = reap_n(&mut engine, n);
+        done.sort_by_key(|c| c.user_data);
+        for (i, c) in done.iter().enumerate() {
+            assert_eq!(c.user_data, i as u64);
+            assert_eq!(c.result.as_ref().unwrap(), &512);
+        }
+        let mut back = vec![vec![0u8; n * 512]];
+        let riov = iovecs(&mut back);
+        assert_eq!(
+            run(&mut engine, read_op(0, &riov)).unwrap(),
+            (n * 512) as u32
+        );
+        for (i, chunk) in back[0].chunks(512).enumerate() {
+            assert!(chunk.iter().all(|&b| b == i as u8));
+        }
+    }
+
+    #[test]
+    fn dropping_the_ring_waits_for_in_flight_requests() {
+        let dir = TempDir::new();
+        let img = image(&dir.join("drop.img"), CacheMode::Writeback, 1 << 20);
+        let mut engine = UringEngine::new(img, 8).unwrap();
+        let mut bufs = vec![vec![0u8; 65536]];
+        let iov = iovecs(&mut bufs);
+        // SAFETY: `bufs` outlives the engine, whose drop waits for the kernel.
+        unsafe { engine.submit(read_op(0, &iov), 1) }.unwrap();
+        engine.commit().unwrap();
+        drop(engine);
+    }
+
+    #[test]
+    fn sync_engine_signals_its_eventfd() {
+        let img = Arc::new(Image::open(&ImageOptions::new("null:1M")).unwrap());
+        let mut engine = SyncEngine::new(img, 4).unwrap();
+        // SAFETY: flush has no buffers.
+        unsafe { engine.submit(Op::Flush, 7) }.unwrap();
+        assert_eq!(engine.in_flight(), 1);
+        let done = reap_n(&mut engine, 1);
+        assert_eq!(done[0].user_data, 7);
+        assert_eq!(engine.in_flight(), 0);
+    }
+
+    #[test]
+    fn dontcache_writes_through_io_uring_leave_little_cached() {
+        let dir = TempDir::new();
+        let img = image(&dir.join("dc.img"), CacheMode::DontCache, 8 << 20);
+        if !img.dontcache_active() {
+            eprintln!("skipped: no RWF_DONTCACHE here");
+            return;
+        }
+        let mut engine = UringEngine::new(Arc::clone(&img), 8).unwrap();
+        let mut data = vec![vec![0u8; 4 << 20]];
+        fill_pattern(&mut data[0], 12);
+        let iov = iovecs(&mut data);
+        run(&mut engine, write_op(0, &iov)).unwrap();
+        img.writeback_and_evict(0, 0).unwrap();
+        assert!(img.resident_bytes().unwrap() <= 64 << 10);
+    }
+}
