@@ -1,0 +1,56 @@
+//! The workloads, by name.
+//!
+//! A workload is a function from the parameters to a JSON value; add one by
+//! writing a module and a line in [`WORKLOADS`].
+
+mod dontcache;
+mod ext4;
+mod info;
+mod interrupts;
+mod misc;
+mod parallel;
+
+use serde_json::Value;
+
+use crate::cmdline::Params;
+use crate::error::{Error, Result};
+
+/// The path of the disk under test.
+pub const DISK: &str = "/dev/vda";
+
+/// A workload's entry point.
+type Workload = fn(&Params) -> Result<Value>;
+
+/// Every workload the agent knows, by name.
+const WORKLOADS: &[(&str, Workload)] = &[
+    ("info", info::run),
+    ("queue_map", info::queue_map),
+    ("interrupts", interrupts::run),
+    ("verify", parallel::verify),
+    ("randio", parallel::randio),
+    ("dontcache", dontcache::dontcache),
+    ("buffered", dontcache::buffered),
+    ("ext4", ext4::run),
+    ("flush", misc::flush),
+    ("discard", misc::discard),
+    ("readonly", misc::readonly),
+    ("idle", misc::idle),
+];
+
+/// Runs the workload called `name`.
+pub fn run(name: &str, params: &Params) -> Result<Value> {
+    let (_, f) = WORKLOADS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .ok_or_else(|| Error::UnknownWorkload(name.to_string()))?;
+    f(params)
+}
+
+/// Megabytes (10^6 bytes) per second.
+pub fn mb_per_s(bytes: u64, secs: f64) -> f64 {
+    if secs > 0.0 {
+        (bytes as f64 / 1e6 / secs * 10.0).round() / 10.0
+    } else {
+        0.0
+    }
+}
