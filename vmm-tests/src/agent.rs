@@ -1,0 +1,159 @@
+//! The guest agent's orders (kernel command line) and results (console).
+
+use std::fmt::Write as _;
+
+use guest_agent::protocol::{self, Done, Hello, WorkloadResult};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+pub use guest_agent::pattern;
+
+/// The workloads for one boot and their parameters.
+#[derive(Debug, Clone, Default)]
+pub struct AgentPlan {
+    workloads: Vec<String>,
+    params: Vec<(String, String)>,
+}
+
+impl AgentPlan {
+    /// A plan running `workloads` in order (see the agent's docs for the
+    /// names: `info`, `verify`, `randio`, `dontcache`, `ext4`, ...).
+    pub fn new<S: AsRef<str>>(workloads: &[S]) -> Self {
+        AgentPlan {
+            workloads: workloads.iter().map(|s| s.as_ref().to_string()).collect(),
+            params: Vec::new(),
+        }
+    }
+
+    /// Sets `agent.<key>=<value>`; scope a key to a workload with
+    /// `"<workload>.<key>"`.
+    pub fn param(mut self, key: &str, value: impl ToString) -> Self {
+        self.params.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// The workloads, in order.
+    pub fn workloads(&self) -> &[String] {
+        &self.workloads
+    }
+
+    /// The words to append to the kernel command line.
+    pub fn cmdline(&self) -> String {
+        let mut s = format!("{}={}", protocol::RUN_KEY, self.workloads.join(","));
+        for (k, v) in &self.params {
+            let _ = write!(s, " {}{k}={v}", protocol::PARAM_PREFIX);
+        }
+        s
+    }
+}
+
+/// Everything the agent printed during one boot.
+#[derive(Debug, Clone)]
+pub struct AgentRun {
+    /// The start line: kernel version, vCPUs, workloads.
+    pub hello: Hello,
+    /// One result per workload run, in order.
+    pub results: Vec<WorkloadResult>,
+    /// The summary.
+    pub done: Done,
+}
+
+impl AgentRun {
+    /// Collects the agent's lines from a console transcript.
+    pub fn from_lines(lines: &[String]) -> Result<Self> {
+        let hello = lines
+            .iter()
+            .find_map(|l| protocol::parse_line::<Hello>(protocol::HELLO_PREFIX, l))
+            .ok_or_else(|| Error::Agent("no AGENT-HELLO line".into()))?;
+        let results = lines
+            .iter()
+            .filter_map(|l| protocol::parse_line::<WorkloadResult>(protocol::RESULT_PREFIX, l))
+            .collect();
+        let done = lines
+            .iter()
+            .find_map(|l| protocol::parse_line::<Done>(protocol::DONE_PREFIX, l))
+            .ok_or_else(|| Error::Agent("no AGENT-DONE line".into()))?;
+        Ok(AgentRun {
+            hello,
+            results,
+            done,
+        })
+    }
+
+    /// The first result of workload `name`.
+    pub fn result(&self, name: &str) -> Result<&WorkloadResult> {
+        self.results
+            .iter()
+            .find(|r| r.workload == name)
+            .ok_or_else(|| Error::Agent(format!("no result for workload {name}")))
+    }
+
+    /// The data of the first result of `name`, which must have succeeded.
+    pub fn ok(&self, name: &str) -> Result<&Value> {
+        let r = self.result(name)?;
+        if !r.ok {
+            return Err(Error::Agent(format!(
+                "workload {name} failed: {}",
+                r.error.as_deref().unwrap_or("?")
+            )));
+        }
+        Ok(&r.data)
+    }
+
+    /// Fails unless every workload succeeded.
+    pub fn expect_all_ok(&self) -> Result<()> {
+        if self.done.ok {
+            return Ok(());
+        }
+        let errors: Vec<String> = self
+            .results
+            .iter()
+            .filter(|r| !r.ok)
+            .map(|r| format!("{}: {}", r.workload, r.error.as_deref().unwrap_or("?")))
+            .collect();
+        Err(Error::Agent(format!(
+            "workloads failed: {}",
+            errors.join("; ")
+        )))
+    }
+
+    /// Prints the kernel and every result, for the test log.
+    pub fn print(&self) {
+        println!(
+            "guest kernel: {} {} ({} vCPUs)",
+            self.hello.kernel, self.hello.kernel_version, self.hello.cpus
+        );
+        for r in &self.results {
+            println!(
+                "agent {:<11} {} {:>6} ms {}",
+                r.workload,
+                if r.ok { "ok  " } else { "FAIL" },
+                r.elapsed_ms,
+                match &r.error {
+                    Some(e) => e.clone(),
+                    None => r.data.to_string(),
+                }
+            );
+        }
+    }
+}
+
+/// Per-queue totals from the guest's `interrupts` workload: the
+/// `virtio*-req.N` lines, in queue order.
+pub fn queue_interrupts(data: &Value) -> Vec<(String, u64)> {
+    let mut v: Vec<(String, u64)> = data["lines"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|l| {
+                    let name = l["name"].as_str()?;
+                    name.contains("-req.")
+                        .then(|| (name.to_string(), l["total"].as_u64().unwrap_or(0)))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}

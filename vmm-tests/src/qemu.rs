@@ -1,0 +1,465 @@
+//! The QEMU launcher and the accelerator probe.
+//!
+//! A guest gets `-machine q35`, guest RAM from a shared memfd (vhost-user
+//! needs to map it: without `share=on` QEMU reports "vhost start failed"
+//! and the guest hangs), one `vhost-user-blk-pci` per disk, a QMP socket,
+//! and its serial console on QEMU's stdout, captured by [`Console`].
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use guest_agent::protocol::{self, Hello};
+
+use crate::agent::{AgentPlan, AgentRun};
+use crate::console::Console;
+use crate::error::{Context, Error, Result};
+use crate::process::ChildGuard;
+use crate::qmp::Qmp;
+use crate::setup::{self, GuestAssets};
+
+/// The accelerator a guest runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualisation through `/dev/kvm`, `-cpu host`.
+    Kvm,
+    /// QEMU's emulator, `-cpu max`.
+    Tcg,
+}
+
+impl Accel {
+    /// The `-accel` value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+
+    /// The default `-cpu` model (`$VMM_TESTS_CPU` overrides it).
+    pub fn cpu(self) -> String {
+        if let Ok(c) = std::env::var("VMM_TESTS_CPU") {
+            return c;
+        }
+        match self {
+            Accel::Kvm => "host".into(),
+            Accel::Tcg => "max".into(),
+        }
+    }
+}
+
+/// The QEMU binary: `$QEMU_BIN`, else `qemu-system-x86_64`.
+pub fn qemu_bin() -> PathBuf {
+    std::env::var_os("QEMU_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"))
+}
+
+/// A vhost-user-blk disk as the VMM sees it.
+#[derive(Debug, Clone)]
+pub struct VhostUserDisk {
+    /// The backend's socket.
+    pub socket: PathBuf,
+    /// Number of queues the VMM asks for.
+    pub num_queues: u16,
+    /// Virtqueue size.
+    pub queue_size: Option<u16>,
+}
+
+impl VhostUserDisk {
+    /// A disk on `socket` with `num_queues` queues.
+    pub fn new(socket: &Path, num_queues: u16) -> Self {
+        VhostUserDisk {
+            socket: socket.to_path_buf(),
+            num_queues,
+            queue_size: None,
+        }
+    }
+}
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// vCPUs at boot.
+    pub cpus: u32,
+    /// Maximum vCPUs (for hotplug); at least `cpus`.
+    pub max_cpus: u32,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// The disks.
+    pub disks: Vec<VhostUserDisk>,
+    /// What the guest agent runs.
+    pub plan: AgentPlan,
+    /// More kernel command line words.
+    pub cmdline_extra: String,
+    /// How long the guest may take to start its agent.
+    pub boot_timeout: Duration,
+    /// How long the workloads may take, after the agent started.
+    pub run_timeout: Duration,
+    /// Force an accelerator instead of [`accel`]'s choice.
+    pub accel: Option<Accel>,
+}
+
+impl VmConfig {
+    /// A guest with `cpus` vCPUs and 512 MiB running `plan`, no disks yet.
+    pub fn new(cpus: u32, plan: AgentPlan) -> Self {
+        VmConfig {
+            cpus,
+            max_cpus: cpus,
+            memory_mib: 512,
+            disks: Vec::new(),
+            plan,
+            cmdline_extra: String::new(),
+            boot_timeout: env_secs("VMM_TESTS_BOOT_TIMEOUT", 120),
+            run_timeout: env_secs("VMM_TESTS_RUN_TIMEOUT", 600),
+            accel: None,
+        }
+    }
+
+    /// Adds a disk.
+    pub fn disk(mut self, disk: VhostUserDisk) -> Self {
+        self.disks.push(disk);
+        self
+    }
+
+    /// The kernel command line.
+    pub fn cmdline(&self) -> String {
+        let mut s = String::from("console=ttyS0 panic=-1 quiet");
+        s.push(' ');
+        s.push_str(&self.plan.cmdline());
+        if !self.cmdline_extra.is_empty() {
+            s.push(' ');
+            s.push_str(&self.cmdline_extra);
+        }
+        s
+    }
+}
+
+/// A duration in seconds from the environment, with a default.
+pub fn env_secs(var: &str, default: u64) -> Duration {
+    Duration::from_secs(
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default),
+    )
+}
+
+/// A running QEMU, killed when dropped.
+pub struct Qemu {
+    child: ChildGuard,
+    console: Console,
+    qmp_path: PathBuf,
+    qmp: Option<Qmp>,
+    accel: Accel,
+    cfg: VmConfig,
+    started: Instant,
+}
+
+/// The QEMU command line for `cfg`.
+pub fn command(cfg: &VmConfig, assets: &GuestAssets, accel: Accel, qmp: &Path) -> Command {
+    let mut c = Command::new(qemu_bin());
+    let mem = cfg.memory_mib;
+    c.args([
+        "-machine",
+        "q35",
+        "-accel",
+        accel.name(),
+        "-cpu",
+        &accel.cpu(),
+    ])
+    .args([
+        "-smp",
+        &format!("{},maxcpus={}", cfg.cpus, cfg.max_cpus.max(cfg.cpus)),
+    ])
+    .args(["-m", &format!("{mem}M")])
+    .args([
+        "-object",
+        &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+    ])
+    .args(["-numa", "node,memdev=mem"])
+    .arg("-kernel")
+    .arg(&assets.kernel)
+    .arg("-initrd")
+    .arg(&assets.initramfs)
+    .args(["-append", &cfg.cmdline()])
+    .args(["-nographic", "-no-reboot", "-net", "none"])
+    .args([
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", qmp.display()),
+    ]);
+    for (i, d) in cfg.disks.iter().enumerate() {
+        c.args([
+            "-chardev",
+            &format!("socket,id=vub{i},path={}", d.socket.display()),
+        ]);
+        let mut dev = format!(
+            "vhost-user-blk-pci,id=blk{i},chardev=vub{i},num-queues={}",
+            d.num_queues
+        );
+        if let Some(q) = d.queue_size {
+            dev.push_str(&format!(",queue-size={q}"));
+        }
+        c.args(["-device", &dev]);
+    }
+    c
+}
+
+impl Qemu {
+    /// Starts QEMU in `dir` (console log `dir/<name>.console.log`, QMP
+    /// socket `dir/<name>.qmp`) with the accelerator from [`accel`].
+    pub fn start(cfg: &VmConfig, assets: &GuestAssets, dir: &Path, name: &str) -> Result<Self> {
+        let accel = match cfg.accel {
+            Some(a) => a,
+            None => accel(assets)?,
+        };
+        Self::start_with(cfg, assets, dir, name, accel)
+    }
+
+    fn start_with(
+        cfg: &VmConfig,
+        assets: &GuestAssets,
+        dir: &Path,
+        name: &str,
+        accel: Accel,
+    ) -> Result<Self> {
+        let qmp_path = dir.join(format!("{name}.qmp"));
+        let _ = std::fs::remove_file(&qmp_path);
+        let mut console = Console::new(&dir.join(format!("{name}.console.log")))?;
+        let mut cmd = command(cfg, assets, accel, &qmp_path);
+        console.note(&format!("accel {}: {cmd:?}", accel.name()));
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = ChildGuard::spawn("qemu", &mut cmd)?;
+        if let Some(c) = child.child_mut() {
+            if let Some(out) = c.stdout.take() {
+                console.attach(out, "");
+            }
+            if let Some(err) = c.stderr.take() {
+                console.attach(err, "qemu: ");
+            }
+        }
+        Ok(Qemu {
+            child,
+            console,
+            qmp_path,
+            qmp: None,
+            accel,
+            cfg: cfg.clone(),
+            started: Instant::now(),
+        })
+    }
+
+    /// The accelerator in use.
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    /// The console capture.
+    pub fn console(&self) -> &Console {
+        &self.console
+    }
+
+    /// The QMP connection (connected on first use).
+    pub fn qmp(&mut self) -> Result<&mut Qmp> {
+        if self.qmp.is_none() {
+            self.qmp = Some(Qmp::connect(&self.qmp_path, Duration::from_secs(10))?);
+        }
+        self.qmp
+            .as_mut()
+            .ok_or_else(|| Error::Qmp("not connected".into()))
+    }
+
+    /// Prints the last `n` console lines to stderr (for failures).
+    pub fn dump_tail(&self, n: usize) {
+        let lines = self.console.lines();
+        eprintln!(
+            "--- last {} console lines of {} ---",
+            n.min(lines.len()),
+            self.console.path().display()
+        );
+        for l in &lines[lines.len().saturating_sub(n)..] {
+            eprintln!("{l}");
+        }
+        eprintln!("---");
+    }
+
+    fn fail<T>(&self, e: Error) -> Result<T> {
+        self.dump_tail(40);
+        Err(e)
+    }
+
+    /// Waits for the agent's start line. A guest that does not get there
+    /// is an error ([`Error::NoGuest`]): VM tests fail, they never skip.
+    pub fn wait_hello(&self) -> Result<Hello> {
+        match self
+            .console
+            .wait_for(0, self.cfg.boot_timeout, "the guest agent to start", |l| {
+                l.contains(protocol::HELLO_PREFIX)
+            }) {
+            Ok((_, line)) => protocol::parse_line(protocol::HELLO_PREFIX, &line)
+                .ok_or_else(|| Error::Agent(format!("bad hello line: {line}"))),
+            Err(e) => self.fail(Error::NoGuest(format!(
+                "{} guest: {e} (after {:.1}s)",
+                self.accel.name(),
+                self.started.elapsed().as_secs_f64()
+            ))),
+        }
+    }
+
+    /// Waits for an `AGENT-READY` line from `workload`.
+    pub fn wait_ready(&self, workload: &str) -> Result<()> {
+        let tag = format!("\"workload\":\"{workload}\"");
+        match self.console.wait_for(
+            0,
+            self.cfg.boot_timeout + self.cfg.run_timeout,
+            "AGENT-READY",
+            |l| l.contains(protocol::READY_PREFIX) && l.contains(&tag),
+        ) {
+            Ok(_) => Ok(()),
+            Err(e) => self.fail(e),
+        }
+    }
+
+    /// Waits for the agent to finish and QEMU to exit (the agent powers the
+    /// guest off); returns and prints the agent's results.
+    pub fn wait_done(&mut self) -> Result<AgentRun> {
+        let hello = self.wait_hello()?;
+        println!(
+            "guest booted: kernel {} ({} vCPUs, {}) in {:.1}s",
+            hello.kernel,
+            hello.cpus,
+            self.accel.name(),
+            self.started.elapsed().as_secs_f64()
+        );
+        if let Err(e) =
+            self.console
+                .wait_for(0, self.cfg.run_timeout, "the guest agent to finish", |l| {
+                    l.contains(protocol::DONE_PREFIX)
+                })
+        {
+            let partial = AgentRun::from_lines(&self.console.lines());
+            if let Ok(r) = partial {
+                r.print();
+            }
+            return self.fail(e);
+        }
+        if self.child.wait_timeout(Duration::from_secs(30))?.is_none() {
+            self.console.note("guest did not power off; killing QEMU");
+            let _ = self.child.kill();
+        }
+        self.console.wait_closed(Duration::from_secs(5));
+        let run = AgentRun::from_lines(&self.console.lines())?;
+        run.print();
+        println!(
+            "VM finished in {:.1}s (console log {})",
+            self.started.elapsed().as_secs_f64(),
+            self.console.path().display()
+        );
+        Ok(run)
+    }
+
+    /// Kills QEMU.
+    pub fn kill(&mut self) -> Result<()> {
+        self.child.kill().map(|_| ())
+    }
+
+    /// Whether QEMU is still running.
+    pub fn running(&mut self) -> Result<bool> {
+        Ok(self.child.try_wait()?.is_none())
+    }
+}
+
+static ACCEL: OnceLock<Accel> = OnceLock::new();
+
+/// The accelerator to use: `$VMM_TESTS_ACCEL` (`kvm` or `tcg`) if set;
+/// otherwise KVM if a short probe boot gets the guest agent running
+/// (cached per host boot under the cache directory), else TCG.
+///
+/// The probe exists because `/dev/kvm` can be present and still unable to
+/// boot a stock kernel (a PVM module: `-cpu host` aborts on an MSR, or the
+/// decompressor dies with "KVM internal error" and QEMU stays paused).
+pub fn accel(assets: &GuestAssets) -> Result<Accel> {
+    if let Some(a) = ACCEL.get() {
+        return Ok(*a);
+    }
+    let a = match std::env::var("VMM_TESTS_ACCEL").as_deref() {
+        Ok("kvm") => Accel::Kvm,
+        Ok("tcg") => Accel::Tcg,
+        Ok(other) if !other.is_empty() => {
+            return Err(Error::NoGuest(format!(
+                "VMM_TESTS_ACCEL={other}: use kvm or tcg"
+            )))
+        }
+        _ => probe_cached(assets)?,
+    };
+    Ok(*ACCEL.get_or_init(|| a))
+}
+
+fn probe_cached(assets: &GuestAssets) -> Result<Accel> {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        println!("accel: /dev/kvm not usable, using TCG");
+        return Ok(Accel::Tcg);
+    }
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let key = format!(
+        "{} {} {}",
+        boot_id.trim(),
+        assets.kernel_release,
+        qemu_bin().display()
+    );
+    let cache = setup::cache_dir().join("accel-probe");
+    let _lock = setup::FileLock::acquire(&setup::cache_dir().join("accel-probe.lock"))?;
+    if let Ok(s) = std::fs::read_to_string(&cache) {
+        if let Some(v) = s.strip_prefix(&key).map(str::trim) {
+            let a = if v == "kvm" { Accel::Kvm } else { Accel::Tcg };
+            println!("accel: {} (probed earlier in this host boot)", a.name());
+            return Ok(a);
+        }
+    }
+    let a = probe_kvm(assets)?;
+    std::fs::write(&cache, format!("{key} {}\n", a.name()))
+        .ctx(|| format!("write {}", cache.display()))?;
+    Ok(a)
+}
+
+/// Boots the guest once under KVM without disks and waits (at most 20 s)
+/// for the agent's start line.
+pub fn probe_kvm(assets: &GuestAssets) -> Result<Accel> {
+    let dir = setup::work_root().join(format!("kvm-probe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).ctx(|| format!("mkdir {}", dir.display()))?;
+    let mut cfg = VmConfig::new(1, AgentPlan::new::<&str>(&[]));
+    cfg.memory_mib = 256;
+    cfg.boot_timeout = Duration::from_secs(20);
+    let start = Instant::now();
+    let verdict = {
+        let q = Qemu::start_with(&cfg, assets, &dir, "probe", Accel::Kvm)?;
+        q.console
+            .wait_for(0, cfg.boot_timeout, "the KVM probe", |l| {
+                l.contains(protocol::HELLO_PREFIX)
+                    || l.contains("KVM internal error")
+                    || l.contains("qemu: ") && (l.contains("error") || l.contains("failed"))
+            })
+    };
+    let a = match verdict {
+        Ok((_, l)) if l.contains(protocol::HELLO_PREFIX) => Accel::Kvm,
+        Ok((_, l)) => {
+            println!("accel: KVM probe failed ({l}), using TCG");
+            Accel::Tcg
+        }
+        Err(e) => {
+            println!("accel: KVM probe failed ({e}), using TCG");
+            Accel::Tcg
+        }
+    };
+    println!("accel: probe took {:.1}s", start.elapsed().as_secs_f64());
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(a)
+}
