@@ -102,6 +102,16 @@ pub struct BackendArgs {
     #[arg(long, default_value_t = 512, value_parser = parse_block_size)]
     pub logical_block_size: u32,
 
+    /// How long the deferred worker lets slow completions (dontcache writes, flushes, errors)
+    /// accumulate before completing them as one batch, in microseconds; 0 completes at once.
+    #[arg(long, default_value_t = 1000, value_name = "US")]
+    pub defer_delay_us: u64,
+
+    /// With --cache writeback: once this many bytes were written since the last eviction, a
+    /// completion writes them back and drops them from the host page cache (bytes, or K/M/G/T).
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    pub page_cache_budget: Option<u64>,
+
     /// Serve line-delimited JSON commands (`stats`) on this unix socket.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,

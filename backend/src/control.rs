@@ -28,6 +28,9 @@ pub struct DeviceInfo {
     pub engine: String,
     /// Read-only.
     pub read_only: bool,
+    /// How `dontcache` writes leave the host page cache (`rwf-dontcache`,
+    /// `sync-file-range+fadvise`, or the mode's own path).
+    pub eviction_path: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -89,7 +92,20 @@ pub fn answer(line: &str, stats: &DeviceStats, info: &DeviceInfo) -> serde_json:
         Err(e) => return json!({ "error": format!("bad request: {e}") }),
     };
     match cmd.as_str() {
-        "stats" => json!({ "device": info, "queues": stats.snapshot() }),
+        "stats" => {
+            let deferred = stats.deferred_snapshot();
+            let queues: Vec<serde_json::Value> = stats
+                .snapshot()
+                .into_iter()
+                .map(|q| {
+                    let d = deferred.get(q.index).cloned().flatten();
+                    let mut v = json!(q);
+                    v["deferred_worker"] = json!(d);
+                    v
+                })
+                .collect();
+            json!({ "device": info, "queues": queues })
+        }
         other => json!({ "error": format!("unknown command '{other}'") }),
     }
 }
@@ -126,6 +142,7 @@ mod tests {
             cache: "none".into(),
             engine: "io-uring".into(),
             read_only: false,
+            eviction_path: "o-direct".into(),
         }
     }
 

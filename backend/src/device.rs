@@ -20,9 +20,11 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use crate::deferred_path::DeferredPath;
 use crate::queue_thread::{GuestMemAtomic, QueueThread, Vring};
 use crate::stats::DeviceStats;
 use crate::{Error, Result};
+use completion::DeferredCompletions;
 
 /// Largest single data segment we accept (and advertise as `size_max`).
 pub const SIZE_MAX: u32 = 1 << 20;
@@ -46,6 +48,10 @@ pub struct DeviceSettings {
     pub serial: [u8; DEVICE_ID_LEN],
     /// Which I/O engine each queue thread gets.
     pub engine: EngineKind,
+    /// How long the deferred worker lets completions accumulate (0: at once).
+    pub defer_delay: Duration,
+    /// Under `writeback`: bytes written after which a completion evicts what was written.
+    pub page_cache_budget: Option<u64>,
 }
 
 /// State every queue thread of a device reads.
@@ -64,6 +70,8 @@ pub struct DeviceShared {
     pub event_idx: AtomicBool,
     /// Guest memory, updated by `vhost-user-backend` on every memory-table change.
     pub mem: GuestMemAtomic,
+    /// Under `writeback`: bytes written after which a completion evicts what was written.
+    pub page_cache_budget: Option<u64>,
 }
 
 /// A virtio-blk device for one vhost-user connection.
@@ -134,6 +142,7 @@ impl BlkDevice {
             writeback: AtomicBool::new(true),
             event_idx: AtomicBool::new(false),
             mem,
+            page_cache_budget: settings.page_cache_budget,
         });
 
         let queue_masks: Vec<u64> = (0..num_queues).map(|q| 1u64 << q).collect();
@@ -143,11 +152,25 @@ impl BlkDevice {
             let depth = u32::from(settings.queue_size) * queues.len() as u32;
             let engine = disk::new_engine(settings.engine, image.clone(), depth)
                 .map_err(|source| Error::Engine { source })?;
+            let deferred_path = Arc::new(DeferredPath::new(shared.clone(), &queues));
+            let deferred = Arc::new(
+                DeferredCompletions::new(
+                    completion::Config {
+                        delay: settings.defer_delay,
+                        name: format!("deferred-q{}", queues[0]),
+                        ..completion::Config::default()
+                    },
+                    deferred_path.clone(),
+                )
+                .map_err(|source| Error::Deferred { source })?,
+            );
             threads.push(Mutex::new(QueueThread::new(
                 engine,
                 &queues,
                 usize::from(settings.queue_size),
                 shared.clone(),
+                deferred,
+                deferred_path,
             )));
         }
 
@@ -170,6 +193,18 @@ impl BlkDevice {
     /// The engine completion eventfd of worker thread `thread`, to register with its epoll loop.
     pub fn completion_fd(&self, thread: usize) -> Option<RawFd> {
         self.threads.get(thread).map(|t| lock(t).completion_fd())
+    }
+
+    /// Make this connection's deferred workers the ones that `stats` and the unplug path see.
+    /// Called once the frontend is accepted, so that between connections the last one's figures
+    /// stay readable.
+    pub fn publish_deferred_workers(&self) {
+        for (thread, mask) in self.threads.iter().zip(&self.queue_masks) {
+            let deferred = lock(thread).deferred().clone();
+            for q in (0..64).filter(|q| mask & (1u64 << q) != 0) {
+                self.shared.stats.set_deferred(q, deferred.clone());
+            }
+        }
     }
 
     /// Number of worker threads.
@@ -287,8 +322,12 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
-        // GET_VRING_BASE: the ring is no longer ready, so nothing new is popped; wait for what
-        // is in flight so that the frontend gets every used entry before it takes the ring back.
+        // GET_VRING_BASE: the ring is no longer ready, so nothing new is popped; complete what the
+        // deferred worker holds now rather than after its delay, and wait for what is in flight,
+        // so that the frontend gets every used entry before it takes the ring back.
+        if let Some(deferred) = self.shared.stats.deferred(queue_index as usize) {
+            deferred.drain();
+        }
         if !self.wait_idle(Some(queue_index as usize), Duration::from_secs(30)) {
             warn!("queue {queue_index}: requests still in flight after 30 s at GET_VRING_BASE");
         }

@@ -7,6 +7,7 @@
 
 pub mod args;
 pub mod control;
+pub mod deferred_path;
 pub mod device;
 pub mod queue_thread;
 pub mod server;
@@ -30,6 +31,13 @@ pub enum Error {
         /// The disk crate's error.
         #[source]
         source: disk::Error,
+    },
+    /// A deferred completion worker could not be started.
+    #[error("starting the deferred completion worker: {source}")]
+    Deferred {
+        /// The completion crate's error.
+        #[source]
+        source: completion::Error,
     },
     /// The vhost-user socket could not be set up.
     #[error("vhost-user socket {path}: {source}")]

@@ -6,13 +6,18 @@
 //! virtqueues a table of request slots indexed by descriptor head, preallocated at connection time
 //! so that no request allocates. A kick pops every available chain, parses it into a validated
 //! [`Request`], and submits its data as iovecs that point straight into guest memory. The engine's
-//! completion eventfd is registered in the same epoll loop; a completion writes the status byte,
-//! adds the used entry, and the guest is signalled once per pass (EVENT_IDX honoured).
+//! completion eventfd is registered in the same epoll loop; a plain completion writes the status
+//! byte, adds the used entry, and the guest is signalled once per pass (EVENT_IDX honoured). A
+//! completion that must sleep — a `dontcache` write waiting for eviction, a flush, a writethrough
+//! write, an I/O error to report, the page-cache budget exceeded — leaves for the deferred path
+//! (`deferred_path.rs`) instead, as the seed's `BIO_COMPLETE_IN_TASK` and
+//! `bio_complete_in_task()` do.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use disk::{Completion, Engine, Op};
+use completion::DeferredCompletions;
+use disk::{CacheMode, Completion, Engine, Op};
 use log::{debug, error, warn};
 use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_blk::{
@@ -24,6 +29,7 @@ use vm_memory::{
     GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
 };
 
+use crate::deferred_path::{defer_at_submission, DeferredPath};
 use crate::device::DeviceShared;
 use crate::stats::QueueStats;
 
@@ -51,6 +57,10 @@ struct Slot {
     request_type: RequestType,
     status_addr: GuestAddress,
     data_len: u32,
+    /// Byte offset of the request on the image.
+    offset: u64,
+    /// Completes on the deferred path whatever its outcome (the static form).
+    defer: bool,
     /// Preallocated to the most iovecs a request may need; never grows while in flight.
     iovecs: IoVecs,
     /// Keeps the guest memory that `iovecs` point into mapped until completion.
@@ -76,11 +86,54 @@ enum Started {
     Ignored,
 }
 
-/// The state of one fast-path worker thread: its engine and its queues.
+/// A request whose engine work is over, on its way to the guest: completed at once on the fast
+/// path, or carried through the deferred path's batch.
+pub struct Done {
+    /// The queue's index within its thread.
+    pub local: usize,
+    /// Descriptor head, the used entry's id.
+    pub head: u16,
+    /// What the request was.
+    pub request_type: RequestType,
+    /// Status to write.
+    pub status: u8,
+    /// Where the status byte goes.
+    pub status_addr: GuestAddress,
+    /// Data bytes transferred.
+    pub data_len: u32,
+    /// Byte offset on the image.
+    pub offset: u64,
+    /// `(start, end)` to write back and drop from the host page cache before completing.
+    pub evict: Option<(u64, u64)>,
+    /// Must be durable (`fdatasync`) before completing.
+    pub sync: bool,
+    /// Keeps the guest memory of the status byte mapped.
+    pub mem: Arc<GuestMem>,
+}
+
+/// Bytes written under `writeback` since the last eviction, for `--page-cache-budget`.
+#[derive(Default)]
+struct Budget {
+    written: u64,
+    start: u64,
+    end: u64,
+}
+
+/// The state of one fast-path worker thread: its engine, its queues and its deferred worker.
 pub struct QueueThread {
     engine: Box<dyn Engine>,
     queues: Vec<QueueContext>,
     shared: Arc<DeviceShared>,
+    deferred: Arc<DeferredCompletions<Done>>,
+    deferred_path: Arc<DeferredPath>,
+    budget: Budget,
+}
+
+impl Drop for QueueThread {
+    fn drop(&mut self) {
+        // Complete whatever is still batched, then stop the worker thread.
+        self.deferred.shutdown();
+    }
 }
 
 impl QueueThread {
@@ -91,6 +144,8 @@ impl QueueThread {
         queue_indices: &[usize],
         queue_size: usize,
         shared: Arc<DeviceShared>,
+        deferred: Arc<DeferredCompletions<Done>>,
+        deferred_path: Arc<DeferredPath>,
     ) -> Self {
         // A data segment crosses at most one guest memory region boundary in practice; allow
         // twice the segment limit and reject a request that would need more.
@@ -106,6 +161,8 @@ impl QueueThread {
                         request_type: RequestType::Flush,
                         status_addr: GuestAddress(0),
                         data_len: 0,
+                        offset: 0,
+                        defer: false,
                         iovecs: IoVecs(Vec::with_capacity(iovec_capacity)),
                         mem: None,
                     })
@@ -118,7 +175,15 @@ impl QueueThread {
             engine,
             queues,
             shared,
+            deferred,
+            deferred_path,
+            budget: Budget::default(),
         }
+    }
+
+    /// The thread's deferred completions, for stats and for the unplug path.
+    pub fn deferred(&self) -> &Arc<DeferredCompletions<Done>> {
+        &self.deferred
     }
 
     /// The engine's completion eventfd, to register in this thread's epoll loop.
@@ -135,6 +200,7 @@ impl QueueThread {
             );
             return;
         };
+        self.deferred_path.set_vrings(vrings);
         let mem = self.shared.mem.memory().into_inner();
         let event_idx = self.shared.event_idx.load(Ordering::Relaxed);
         loop {
@@ -199,11 +265,19 @@ impl QueueThread {
 
     /// The engine's completion eventfd fired: complete what finished and signal the guest.
     pub fn reap(&mut self, vrings: &[Vring]) {
+        self.deferred_path.set_vrings(vrings);
         let Self {
             engine,
             queues,
             shared,
+            deferred,
+            budget,
+            ..
         } = self;
+        let budget_limit = match shared.image.cache_mode() {
+            CacheMode::Writeback => shared.page_cache_budget,
+            _ => None,
+        };
         let mut on_completion = |c: Completion| {
             let local = (c.user_data >> 16) as usize;
             let head = (c.user_data & 0xffff) as u16;
@@ -222,17 +296,14 @@ impl QueueThread {
             match c.result {
                 Ok(n) if is_complete_transfer(slot, n) => {}
                 Ok(n) => {
-                    warn!(
+                    debug!(
                         "queue {}: short transfer on head {head}: {n} of {} bytes",
                         queue.index, slot.data_len
                     );
                     slot.status = STATUS_IOERR;
                 }
                 Err(e) => {
-                    warn!(
-                        "queue {}: {:?} request (head {head}) failed: {e}",
-                        queue.index, slot.request_type
-                    );
+                    debug!("queue {}: head {head}: {e}", queue.index);
                     slot.status = STATUS_IOERR;
                 }
             }
@@ -240,14 +311,57 @@ impl QueueThread {
             if slot.pending > 0 {
                 return;
             }
+            let Some(mem) = slot.mem.take() else {
+                error!(
+                    "queue {}: head {head} completed without its memory",
+                    queue.index
+                );
+                return;
+            };
+            let is_write = slot.request_type == RequestType::Out;
+            let end = slot.offset + u64::from(slot.data_len);
+            let dontcache = shared.image.cache_mode() == CacheMode::DontCache;
+            let mut done = Done {
+                local,
+                head,
+                request_type: slot.request_type,
+                status: slot.status,
+                status_addr: slot.status_addr,
+                data_len: slot.data_len,
+                offset: slot.offset,
+                evict: (is_write && dontcache).then_some((slot.offset, end)),
+                sync: is_write && !shared.writeback.load(Ordering::Relaxed),
+                mem,
+            };
             let stats = shared.stats.queue(queue.index);
-            let used_len = finish(shared, slot, stats);
-            QueueStats::sub(&stats.in_flight, 1);
-            if let Some(vring) = vrings.get(local) {
-                if let Err(e) = vring.add_used(head, used_len) {
-                    error!("queue {}: add_used({head}): {e:?}", queue.index);
+            if slot.defer {
+                // The static form: marked at submission.
+                deferred.push(done);
+                QueueStats::add(&stats.deferred, 1);
+                return;
+            }
+            // The dynamic form: this completion decides late whether it needs the worker.
+            if let (Some(limit), true) = (budget_limit, is_write && done.status == STATUS_OK) {
+                budget.written += u64::from(done.data_len);
+                budget.start = if budget.end == 0 {
+                    done.offset
+                } else {
+                    budget.start.min(done.offset)
+                };
+                budget.end = budget.end.max(end);
+                if budget.written > limit {
+                    done.evict = Some((budget.start, budget.end));
+                    *budget = Budget::default();
                 }
-                queue.needs_signal = true;
+            }
+            match deferred.complete_in_task(done, |d| d.status != STATUS_OK || d.evict.is_some()) {
+                None => QueueStats::add(&stats.deferred, 1),
+                Some(done) => {
+                    if let Some(vring) = vrings.get(local) {
+                        complete(shared, queue.index, &done, vring);
+                        queue.needs_signal = true;
+                    }
+                }
             }
         };
         if let Err(e) = engine.reap(&mut on_completion) {
@@ -336,6 +450,12 @@ impl QueueThread {
         slot.data_len = request.data_len;
         slot.iovecs.0.clear();
         let offset = request.sector << SECTOR_SHIFT;
+        slot.offset = offset;
+        slot.defer = defer_at_submission(
+            request.request_type,
+            shared.image.cache_mode() == CacheMode::DontCache,
+            shared.writeback.load(Ordering::Relaxed),
+        );
         let user_data = ((local as u64) << 16) | u64::from(head);
 
         let ops = match request.request_type {
@@ -360,7 +480,24 @@ impl QueueThread {
                     })
                 }
             }
-            RequestType::Flush => OpList::One(Op::Flush),
+            RequestType::Flush => {
+                // fdatasync sleeps: straight to the deferred worker, which syncs once per batch.
+                self.deferred.push(Done {
+                    local,
+                    head,
+                    request_type: RequestType::Flush,
+                    status: STATUS_OK,
+                    status_addr: request.status_addr,
+                    data_len: 0,
+                    offset: 0,
+                    evict: None,
+                    sync: true,
+                    mem: Arc::clone(mem),
+                });
+                QueueStats::add(&stats.deferred, 1);
+                QueueStats::add(&stats.in_flight, 1);
+                return Started::InFlight;
+            }
             RequestType::Discard | RequestType::WriteZeroes => OpList::Ranges,
             RequestType::GetId => {
                 return match write_device_id(&**mem, &queue.bufs.data, &shared.serial) {
@@ -475,46 +612,46 @@ fn complete_now(
     Started::Done(used_len)
 }
 
-/// Finish a request whose engine work is done: durability for writethrough, status, counters.
-/// Returns the used length: bytes written into device-writable buffers, status byte included.
-fn finish(shared: &DeviceShared, slot: &mut Slot, stats: &QueueStats) -> u32 {
-    if slot.status == STATUS_OK
-        && slot.request_type == RequestType::Out
-        && !shared.writeback.load(Ordering::Relaxed)
-    {
-        // The guest turned the write cache off: a write completes only once it is durable.
-        if let Err(e) = shared.image.flush() {
-            warn!("writethrough flush after a write: {e}");
-            slot.status = STATUS_IOERR;
-        }
+/// Complete a request whose engine work (and any deferred work) is over: write its status, add
+/// its used entry, count it. Signalling is the caller's, once per pass or batch. The used length
+/// is the bytes written into device-writable buffers, status byte included.
+pub fn complete(shared: &DeviceShared, index: usize, done: &Done, vring: &Vring) {
+    if let Err(e) = write_status(&*done.mem, done.status_addr, done.status) {
+        error!(
+            "queue {index}: writing status at {:#x}: {e}",
+            done.status_addr.0
+        );
     }
-    let mem = slot.mem.take();
-    if let Some(mem) = &mem {
-        if let Err(e) = write_status(&**mem, slot.status_addr, slot.status) {
-            error!("writing status at {:#x}: {e}", slot.status_addr.0);
-        }
-    }
-    count(stats, slot, slot.status);
-    if slot.status == STATUS_OK && slot.request_type == RequestType::In {
-        slot.data_len + 1
+    let used_len = if done.status == STATUS_OK && done.request_type == RequestType::In {
+        done.data_len + 1
     } else {
         1
+    };
+    if let Err(e) = vring.add_used(done.head, used_len) {
+        error!("queue {index}: add_used({}): {e:?}", done.head);
     }
+    let stats = shared.stats.queue(index);
+    count_done(stats, done.request_type, done.data_len, done.status);
+    QueueStats::sub(&stats.in_flight, 1);
 }
 
 fn count(stats: &QueueStats, slot: &Slot, status: u8) {
+    count_done(stats, slot.request_type, slot.data_len, status);
+}
+
+fn count_done(stats: &QueueStats, request_type: RequestType, data_len: u32, status: u8) {
     QueueStats::add(&stats.requests, 1);
     if status != STATUS_OK {
         QueueStats::add(&stats.errors, 1);
         return;
     }
-    let counter = match slot.request_type {
+    let counter = match request_type {
         RequestType::In => {
-            QueueStats::add(&stats.bytes_read, u64::from(slot.data_len));
+            QueueStats::add(&stats.bytes_read, u64::from(data_len));
             &stats.reads
         }
         RequestType::Out => {
-            QueueStats::add(&stats.bytes_written, u64::from(slot.data_len));
+            QueueStats::add(&stats.bytes_written, u64::from(data_len));
             &stats.writes
         }
         RequestType::Flush => &stats.flushes,
@@ -527,7 +664,7 @@ fn count(stats: &QueueStats, slot: &Slot, status: u8) {
 }
 
 /// Signal the guest for a queue if it asked to be (EVENT_IDX or the NO_INTERRUPT flag).
-fn signal_if_needed(state: &mut VringState<GuestMemAtomic>, index: usize) -> bool {
+pub fn signal_if_needed(state: &mut VringState<GuestMemAtomic>, index: usize) -> bool {
     let needed = match state.needs_notification() {
         Ok(needed) => needed,
         Err(e) => {

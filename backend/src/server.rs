@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use disk::{Image, ImageOptions};
+use disk::{CacheMode, Image, ImageOptions};
 use log::{error, info, warn};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
@@ -62,17 +62,24 @@ pub fn run(args: &BackendArgs) -> Result<()> {
         logical_block_size: args.logical_block_size,
         serial,
         engine: args.io_engine,
+        defer_delay: Duration::from_micros(args.defer_delay_us),
+        page_cache_budget: args.page_cache_budget,
     };
     info!(
-        "image {} ({} bytes{}), cache {}, engine {}, {} queue(s) of {}",
+        "image {} ({} bytes{}), cache {} (eviction path {}), engine {}, {} queue(s) of {}, deferred completion delay {} us",
         image.path().display(),
         image.capacity(),
         if args.read_only { ", read-only" } else { "" },
         args.cache,
+        image.eviction_path(),
         args.io_engine,
         args.num_queues,
         args.queue_size,
+        args.defer_delay_us,
     );
+    if args.page_cache_budget.is_some() && args.cache != CacheMode::Writeback {
+        warn!("--page-cache-budget applies to --cache writeback only; ignored");
+    }
     let stats = Arc::new(DeviceStats::new(usize::from(args.num_queues)));
     if let Some(path) = &args.control {
         control::spawn(
@@ -84,6 +91,7 @@ pub fn run(args: &BackendArgs) -> Result<()> {
                 cache: args.cache.to_string(),
                 engine: args.io_engine.to_string(),
                 read_only: args.read_only,
+                eviction_path: image.eviction_path().to_string(),
             },
         )?;
     }
@@ -134,6 +142,7 @@ fn serve_one(
         .start(listener)
         .map_err(|e| Error::Daemon(format!("accepting a frontend: {e}")))?;
     info!("frontend connected");
+    device.publish_deferred_workers();
     {
         let mut state = lock(lifecycle);
         state.connected = true;

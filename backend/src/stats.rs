@@ -3,11 +3,16 @@
 //! Every counter is a relaxed atomic owned by exactly one writer (the queue thread that serves the
 //! queue), so the fast path pays an uncontended add and never takes a lock. The counters outlive a
 //! connection: a VMM that reconnects keeps adding to the same totals, which is what an operator
-//! reading `stats` after a VM reboot expects.
+//! reading `stats` after a VM reboot expects. Beside them sit the handles of each queue's
+//! deferred worker of the current connection, for its batch statistics and for the unplug path.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
+use completion::DeferredCompletions;
 use serde::Serialize;
+
+use crate::queue_thread::Done;
 
 /// Counters of one virtqueue.
 #[derive(Debug, Default)]
@@ -29,6 +34,8 @@ pub struct QueueStats {
     pub get_ids: AtomicU64,
     /// Requests completed with a status other than `OK` (malformed, unsupported, I/O errors).
     pub errors: AtomicU64,
+    /// Completions that went through the deferred worker.
+    pub deferred: AtomicU64,
     /// Chains returned without a status because they had no usable status byte.
     pub dropped: AtomicU64,
     /// Bytes read from the image for the guest.
@@ -68,6 +75,7 @@ impl QueueStats {
             get_ids: get(&self.get_ids),
             errors: get(&self.errors),
             dropped: get(&self.dropped),
+            deferred: get(&self.deferred),
             bytes_read: get(&self.bytes_read),
             bytes_written: get(&self.bytes_written),
             in_flight: get(&self.in_flight),
@@ -99,6 +107,8 @@ pub struct QueueStatsSnapshot {
     pub errors: u64,
     /// Chains returned without a status byte.
     pub dropped: u64,
+    /// Completions that went through the deferred worker.
+    pub deferred: u64,
     /// Bytes read for the guest.
     pub bytes_read: u64,
     /// Bytes written for the guest.
@@ -109,10 +119,60 @@ pub struct QueueStatsSnapshot {
     pub signals: u64,
 }
 
+/// The deferred worker's batch statistics for one queue, as the control socket reports them.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DeferredSnapshot {
+    /// Whether the worker may run (false between a vCPU unplug's disable and the re-enable).
+    pub enabled: bool,
+    /// Completions pushed at submission (the static form).
+    pub pushed: u64,
+    /// Completions deferred late by `complete_in_task` (the dynamic form).
+    pub deferred_in_task: u64,
+    /// Batches the worker completed.
+    pub batches: u64,
+    /// Mean batch size.
+    pub mean_batch: f64,
+    /// Largest batch.
+    pub max_batch: u64,
+    /// Times a pass ran past its budget and re-armed at once.
+    pub rearms: u64,
+    /// Synchronous drains that completed something (unplug, GET_VRING_BASE).
+    pub drains: u64,
+    /// Completions those drains completed.
+    pub drained: u64,
+    /// Waiting in the batch now.
+    pub pending: u64,
+    /// Push-to-completion latency, median, in microseconds.
+    pub latency_p50_us: u64,
+    /// Push-to-completion latency, 99th percentile, in microseconds.
+    pub latency_p99_us: u64,
+}
+
+impl From<completion::Stats> for DeferredSnapshot {
+    fn from(s: completion::Stats) -> Self {
+        Self {
+            enabled: s.enabled,
+            pushed: s.pushed,
+            deferred_in_task: s.deferred_in_task,
+            batches: s.batches,
+            mean_batch: s.mean_batch,
+            max_batch: s.max_batch,
+            rearms: s.rearms,
+            drains: s.drains,
+            drained: s.drained,
+            pending: s.pending,
+            latency_p50_us: s.latency_p50.as_micros() as u64,
+            latency_p99_us: s.latency_p99.as_micros() as u64,
+        }
+    }
+}
+
 /// Counters of every queue of the device.
 #[derive(Debug)]
 pub struct DeviceStats {
     queues: Vec<QueueStats>,
+    /// Per queue, the deferred worker of the thread that serves it on the current connection.
+    deferred: Mutex<Vec<Option<Arc<DeferredCompletions<Done>>>>>,
 }
 
 impl DeviceStats {
@@ -120,7 +180,34 @@ impl DeviceStats {
     pub fn new(num_queues: usize) -> Self {
         Self {
             queues: (0..num_queues).map(|_| QueueStats::default()).collect(),
+            deferred: Mutex::new(vec![None; num_queues]),
         }
+    }
+
+    /// Record the deferred worker serving `queue` on the current connection.
+    pub fn set_deferred(&self, queue: usize, deferred: Arc<DeferredCompletions<Done>>) {
+        if let Some(slot) = self.lock_deferred().get_mut(queue) {
+            *slot = Some(deferred);
+        }
+    }
+
+    /// The deferred worker serving `queue`, if a connection has set one up.
+    pub fn deferred(&self, queue: usize) -> Option<Arc<DeferredCompletions<Done>>> {
+        self.lock_deferred().get(queue).cloned().flatten()
+    }
+
+    /// The deferred workers of every queue (`None` before the first connection).
+    pub fn deferred_snapshot(&self) -> Vec<Option<DeferredSnapshot>> {
+        self.lock_deferred()
+            .iter()
+            .map(|d| d.as_ref().map(|d| d.stats().into()))
+            .collect()
+    }
+
+    fn lock_deferred(
+        &self,
+    ) -> std::sync::MutexGuard<'_, Vec<Option<Arc<DeferredCompletions<Done>>>>> {
+        self.deferred.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The counters of queue `index`.

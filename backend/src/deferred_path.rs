@@ -1,0 +1,200 @@
+//! The deferred path, top to bottom: a completion that must sleep leaves the fast path as a
+//! [`Done`] on its queue thread's batch; the deferred worker (the `completion` crate) takes the
+//! whole batch after a short delay and this handler does the batch's slow work at once —
+//! writeback and eviction over the merged ranges of `dontcache` writes, one `fdatasync` for the
+//! batch's flushes and writethrough writes, the error reports — then writes every status, adds
+//! every used entry, and signals each queue once.
+//!
+//! It is the seed's `bio_complete_work_fn`: the work item is ours, the batching and the
+//! enable/disable/drain discipline are the `completion` crate's.
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use completion::BatchHandler;
+use log::{error, warn};
+use vhost_user_backend::VringT;
+use virtio_blk::{RequestType, STATUS_IOERR, STATUS_OK};
+
+use crate::device::DeviceShared;
+use crate::queue_thread::{complete, signal_if_needed, Done, Vring};
+use crate::stats::QueueStats;
+
+/// The batch handler of one queue thread.
+pub struct DeferredPath {
+    shared: Arc<DeviceShared>,
+    /// Global index of each of the thread's queues, by local index.
+    queue_indices: Vec<usize>,
+    /// The thread's vrings, handed over by the queue thread on its first event (before any
+    /// completion can exist).
+    vrings: OnceLock<Vec<Vring>>,
+    /// Scratch reused across batches; the worker runs one batch at a time.
+    scratch: Mutex<Scratch>,
+}
+
+#[derive(Default)]
+struct Scratch {
+    /// Merged `(offset, end)` ranges to write back and evict.
+    ranges: Vec<(u64, u64)>,
+    /// Per local queue: got a used entry in this batch.
+    touched: Vec<bool>,
+}
+
+impl DeferredPath {
+    /// A handler for the queue thread serving `queue_indices`.
+    pub fn new(shared: Arc<DeviceShared>, queue_indices: &[usize]) -> Self {
+        Self {
+            shared,
+            queue_indices: queue_indices.to_vec(),
+            vrings: OnceLock::new(),
+            scratch: Mutex::new(Scratch {
+                ranges: Vec::with_capacity(256),
+                touched: vec![false; queue_indices.len()],
+            }),
+        }
+    }
+
+    /// Give the handler the thread's vrings; later calls are no-ops.
+    pub fn set_vrings(&self, vrings: &[Vring]) {
+        if self.vrings.get().is_none() {
+            let _ = self.vrings.set(vrings.to_vec());
+        }
+    }
+}
+
+impl BatchHandler<Done> for DeferredPath {
+    fn complete_batch(&self, batch: &mut Vec<Done>) {
+        let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let Scratch { ranges, touched } = &mut *scratch;
+
+        // 1. Write back and drop the batch's dontcache ranges, merged, once each.
+        ranges.clear();
+        ranges.extend(batch.iter().filter_map(|d| d.evict));
+        merge_ranges(ranges);
+        for &(start, end) in ranges.iter() {
+            if let Err(e) = self.shared.image.writeback_and_evict(start, end - start) {
+                error!("{e}");
+                for d in batch.iter_mut() {
+                    if d.evict.is_some_and(|(s, e)| s < end && start < e) {
+                        d.status = STATUS_IOERR;
+                    }
+                }
+            }
+        }
+
+        // 2. One fdatasync for every flush and writethrough write of the batch.
+        if batch.iter().any(|d| d.sync && d.status == STATUS_OK) {
+            if let Err(e) = self.shared.image.flush() {
+                error!("{e}");
+                for d in batch.iter_mut().filter(|d| d.sync) {
+                    d.status = STATUS_IOERR;
+                }
+            }
+        }
+
+        // 3. Report errors, off the fast path.
+        for d in batch.iter().filter(|d| d.status != STATUS_OK) {
+            warn!(
+                "queue {}: {:?} request (head {}) at byte {} failed; the guest gets IOERR",
+                self.queue_indices
+                    .get(d.local)
+                    .copied()
+                    .unwrap_or(usize::MAX),
+                d.request_type,
+                d.head,
+                d.offset
+            );
+        }
+
+        // 4. Statuses and used entries, then one signal per queue.
+        let Some(vrings) = self.vrings.get() else {
+            error!(
+                "deferred completions before the queue thread ran: {} request(s) lost",
+                batch.len()
+            );
+            batch.clear();
+            return;
+        };
+        touched.iter_mut().for_each(|t| *t = false);
+        for d in batch.drain(..) {
+            let (Some(&index), Some(vring)) =
+                (self.queue_indices.get(d.local), vrings.get(d.local))
+            else {
+                error!("deferred completion for unknown local queue {}", d.local);
+                continue;
+            };
+            complete(&self.shared, index, &d, vring);
+            touched[d.local] = true;
+        }
+        for (local, vring) in vrings.iter().enumerate() {
+            if touched.get(local).copied().unwrap_or(false) {
+                let index = self.queue_indices[local];
+                if signal_if_needed(&mut vring.get_mut(), index) {
+                    QueueStats::add(&self.shared.stats.queue(index).signals, 1);
+                }
+            }
+        }
+    }
+}
+
+/// Sort `(start, end)` ranges and merge the ones that overlap or touch, in place.
+fn merge_ranges(ranges: &mut Vec<(u64, u64)>) {
+    if ranges.len() < 2 {
+        return;
+    }
+    ranges.sort_unstable();
+    let mut out = 0;
+    for i in 1..ranges.len() {
+        let (start, end) = ranges[i];
+        if start <= ranges[out].1 {
+            ranges[out].1 = ranges[out].1.max(end);
+        } else {
+            out += 1;
+            ranges[out] = (start, end);
+        }
+    }
+    ranges.truncate(out + 1);
+}
+
+/// Whether a write completion must wait for durability or eviction (the static form: decided
+/// at submission).
+pub fn defer_at_submission(request_type: RequestType, dontcache: bool, writeback: bool) -> bool {
+    match request_type {
+        RequestType::Flush => true,
+        RequestType::Out => dontcache || !writeback,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_merge_when_they_touch_or_overlap() {
+        let mut r = vec![
+            (8192, 12288),
+            (0, 4096),
+            (4096, 8192),
+            (20000, 30000),
+            (25000, 26000),
+        ];
+        merge_ranges(&mut r);
+        assert_eq!(r, vec![(0, 12288), (20000, 30000)]);
+    }
+
+    #[test]
+    fn disjoint_ranges_stay_apart() {
+        let mut r = vec![(100, 200), (0, 50)];
+        merge_ranges(&mut r);
+        assert_eq!(r, vec![(0, 50), (100, 200)]);
+    }
+
+    #[test]
+    fn writes_defer_under_dontcache_or_writethrough_only() {
+        assert!(defer_at_submission(RequestType::Out, true, true));
+        assert!(defer_at_submission(RequestType::Out, false, false));
+        assert!(!defer_at_submission(RequestType::Out, false, true));
+        assert!(defer_at_submission(RequestType::Flush, false, true));
+        assert!(!defer_at_submission(RequestType::In, true, false));
+    }
+}
