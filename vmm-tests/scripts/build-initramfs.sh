@@ -7,9 +7,10 @@
 #   /bin/busybox          busybox-static, applets installed at boot
 #   /bin/guest-agent      the static guest agent
 #   /sbin/mkfs.ext4       e2fsprogs' mke2fs with its shared libraries
-#   /lib/modules/*.ko.xz  the modules named with -m and their dependencies
+#   /lib/modules/*.ko     the modules named with -m and their dependencies,
+#                         decompressed
 #
-# Usage: build-initramfs.sh -k KERNEL_DIR -a AGENT_BIN -o OUT [-m "virtio_blk xfs"]
+# Usage: build-initramfs.sh -k KERNEL_DIR -a AGENT_BIN -o OUT [-m "virtio_blk xfs"] (default: virtio_blk)
 # KERNEL_DIR is what fetch-guest-kernel.sh prints (usr/lib/modules/<ABI>).
 
 set -eu
@@ -91,8 +92,15 @@ add_module() {
     for d in $(printf '%s' "$deps" | tr ',' ' '); do
         add_module "$d"
     done
-    cp "$f" "$root/lib/modules/"
-    printf '%s\n' "$(basename "$f")" >>"$root/etc/modules-load"
+    # Unpacked here: the guest then neither decompresses under emulation
+    # nor logs busybox insmod's first, compressed attempt.
+    out="$root/lib/modules/$name.ko"
+    case "$f" in
+    *.xz) xz -dc "$f" >"$out" ;;
+    *.zst) zstd -qdc "$f" >"$out" ;;
+    *) cp "$f" "$out" ;;
+    esac
+    printf '%s\n' "$name.ko" >>"$root/etc/modules-load"
     added="$added$name "
 }
 : >"$root/etc/modules-load"

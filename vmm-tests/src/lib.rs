@@ -143,8 +143,13 @@ pub fn vm_test(name: &str, f: impl FnOnce(&mut Harness) -> Result<()>) {
         Ok(h) => h,
         Err(e) => panic!("{name}: cannot set up the VM harness: {e}"),
     };
+    let setup = start.elapsed();
     let result = f(&mut h);
-    println!("{name}: {:.1}s", start.elapsed().as_secs_f64());
+    println!(
+        "{name}: {:.1}s (+{:.1}s waiting for the VM lock and setting up)",
+        start.elapsed().saturating_sub(setup).as_secs_f64(),
+        setup.as_secs_f64()
+    );
     if let Err(e) = result {
         h.keep();
         panic!("{name}: {e}\n(work directory kept: {})", h.dir.display());

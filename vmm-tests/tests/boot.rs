@@ -25,12 +25,18 @@ fn guest_sees_disk_with_queues_size_and_cache_mode() {
         let info = run.ok("info")?;
         assert_eq!(info["size_bytes"], SIZE, "disk size");
         assert_eq!(info["size_sectors"], SIZE / 512, "disk size in sectors");
-        assert_eq!(info["num_queues"], 2, "hardware queues in /sys/block/vda/mq");
+        assert_eq!(
+            info["num_queues"], 2,
+            "hardware queues in /sys/block/vda/mq"
+        );
         assert_eq!(info["ro"], false);
         let wc = info["write_cache"].as_str().unwrap_or("");
         println!("write cache: {wc}; queue map: {}", info["queues"]);
         if matches!(h.backend_kind, BackendKind::VhostUserBlk(_)) {
-            assert_eq!(wc, "write back", "our backend advertises FLUSH in every mode");
+            assert_eq!(
+                wc, "write back",
+                "our backend advertises FLUSH in every mode"
+            );
         }
         // Each queue maps to a CPU and every CPU has a queue.
         let mut cpus: Vec<u64> = info["queues"]

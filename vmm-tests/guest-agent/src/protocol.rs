@@ -28,6 +28,9 @@ pub const READY_PREFIX: &str = "AGENT-READY ";
 /// the agent then powers the guest off.
 pub const DONE_PREFIX: &str = "AGENT-DONE ";
 
+/// What the `ext4` workload writes to `/hello.txt`.
+pub const EXT4_HELLO: &str = "hello from the vmm-tests guest agent\n";
+
 /// What the agent says when it starts.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Hello {

@@ -260,6 +260,12 @@ pub fn meminfo_kib(field: &str) -> Option<u64> {
     })
 }
 
+/// The guest's page cache in KiB: `Cached` (files) plus `Buffers` (block
+/// devices, where buffered I/O on `/dev/vda` lands).
+pub fn page_cache_kib() -> Option<u64> {
+    Some(meminfo_kib("Cached")? + meminfo_kib("Buffers")?)
+}
+
 /// Syncs and powers the machine off; never returns.
 pub fn power_off() -> ! {
     sync();

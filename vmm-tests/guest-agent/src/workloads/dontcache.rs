@@ -7,7 +7,7 @@
 //! from `pwritev2(RWF_DONTCACHE)` fails the workload).
 //!
 //! Reports throughput, whether the kernel accepted the flag, and the
-//! guest's own page cache (`Cached` in `/proc/meminfo`) before, at its peak
+//! guest's own page cache (`Cached + Buffers` in `/proc/meminfo`) before, at its peak
 //! and after, which `RWF_DONTCACHE` keeps flat.
 
 use std::os::unix::fs::FileExt;
@@ -64,7 +64,7 @@ pub fn write_job(job: &WriteJob) -> Result<Value> {
         .truncate(false)
         .open(job.path)
         .ctx(|| format!("open {name}"))?;
-    let cached_before = sys::meminfo_kib("Cached");
+    let cached_before = sys::page_cache_kib();
     let mut cached_peak = cached_before.unwrap_or(0);
     let mut buf = AlignedBuf::new(job.bs as usize);
     let start = Instant::now();
@@ -87,7 +87,7 @@ pub fn write_job(job: &WriteJob) -> Result<Value> {
             Err(e) => return Err(Error::io(format!("pwritev2 {name} at {off}"), e)),
         }
         done += n;
-        if let Some(c) = sys::meminfo_kib("Cached") {
+        if let Some(c) = sys::page_cache_kib() {
             cached_peak = cached_peak.max(c);
         }
     }
@@ -95,7 +95,7 @@ pub fn write_job(job: &WriteJob) -> Result<Value> {
         f.sync_all().ctx(|| format!("fsync {name}"))?;
     }
     let secs = start.elapsed().as_secs_f64();
-    let cached_after = sys::meminfo_kib("Cached");
+    let cached_after = sys::page_cache_kib();
 
     let mut verified = false;
     if job.verify {
@@ -128,7 +128,7 @@ pub fn write_job(job: &WriteJob) -> Result<Value> {
         "bs": job.bs,
         "seed": job.seed,
         "mb_s": mb_per_s(job.len, secs),
-        "guest_cached_kib": {"before": cached_before, "peak": cached_peak, "after": cached_after},
+        "guest_page_cache_kib": {"before": cached_before, "peak": cached_peak, "after": cached_after},
         "verified": verified,
     }))
 }

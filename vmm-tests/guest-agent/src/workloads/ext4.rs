@@ -5,7 +5,7 @@
 //! `/dontcache.bin`, written with `RWF_DONTCACHE`; 0 skips it).
 //!
 //! Files written, for the host to check with `debugfs -R 'cat /path'`:
-//! `/hello.txt` (the text [`HELLO`]), `/data.bin` (the pattern with `seed`
+//! `/hello.txt` (the text `protocol::EXT4_HELLO`), `/data.bin` (the pattern with `seed`
 //! from offset 0) and `/dontcache.bin` (the pattern with `seed + 1`).
 
 use std::io::Write;
@@ -13,6 +13,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
+use guest_agent::protocol::EXT4_HELLO as HELLO;
 use serde_json::{json, Value};
 
 use super::dontcache::{write_job, WriteJob};
@@ -20,9 +21,6 @@ use super::DISK;
 use crate::cmdline::Params;
 use crate::error::{Context, Error, Result};
 use crate::sys;
-
-/// What `/hello.txt` holds.
-pub const HELLO: &str = "hello from the vmm-tests guest agent\n";
 
 const MNT: &str = "/mnt";
 const MIB: u64 = 1 << 20;

@@ -4,9 +4,11 @@
 //! thread per online vCPU puts I/O on every queue that has a CPU.
 //!
 //! `verify` parameters: `offset_mib` (0), `mib` (32), `bs_kib` (64),
-//! `seed` (1). It writes the range in `bs_kib` chunks, chunk `c` from the
-//! thread on CPU `c % ncpu`, flushes, then reads every chunk back from the
-//! *next* CPU's thread and checks the per-block pattern.
+//! `seed` (1), `write` (true). It writes the range in `bs_kib` chunks,
+//! chunk `c` from the thread on CPU `c % ncpu`, flushes, then reads every
+//! chunk back from the *next* CPU's thread and checks the per-block
+//! pattern. With `write=0` it only reads and checks (data an earlier boot
+//! wrote).
 //!
 //! `randio` parameters: `offset_mib` (64), `mib` (32), `bs_kib` (4),
 //! `secs` (2), `read_pct` (50), `seed` (2). Random reads and writes of the
@@ -79,9 +81,13 @@ pub fn verify(p: &Params) -> Result<Value> {
     }
     let chunks = len / bs;
     let nthreads = sys::online_cpus().len().max(1) as u64;
+    let write = p.get_bool("verify", "write", true);
 
     let start = Instant::now();
     let written = per_cpu(0, |t, cpu| {
+        if !write {
+            return Ok(json!({"cpu": cpu, "chunks": 0}));
+        }
         let f = sys::open(Path::new(DISK), true, true).ctx(|| format!("open {DISK} O_DIRECT"))?;
         let mut buf = AlignedBuf::new(bs as usize);
         let mut n = 0u64;
@@ -94,8 +100,10 @@ pub fn verify(p: &Params) -> Result<Value> {
         }
         Ok(json!({"cpu": cpu, "chunks": n}))
     })?;
-    let f = sys::open(Path::new(DISK), true, false).ctx(|| format!("open {DISK}"))?;
-    f.sync_all().ctx(|| format!("fsync {DISK}"))?;
+    if write {
+        let f = sys::open(Path::new(DISK), true, false).ctx(|| format!("open {DISK}"))?;
+        f.sync_all().ctx(|| format!("fsync {DISK}"))?;
+    }
     let write_secs = start.elapsed().as_secs_f64();
 
     let start = Instant::now();
@@ -125,7 +133,8 @@ pub fn verify(p: &Params) -> Result<Value> {
         "bytes": len,
         "bs": bs,
         "seed": seed,
-        "write_mb_s": mb_per_s(len, write_secs),
+        "written": write,
+        "write_mb_s": if write { mb_per_s(len, write_secs) } else { 0.0 },
         "read_mb_s": mb_per_s(len, read_secs),
         "writers": written,
         "readers": read,

@@ -1,0 +1,353 @@
+//! The peers a run compares: this backend in each cache mode and I/O
+//! engine and on a null image, qemu-storage-daemon's vhost-user-blk export,
+//! cloud-hypervisor's `vhost_user_block` (when a binary is given), and fio
+//! straight on the image as the no-virtualization ceiling.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::error::{bail, Context, Result};
+
+/// The page-cache mode a peer runs the image in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// O_DIRECT: the host page cache is bypassed.
+    Direct,
+    /// Buffered I/O through the host page cache.
+    Buffered,
+    /// Buffered with drop-behind (our `--cache dontcache`).
+    Dontcache,
+    /// No image at all (our `null:SIZE`): the virtqueue cost alone.
+    Null,
+}
+
+/// Which program serves the requests, and how.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "program", rename_all = "kebab-case")]
+pub enum Kind {
+    /// This backend (`vhost-user-blk`).
+    Ours {
+        /// `--cache` value (`none`, `writeback`, `dontcache`), or `null`.
+        cache: String,
+        /// `--io-engine` value (`io-uring`, `sync`).
+        engine: String,
+    },
+    /// `qemu-storage-daemon --export type=vhost-user-blk`.
+    Qsd {
+        /// `cache.direct=on`.
+        direct: bool,
+        /// The file driver's `aio=` (`io_uring`, `threads`).
+        aio: String,
+    },
+    /// cloud-hypervisor's `vhost_user_block`.
+    Ch {
+        /// `direct=true`.
+        direct: bool,
+    },
+    /// fio on the host, straight on the image (no vhost-user at all).
+    Fio {
+        /// `--direct=1`.
+        direct: bool,
+    },
+}
+
+/// One peer: a name and how to run it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Peer {
+    /// Short name used in tables, plots and `--peers`.
+    pub name: String,
+    /// The program and its configuration.
+    pub kind: Kind,
+    /// The page-cache mode.
+    pub mode: Mode,
+}
+
+/// Programs the peers run.
+#[derive(Clone, Debug)]
+pub struct Programs {
+    /// The `vhost-user-blk` binary.
+    pub backend: PathBuf,
+    /// `qemu-storage-daemon`.
+    pub qsd: PathBuf,
+    /// `fio`.
+    pub fio: PathBuf,
+    /// cloud-hypervisor's `vhost_user_block`, if given.
+    pub ch: Option<PathBuf>,
+}
+
+impl Peer {
+    fn ours(cache: &str, engine: &str) -> Peer {
+        let mode = match cache {
+            "none" => Mode::Direct,
+            "writeback" => Mode::Buffered,
+            "dontcache" => Mode::Dontcache,
+            _ => Mode::Null,
+        };
+        let short = if engine == "io-uring" { "uring" } else { engine };
+        Peer {
+            name: format!("ours-{cache}-{short}"),
+            kind: Kind::Ours {
+                cache: cache.into(),
+                engine: engine.into(),
+            },
+            mode,
+        }
+    }
+
+    fn qsd(direct: bool, aio: &str) -> Peer {
+        let short = if aio == "io_uring" { "uring" } else { aio };
+        Peer {
+            name: format!(
+                "qsd-{}-{short}",
+                if direct { "direct" } else { "buffered" }
+            ),
+            kind: Kind::Qsd {
+                direct,
+                aio: aio.into(),
+            },
+            mode: if direct { Mode::Direct } else { Mode::Buffered },
+        }
+    }
+
+    fn ch(direct: bool) -> Peer {
+        Peer {
+            name: format!("ch-{}", if direct { "direct" } else { "buffered" }),
+            kind: Kind::Ch { direct },
+            mode: if direct { Mode::Direct } else { Mode::Buffered },
+        }
+    }
+
+    fn fio(direct: bool) -> Peer {
+        Peer {
+            name: format!("fio-{}", if direct { "direct" } else { "buffered" }),
+            kind: Kind::Fio { direct },
+            mode: if direct { Mode::Direct } else { Mode::Buffered },
+        }
+    }
+
+    /// Every known peer; cloud-hypervisor's only with `with_ch`.
+    pub fn all(with_ch: bool) -> Vec<Peer> {
+        let mut v = Vec::new();
+        for cache in ["none", "writeback", "dontcache"] {
+            for engine in ["io-uring", "sync"] {
+                v.push(Peer::ours(cache, engine));
+            }
+        }
+        v.push(Peer {
+            name: "ours-null".into(),
+            kind: Kind::Ours {
+                cache: "null".into(),
+                engine: "io-uring".into(),
+            },
+            mode: Mode::Null,
+        });
+        for direct in [true, false] {
+            for aio in ["io_uring", "threads"] {
+                v.push(Peer::qsd(direct, aio));
+            }
+        }
+        if with_ch {
+            v.push(Peer::ch(true));
+            v.push(Peer::ch(false));
+        }
+        v.push(Peer::fio(true));
+        v.push(Peer::fio(false));
+        v
+    }
+
+    /// The default set: each of our cache modes on io_uring plus the
+    /// synchronous engine where it matters (buffered), our null ceiling,
+    /// qemu-storage-daemon direct and buffered on io_uring and buffered on
+    /// its default thread pool, cloud-hypervisor when given, and fio.
+    pub fn defaults(with_ch: bool) -> Vec<Peer> {
+        let names = [
+            "ours-none-uring",
+            "ours-writeback-uring",
+            "ours-writeback-sync",
+            "ours-dontcache-uring",
+            "ours-null",
+            "qsd-direct-uring",
+            "qsd-buffered-uring",
+            "qsd-buffered-threads",
+            "ch-direct",
+            "ch-buffered",
+            "fio-direct",
+            "fio-buffered",
+        ];
+        Peer::all(with_ch)
+            .into_iter()
+            .filter(|p| names.contains(&p.name.as_str()))
+            .collect()
+    }
+
+    /// Whether this peer is our backend.
+    pub fn is_ours(&self) -> bool {
+        matches!(self.kind, Kind::Ours { .. })
+    }
+
+    /// Whether the peer touches the image (all but the null image).
+    pub fn uses_image(&self) -> bool {
+        self.mode != Mode::Null
+    }
+
+    /// Whether the run starts with the image hot in the page cache.
+    pub fn wants_warm_cache(&self) -> bool {
+        self.mode == Mode::Buffered
+    }
+}
+
+/// A vhost-user server process for one run, killed when dropped.
+pub struct Server {
+    child: Child,
+    /// The vhost-user socket it listens on.
+    pub socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Starts `peer` serving `image` with `queues` queues on a socket in
+    /// `dir`. fio peers have no server: see [`super::fio`].
+    pub fn start(
+        peer: &Peer,
+        progs: &Programs,
+        image: &Path,
+        image_size: u64,
+        queues: u32,
+        dir: &Path,
+    ) -> Result<Server> {
+        let socket = dir.join(format!("{}.sock", peer.name));
+        let log = dir.join(format!("{}.log", peer.name));
+        let _ = std::fs::remove_file(&socket);
+        let img = image.display().to_string();
+        let sock = socket.display().to_string();
+        let mut cmd = match &peer.kind {
+            Kind::Ours { cache, engine } => {
+                let mut c = Command::new(&progs.backend);
+                c.arg("--socket-path").arg(&socket);
+                c.arg("--num-queues").arg(queues.to_string());
+                c.arg("--queue-size").arg("256");
+                if cache == "null" {
+                    c.arg("--blk-file").arg(format!("null:{image_size}"));
+                } else {
+                    c.arg("--blk-file").arg(image);
+                    c.arg("--cache").arg(cache);
+                    c.arg("--io-engine").arg(engine);
+                }
+                c
+            }
+            Kind::Qsd { direct, aio } => {
+                let mut c = Command::new(&progs.qsd);
+                c.arg("--blockdev").arg(format!(
+                    "driver=file,node-name=f,filename={img},cache.direct={},aio={aio}",
+                    if *direct { "on" } else { "off" }
+                ));
+                c.arg("--export").arg(format!(
+                    "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={sock},writable=on,num-queues={queues}"
+                ));
+                c
+            }
+            Kind::Ch { direct } => {
+                let Some(ch) = &progs.ch else {
+                    bail!("{}: no vhost_user_block binary given (--ch)", peer.name);
+                };
+                let mut c = Command::new(ch);
+                c.arg("--block-backend").arg(format!(
+                    "path={img},socket={sock},num_queues={queues},queue_size=256,direct={direct}"
+                ));
+                c
+            }
+            Kind::Fio { .. } => bail!("{}: fio runs without a server", peer.name),
+        };
+        let log_file = File::create(&log).ctx(|| format!("create {}", log.display()))?;
+        let log_err = log_file
+            .try_clone()
+            .ctx(|| format!("dup {}", log.display()))?;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(log_file))
+            .stderr(Stdio::from(log_err));
+        let child = cmd
+            .spawn()
+            .ctx(|| format!("{}: spawn {:?}", peer.name, cmd.get_program()))?;
+        let mut server = Server { child, socket, log };
+        server.wait_listening(Duration::from_secs(10))?;
+        Ok(server)
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn wait_listening(&mut self, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        while !self.socket.exists() {
+            if let Some(status) = self.child.try_wait().ctx(|| "wait for the server")? {
+                bail!(
+                    "server exited ({status}) before listening; its log:\n{}",
+                    self.log_tail()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not appear within {limit:?}; server log:\n{}",
+                    self.socket.display(),
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    /// Whether the server is still running; its log tail when it is not.
+    pub fn check_alive(&mut self) -> Result<()> {
+        match self.child.try_wait().ctx(|| "wait for the server")? {
+            None => Ok(()),
+            Some(status) => bail!("server exited ({status}); its log:\n{}", self.log_tail()),
+        }
+    }
+
+    /// The last lines of the server's output.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// Stops the server: SIGTERM, then SIGKILL after two seconds.
+    pub fn stop(mut self) {
+        self.terminate();
+    }
+
+    fn terminate(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: kill() takes no pointers; `pid` is our own child, not yet
+        // reaped, so the id cannot have been reused.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                let _ = std::fs::remove_file(&self.socket);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
