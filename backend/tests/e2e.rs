@@ -98,6 +98,8 @@ round_trip_tests! {
     sync_cache_none_round_trips_on_each_of_four_queues: "sync", "none", 4;
     sync_writeback_round_trips_on_each_of_two_queues: "sync", "writeback", 2;
     sync_writeback_round_trips_on_each_of_four_queues: "sync", "writeback", 4;
+    io_uring_dontcache_round_trips_on_each_of_two_queues: "io-uring", "dontcache", 2;
+    sync_dontcache_round_trips_on_each_of_two_queues: "sync", "dontcache", 2;
 }
 
 /// 32 requests in flight on each of four queues at once, from four threads, with and without
