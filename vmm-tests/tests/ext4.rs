@@ -50,6 +50,7 @@ fn ext4_written_in_guest_checks_clean_on_host() {
                 data.len()
             );
         }
+        assert!(status.success(), "backend exit on SIGTERM: {status}");
         Ok(())
     });
 }
