@@ -58,6 +58,19 @@ fn backend_killed_while_guest_idle_then_restarted() {
         let mut vm1 = h.start_vm(&VmConfig::new(2, idle).disk(disk.clone()))?;
         vm1.wait_hello()?;
         vm1.wait_ready("idle")?;
+        // QMP works on the idle guest: two vCPUs, each a host thread.
+        let cpus = vm1.qmp()?.execute("query-cpus-fast", None)?;
+        let threads: Vec<u64> = cpus
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["thread-id"].as_u64())
+            .collect();
+        println!("QMP query-cpus-fast: vCPU threads {threads:?}");
+        assert_eq!(threads.len(), 2, "query-cpus-fast: {cpus}");
+        let status = vm1.qmp()?.execute("query-status", None)?;
+        assert_eq!(status["status"], "running", "query-status: {status}");
+
         let status = backend.kill()?;
         println!("backend killed while the guest idles ({status})");
         std::thread::sleep(Duration::from_millis(500));
