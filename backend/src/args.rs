@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use disk::{CacheMode, EngineKind};
+use vcpu::{QueueMap, VcpuAffinity};
 
 /// The capabilities JSON that `--print-capabilities` prints, per the vhost-user specification.
 pub const CAPABILITIES: &str = r#"{"type":"block","features":["read-only","blk-file"]}"#;
@@ -112,6 +113,21 @@ pub struct BackendArgs {
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     pub page_cache_budget: Option<u64>,
 
+    /// Which vCPU submits to each queue, as the guest maps them (QUEUE=VCPU,...; from the
+    /// guest's /sys/block/vda/mq/*/cpu_list). Without it, no pinning, and an unplug drains
+    /// every queue.
+    #[arg(long, value_name = "MAP", value_parser = parse_queue_map)]
+    pub queue_map: Option<QueueMap>,
+
+    /// Host CPUs each vCPU runs on (VCPU=CPUS;..., e.g. "0=2-3;1=4"), when QMP cannot tell us.
+    #[arg(long, value_name = "AFFINITY", value_parser = parse_affinity)]
+    pub cpu_affinity: Option<VcpuAffinity>,
+
+    /// QEMU's QMP socket (one of its own: QMP serves one client at a time). vCPU thread
+    /// affinities pin the queue threads; a vCPU eject request drains that vCPU's queues.
+    #[arg(long, value_name = "PATH")]
+    pub qmp: Option<PathBuf>,
+
     /// Serve line-delimited JSON commands (`stats`) on this unix socket.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
@@ -138,6 +154,15 @@ fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_shl(shift)
         .filter(|v| v >> shift == n)
         .ok_or_else(|| format!("size '{s}' is too large"))
+}
+
+fn parse_queue_map(s: &str) -> Result<QueueMap, String> {
+    // The queue count is checked against --num-queues at start; 64 is the most we serve.
+    QueueMap::parse(s, 64).map_err(|e| e.to_string())
+}
+
+fn parse_affinity(s: &str) -> Result<VcpuAffinity, String> {
+    VcpuAffinity::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_queue_size(s: &str) -> Result<u16, String> {

@@ -12,8 +12,10 @@ use log::{debug, warn};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::hotplug::Hotplug;
 use crate::stats::DeviceStats;
 use crate::{Error, Result};
+use vcpu::QueueMap;
 
 /// Static facts about the device that `stats` reports beside the counters.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -36,10 +38,21 @@ pub struct DeviceInfo {
 #[derive(Debug, Deserialize)]
 struct ControlRequest {
     cmd: String,
+    /// For `vcpu-unplug`, `vcpu-plug`, `set-cpu-affinity`.
+    vcpu: Option<usize>,
+    /// For `set-queue-map`: QUEUE=VCPU,...
+    map: Option<String>,
+    /// For `set-cpu-affinity`: a CPU list such as "2-3".
+    cpus: Option<String>,
 }
 
 /// Bind the control socket and serve it on its own thread for the life of the process.
-pub fn spawn(path: &Path, stats: Arc<DeviceStats>, info: DeviceInfo) -> Result<()> {
+pub fn spawn(
+    path: &Path,
+    stats: Arc<DeviceStats>,
+    hotplug: Arc<Hotplug>,
+    info: DeviceInfo,
+) -> Result<()> {
     // A stale socket from an earlier run would make bind fail.
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path).map_err(|source| Error::Control {
@@ -52,7 +65,7 @@ pub fn spawn(path: &Path, stats: Arc<DeviceStats>, info: DeviceInfo) -> Result<(
             for conn in listener.incoming() {
                 match conn {
                     Ok(conn) => {
-                        if let Err(e) = serve(conn, &stats, &info) {
+                        if let Err(e) = serve(conn, &stats, &hotplug, &info) {
                             debug!("control connection ended: {e}");
                         }
                     }
@@ -67,7 +80,12 @@ pub fn spawn(path: &Path, stats: Arc<DeviceStats>, info: DeviceInfo) -> Result<(
     Ok(())
 }
 
-fn serve(conn: UnixStream, stats: &DeviceStats, info: &DeviceInfo) -> std::io::Result<()> {
+fn serve(
+    conn: UnixStream,
+    stats: &DeviceStats,
+    hotplug: &Hotplug,
+    info: &DeviceInfo,
+) -> std::io::Result<()> {
     let mut writer = conn.try_clone()?;
     let reader = BufReader::new(conn);
     for line in reader.lines() {
@@ -76,7 +94,7 @@ fn serve(conn: UnixStream, stats: &DeviceStats, info: &DeviceInfo) -> std::io::R
         if line.is_empty() {
             continue;
         }
-        let answer = answer(line, stats, info);
+        let answer = answer(line, stats, hotplug, info);
         writer.write_all(answer.to_string().as_bytes())?;
         writer.write_all(b"\n")?;
     }
@@ -84,14 +102,57 @@ fn serve(conn: UnixStream, stats: &DeviceStats, info: &DeviceInfo) -> std::io::R
 }
 
 /// The answer to one request line.
-pub fn answer(line: &str, stats: &DeviceStats, info: &DeviceInfo) -> serde_json::Value {
-    let cmd = match serde_json::from_str::<ControlRequest>(line) {
-        Ok(req) => req.cmd,
-        // A bare word is accepted too, for typing at a socket by hand.
-        Err(_) if !line.starts_with('{') => line.to_owned(),
+pub fn answer(
+    line: &str,
+    stats: &DeviceStats,
+    hotplug: &Hotplug,
+    info: &DeviceInfo,
+) -> serde_json::Value {
+    let req = match serde_json::from_str::<ControlRequest>(line) {
+        Ok(req) => req,
+        // Words are accepted too, for typing at a socket by hand: `vcpu-unplug 1`.
+        Err(_) if !line.starts_with('{') => match from_words(line) {
+            Ok(req) => req,
+            Err(e) => return json!({ "error": e }),
+        },
         Err(e) => return json!({ "error": format!("bad request: {e}") }),
     };
-    match cmd.as_str() {
+    let need_vcpu = || {
+        req.vcpu
+            .ok_or_else(|| format!("'{}' needs \"vcpu\"", req.cmd))
+    };
+    match req.cmd.as_str() {
+        "vcpu-unplug" => match need_vcpu() {
+            Ok(vcpu) => json!(hotplug.unplug(vcpu)),
+            Err(e) => json!({ "error": e }),
+        },
+        "vcpu-plug" => match need_vcpu() {
+            Ok(vcpu) => {
+                hotplug.plug(vcpu);
+                json!({ "ok": true })
+            }
+            Err(e) => json!({ "error": e }),
+        },
+        "set-queue-map" => {
+            match QueueMap::parse(req.map.as_deref().unwrap_or(""), stats.num_queues()) {
+                Ok(map) => {
+                    hotplug.set_queue_map(map);
+                    json!({ "ok": true, "queue_map": hotplug.queue_map() })
+                }
+                Err(e) => json!({ "error": e.to_string() }),
+            }
+        }
+        "set-cpu-affinity" => {
+            let cpus = vcpu::parse_cpu_list(req.cpus.as_deref().unwrap_or(""));
+            match (need_vcpu(), cpus) {
+                (Ok(vcpu), Ok(cpus)) => {
+                    hotplug.set_affinity(vcpu, cpus);
+                    json!({ "ok": true })
+                }
+                (Err(e), _) => json!({ "error": e }),
+                (_, Err(e)) => json!({ "error": e.to_string() }),
+            }
+        }
         "stats" => {
             let deferred = stats.deferred_snapshot();
             let queues: Vec<serde_json::Value> = stats
@@ -104,10 +165,44 @@ pub fn answer(line: &str, stats: &DeviceStats, info: &DeviceInfo) -> serde_json:
                     v
                 })
                 .collect();
-            json!({ "device": info, "queues": queues })
+            json!({
+                "device": info,
+                "queue_map": hotplug.queue_map(),
+                "queues": queues,
+                "vcpus": hotplug.snapshot(),
+            })
         }
         other => json!({ "error": format!("unknown command '{other}'") }),
     }
+}
+
+/// `stats`, `vcpu-unplug 1`, `set-queue-map 0=1,1=0`, `set-cpu-affinity 1 2-3`.
+fn from_words(line: &str) -> std::result::Result<ControlRequest, String> {
+    let mut words = line.split_whitespace();
+    let cmd = words.next().unwrap_or_default().to_owned();
+    let mut req = ControlRequest {
+        cmd,
+        vcpu: None,
+        map: None,
+        cpus: None,
+    };
+    let number = |w: Option<&str>| {
+        w.map(|w| {
+            w.parse::<usize>()
+                .map_err(|_| format!("'{w}' is not a vCPU number"))
+        })
+        .transpose()
+    };
+    match req.cmd.as_str() {
+        "vcpu-unplug" | "vcpu-plug" => req.vcpu = number(words.next())?,
+        "set-queue-map" => req.map = words.next().map(str::to_owned),
+        "set-cpu-affinity" => {
+            req.vcpu = number(words.next())?;
+            req.cpus = words.next().map(str::to_owned);
+        }
+        _ => {}
+    }
+    Ok(req)
 }
 
 /// `vhost-user-blk ctl`: send one request to a control socket and return the answer line.
@@ -117,11 +212,8 @@ pub fn request(path: &PathBuf, request: &str) -> Result<String> {
         source,
     };
     let mut conn = UnixStream::connect(path).map_err(io_err)?;
-    let line = if request.trim_start().starts_with('{') {
-        request.trim().to_owned()
-    } else {
-        json!({ "cmd": request.trim() }).to_string()
-    };
+    // The server takes JSON or words alike.
+    let line = request.trim().to_owned();
     conn.write_all(line.as_bytes()).map_err(io_err)?;
     conn.write_all(b"\n").map_err(io_err)?;
     let mut answer = String::new();
@@ -146,20 +238,56 @@ mod tests {
         }
     }
 
+    fn setup(queues: usize) -> (Arc<DeviceStats>, Hotplug) {
+        let stats = Arc::new(DeviceStats::new(queues));
+        let hotplug = Hotplug::new(
+            queues,
+            stats.clone(),
+            QueueMap::default(),
+            vcpu::VcpuAffinity::default(),
+        );
+        (stats, hotplug)
+    }
+
     #[test]
     fn stats_lists_every_queue() {
-        let stats = DeviceStats::new(3);
-        let v = answer(r#"{"cmd":"stats"}"#, &stats, &info());
+        let (stats, hotplug) = setup(3);
+        let v = answer(r#"{"cmd":"stats"}"#, &stats, &hotplug, &info());
         assert_eq!(v["queues"].as_array().map(Vec::len), Some(3));
         assert_eq!(v["queues"][2]["index"], 2);
         assert_eq!(v["device"]["capacity"], 1 << 20);
-        assert_eq!(answer("stats", &stats, &info()), v);
+        assert_eq!(answer("stats", &stats, &hotplug, &info()), v);
     }
 
     #[test]
     fn unknown_and_malformed_requests_get_an_error() {
-        let stats = DeviceStats::new(1);
-        assert!(answer("frobnicate", &stats, &info())["error"].is_string());
-        assert!(answer("{not json", &stats, &info())["error"].is_string());
+        let (stats, hotplug) = setup(1);
+        assert!(answer("frobnicate", &stats, &hotplug, &info())["error"].is_string());
+        assert!(answer("{not json", &stats, &hotplug, &info())["error"].is_string());
+        assert!(answer("vcpu-unplug x", &stats, &hotplug, &info())["error"].is_string());
+        assert!(answer(r#"{"cmd":"vcpu-plug"}"#, &stats, &hotplug, &info())["error"].is_string());
+    }
+
+    #[test]
+    fn queue_map_is_checked_against_the_queue_count() {
+        let (stats, hotplug) = setup(2);
+        let ok = answer("set-queue-map 0=1,1=0", &stats, &hotplug, &info());
+        assert_eq!(ok["ok"], true, "{ok}");
+        assert_eq!(hotplug.queue_map(), "0=1,1=0");
+        let bad = answer("set-queue-map 2=0", &stats, &hotplug, &info());
+        assert!(bad["error"].is_string(), "{bad}");
+    }
+
+    #[test]
+    fn unplug_without_a_connection_reports_an_empty_drain() {
+        let (stats, hotplug) = setup(2);
+        let v = answer("vcpu-unplug 1", &stats, &hotplug, &info());
+        assert_eq!(v["vcpu"], 1);
+        assert_eq!(v["drained"], 0);
+        let s = answer("stats", &stats, &hotplug, &info());
+        assert_eq!(s["vcpus"][0]["online"], false, "{s}");
+        answer("vcpu-plug 1", &stats, &hotplug, &info());
+        let s = answer("stats", &stats, &hotplug, &info());
+        assert_eq!(s["vcpus"][0]["online"], true, "{s}");
     }
 }

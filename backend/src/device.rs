@@ -21,6 +21,7 @@ use vmm_sys_util::event::{
 };
 
 use crate::deferred_path::DeferredPath;
+use crate::hotplug::PinControl;
 use crate::queue_thread::{GuestMemAtomic, QueueThread, Vring};
 use crate::stats::DeviceStats;
 use crate::{Error, Result};
@@ -85,6 +86,8 @@ pub struct BlkDevice {
     threads: Vec<Mutex<QueueThread>>,
     /// Per worker thread, the bitmask of queues it serves.
     queue_masks: Vec<u64>,
+    /// Per worker thread, how the hotplug path asks it to re-pin itself.
+    pins: Vec<Arc<PinControl>>,
 }
 
 impl BlkDevice {
@@ -147,7 +150,11 @@ impl BlkDevice {
 
         let queue_masks: Vec<u64> = (0..num_queues).map(|q| 1u64 << q).collect();
         let mut threads = Vec::with_capacity(queue_masks.len());
+        let mut pins = Vec::with_capacity(queue_masks.len());
         for mask in &queue_masks {
+            pins.push(Arc::new(
+                PinControl::new().map_err(|e| Error::Daemon(format!("pin eventfd: {e}")))?,
+            ));
             let queues: Vec<usize> = (0..num_queues).filter(|q| mask & (1 << q) != 0).collect();
             let depth = u32::from(settings.queue_size) * queues.len() as u32;
             let engine = disk::new_engine(settings.engine, image.clone(), depth)
@@ -181,7 +188,18 @@ impl BlkDevice {
             shared,
             threads,
             queue_masks,
+            pins,
         })
+    }
+
+    /// The epoll id of a worker's re-pin eventfd.
+    pub fn pin_event_id(&self) -> u64 {
+        u64::from(self.settings.num_queues) + 2
+    }
+
+    /// The re-pin eventfd of worker thread `thread`, to register with its epoll loop.
+    pub fn pin_fd(&self, thread: usize) -> Option<RawFd> {
+        self.pins.get(thread).map(|p| p.fd())
     }
 
     /// The epoll id of a worker's engine completion eventfd: past the queue ids and the id
@@ -195,14 +213,16 @@ impl BlkDevice {
         self.threads.get(thread).map(|t| lock(t).completion_fd())
     }
 
-    /// Make this connection's deferred workers the ones that `stats` and the unplug path see.
+    /// Make this connection's queue threads the ones that `stats` and the hotplug path see.
     /// Called once the frontend is accepted, so that between connections the last one's figures
     /// stay readable.
-    pub fn publish_deferred_workers(&self) {
-        for (thread, mask) in self.threads.iter().zip(&self.queue_masks) {
+    pub fn publish_workers(&self) {
+        for ((thread, mask), pin) in self.threads.iter().zip(&self.queue_masks).zip(&self.pins) {
             let deferred = lock(thread).deferred().clone();
             for q in (0..64).filter(|q| mask & (1u64 << q) != 0) {
-                self.shared.stats.set_deferred(q, deferred.clone());
+                self.shared
+                    .stats
+                    .set_worker(q, deferred.clone(), pin.clone());
             }
         }
     }
@@ -354,6 +374,10 @@ impl VhostUserBackend for BlkDevice {
             thread.process_queue(usize::from(device_event), vrings);
         } else if u64::from(device_event) == self.completion_event_id() {
             thread.reap(vrings);
+        } else if u64::from(device_event) == self.pin_event_id() {
+            if let Some(pin) = self.pins.get(thread_id) {
+                pin.apply();
+            }
         } else {
             warn!("unknown event {device_event} on worker thread {thread_id}");
         }

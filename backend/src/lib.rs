@@ -3,12 +3,14 @@
 //! The binary is a thin shell over this library: [`args`] parses the command line, [`server`]
 //! accepts one VMM connection after another, [`device`] is the virtio-blk device that
 //! `vhost-user-backend` drives, [`queue_thread`] is the fast path of each queue thread,
-//! [`stats`] its counters and [`control`] the control socket that reports them.
+//! [`deferred_path`] the deferred path, [`hotplug`] the vCPU pinning and unplug path, [`stats`]
+//! the counters and [`control`] the control socket that reports them and takes commands.
 
 pub mod args;
 pub mod control;
 pub mod deferred_path;
 pub mod device;
+pub mod hotplug;
 pub mod queue_thread;
 pub mod server;
 pub mod stats;

@@ -22,8 +22,10 @@ use vmm_sys_util::epoll::EventSet;
 use crate::args::BackendArgs;
 use crate::control::{self, DeviceInfo};
 use crate::device::{BlkDevice, DeviceSettings};
+use crate::hotplug::Hotplug;
 use crate::stats::DeviceStats;
 use crate::{Error, Result};
+use vcpu::{AdapterEvent, QmpAdapter};
 
 /// How long in-flight requests get to finish when a connection ends.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -81,10 +83,22 @@ pub fn run(args: &BackendArgs) -> Result<()> {
         warn!("--page-cache-budget applies to --cache writeback only; ignored");
     }
     let stats = Arc::new(DeviceStats::new(usize::from(args.num_queues)));
+    let hotplug = Arc::new(Hotplug::new(
+        usize::from(args.num_queues),
+        stats.clone(),
+        args.queue_map.clone().unwrap_or_default(),
+        args.cpu_affinity.clone().unwrap_or_default(),
+    ));
+    // Kept alive for the life of the process: dropping it stops the adapter.
+    let _qmp = match &args.qmp {
+        Some(path) => Some(spawn_qmp_adapter(path.clone(), hotplug.clone())?),
+        None => None,
+    };
     if let Some(path) = &args.control {
         control::spawn(
             path,
             stats.clone(),
+            hotplug.clone(),
             DeviceInfo {
                 image: image.path().display().to_string(),
                 capacity: image.capacity(),
@@ -102,7 +116,14 @@ pub fn run(args: &BackendArgs) -> Result<()> {
     info!("listening on {socket_name}");
 
     loop {
-        serve_one(&settings, &image, &stats, &mut listener, &lifecycle)?;
+        serve_one(
+            &hotplug,
+            &settings,
+            &image,
+            &stats,
+            &mut listener,
+            &lifecycle,
+        )?;
         let stopping = lock(&lifecycle).stopping;
         if stopping {
             info!("stopping: every in-flight request has completed");
@@ -114,6 +135,7 @@ pub fn run(args: &BackendArgs) -> Result<()> {
 
 /// Serve one frontend from accept to disconnect, then drain its in-flight requests.
 fn serve_one(
+    hotplug: &Hotplug,
     settings: &DeviceSettings,
     image: &Arc<Image>,
     stats: &Arc<DeviceStats>,
@@ -130,19 +152,22 @@ fn serve_one(
     let mut daemon = VhostUserDaemon::new("vhost-user-blk".into(), device.clone(), mem)
         .map_err(|e| Error::Daemon(format!("creating the daemon: {e}")))?;
     for (thread, handler) in daemon.get_epoll_handlers().iter().enumerate() {
-        let Some(fd) = device.completion_fd(thread) else {
+        let (Some(completions), Some(pin)) = (device.completion_fd(thread), device.pin_fd(thread))
+        else {
             continue;
         };
         handler
-            .register_listener(fd, EventSet::IN, device.completion_event_id())
-            .map_err(|e| Error::Daemon(format!("registering engine completions: {e}")))?;
+            .register_listener(completions, EventSet::IN, device.completion_event_id())
+            .and_then(|()| handler.register_listener(pin, EventSet::IN, device.pin_event_id()))
+            .map_err(|e| Error::Daemon(format!("registering worker events: {e}")))?;
     }
 
     daemon
         .start(listener)
         .map_err(|e| Error::Daemon(format!("accepting a frontend: {e}")))?;
     info!("frontend connected");
-    device.publish_deferred_workers();
+    device.publish_workers();
+    hotplug.apply_pinning();
     {
         let mut state = lock(lifecycle);
         state.connected = true;
@@ -175,6 +200,24 @@ fn serve_one(
     }
     lock(lifecycle).connected = false;
     Ok(())
+}
+
+/// Follow QEMU's vCPUs through QMP: affinities re-pin, eject requests drain.
+fn spawn_qmp_adapter(path: PathBuf, hotplug: Arc<Hotplug>) -> Result<QmpAdapter> {
+    info!("following QEMU's vCPUs through QMP at {}", path.display());
+    QmpAdapter::spawn(
+        path,
+        Duration::from_secs(1),
+        Box::new(move |event| match event {
+            AdapterEvent::Affinity { vcpu, cpus } => hotplug.set_affinity(vcpu, cpus),
+            AdapterEvent::Unplug { vcpu } => {
+                hotplug.unplug(vcpu);
+            }
+            AdapterEvent::Plug { vcpu } => hotplug.plug(vcpu),
+            AdapterEvent::Gone { vcpu } => info!("vCPU {vcpu} is gone"),
+        }),
+    )
+    .map_err(|e| Error::Daemon(format!("QMP adapter: {e}")))
 }
 
 /// The listening socket: `--socket-path` (created, a stale file replaced) or `--fd`.

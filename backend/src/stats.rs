@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use completion::DeferredCompletions;
 use serde::Serialize;
 
+use crate::hotplug::PinControl;
 use crate::queue_thread::Done;
 
 /// Counters of one virtqueue.
@@ -171,8 +172,22 @@ impl From<completion::Stats> for DeferredSnapshot {
 #[derive(Debug)]
 pub struct DeviceStats {
     queues: Vec<QueueStats>,
-    /// Per queue, the deferred worker of the thread that serves it on the current connection.
-    deferred: Mutex<Vec<Option<Arc<DeferredCompletions<Done>>>>>,
+    /// Per queue, the deferred worker and the pin control of the thread that serves it on the
+    /// current connection.
+    workers: Mutex<Vec<Option<QueueWorker>>>,
+}
+
+/// The handles of the thread serving a queue on the current connection.
+#[derive(Clone)]
+struct QueueWorker {
+    deferred: Arc<DeferredCompletions<Done>>,
+    pin: Arc<PinControl>,
+}
+
+impl std::fmt::Debug for QueueWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueWorker").finish_non_exhaustive()
+    }
 }
 
 impl DeviceStats {
@@ -180,34 +195,47 @@ impl DeviceStats {
     pub fn new(num_queues: usize) -> Self {
         Self {
             queues: (0..num_queues).map(|_| QueueStats::default()).collect(),
-            deferred: Mutex::new(vec![None; num_queues]),
+            workers: Mutex::new(vec![None; num_queues]),
         }
     }
 
-    /// Record the deferred worker serving `queue` on the current connection.
-    pub fn set_deferred(&self, queue: usize, deferred: Arc<DeferredCompletions<Done>>) {
-        if let Some(slot) = self.lock_deferred().get_mut(queue) {
-            *slot = Some(deferred);
+    /// Record the deferred worker and pin control of the thread serving `queue` on the current
+    /// connection.
+    pub fn set_worker(
+        &self,
+        queue: usize,
+        deferred: Arc<DeferredCompletions<Done>>,
+        pin: Arc<PinControl>,
+    ) {
+        if let Some(slot) = self.lock_workers().get_mut(queue) {
+            *slot = Some(QueueWorker { deferred, pin });
         }
     }
 
     /// The deferred worker serving `queue`, if a connection has set one up.
     pub fn deferred(&self, queue: usize) -> Option<Arc<DeferredCompletions<Done>>> {
-        self.lock_deferred().get(queue).cloned().flatten()
+        self.lock_workers()
+            .get(queue)
+            .and_then(|w| w.as_ref().map(|w| w.deferred.clone()))
+    }
+
+    /// The pin control of the thread serving `queue`, if a connection has set one up.
+    pub fn pin(&self, queue: usize) -> Option<Arc<PinControl>> {
+        self.lock_workers()
+            .get(queue)
+            .and_then(|w| w.as_ref().map(|w| w.pin.clone()))
     }
 
     /// The deferred workers of every queue (`None` before the first connection).
     pub fn deferred_snapshot(&self) -> Vec<Option<DeferredSnapshot>> {
-        self.lock_deferred()
+        self.lock_workers()
             .iter()
-            .map(|d| d.as_ref().map(|d| d.stats().into()))
+            .map(|w| w.as_ref().map(|w| w.deferred.stats().into()))
             .collect()
     }
 
-    fn lock_deferred(
-        &self,
-    ) -> std::sync::MutexGuard<'_, Vec<Option<Arc<DeferredCompletions<Done>>>>> {
-        self.deferred.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock_workers(&self) -> std::sync::MutexGuard<'_, Vec<Option<QueueWorker>>> {
+        self.workers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The counters of queue `index`.
