@@ -91,6 +91,12 @@ pub struct BackendArgs {
     #[arg(long, default_value = "none")]
     pub cache: CacheMode,
 
+    /// With --cache dontcache: how pages leave the host page cache. `auto` uses RWF_DONTCACHE
+    /// where the image's file system accepts it; `fallback` always uses plain buffered writes
+    /// followed by sync_file_range + POSIX_FADV_DONTNEED.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "fallback"])]
+    pub dontcache_eviction: String,
+
     /// I/O engine: io-uring (one ring per queue thread) or sync (for hosts without io_uring).
     #[arg(long, default_value = "io-uring")]
     pub io_engine: EngineKind,

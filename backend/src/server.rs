@@ -56,6 +56,9 @@ pub fn run(args: &BackendArgs) -> Result<()> {
         })
         .map_err(|source| Error::Image { source })?,
     );
+    if args.dontcache_eviction == "fallback" && args.cache == CacheMode::DontCache {
+        image.force_dontcache_fallback();
+    }
     let serial = virtio_blk::device_id(args.serial.as_deref().unwrap_or("").as_bytes());
     let settings = DeviceSettings {
         num_queues: args.num_queues,
