@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
 
 use super::error::{bail, Context, Error, Result};
+use super::procstat::{self, HostCpu};
 use super::workload::{Op, Pattern, Workload};
 
 /// The libblkio driver name.
@@ -44,17 +45,43 @@ pub struct RawRun {
     pub backend_cpu_s: f64,
     /// CPU seconds this client process used in the window.
     pub client_cpu_s: f64,
+    /// CPU seconds everything else on the host used in the window (noise).
+    pub others_s: f64,
+    /// CPU seconds the hypervisor stole from the host in the window.
+    pub steal_s: f64,
 }
 
-/// Runs `w` against the vhost-user socket at `socket` for `ramp` (not
-/// counted) then `runtime`; `cpu` samples the backend's CPU seconds at the
-/// window's edges.
+/// Backend and host CPU counters at one instant.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuSnap {
+    /// The backend process's CPU seconds.
+    pub backend: f64,
+    /// This client's CPU seconds.
+    pub client: f64,
+    /// The host's.
+    pub host: HostCpu,
+}
+
+impl CpuSnap {
+    /// Takes a snapshot for backend `pid`.
+    pub fn take(pid: u32) -> Result<CpuSnap> {
+        Ok(CpuSnap {
+            backend: procstat::cpu_seconds(pid)?,
+            client: procstat::self_cpu_seconds()?,
+            host: procstat::host_cpu()?,
+        })
+    }
+}
+
+/// Runs `w` against the vhost-user socket at `socket`, served by process
+/// `pid`, for `ramp` (not counted) then `runtime`, sampling CPU counters at
+/// the measured window's edges.
 pub fn run(
     socket: &Path,
+    pid: u32,
     w: &Workload,
     ramp: Duration,
     runtime: Duration,
-    cpu: &dyn Fn() -> Result<f64>,
 ) -> Result<RawRun> {
     let mut blkio = connect(socket, w.queues)?;
     let mut out = blkio
@@ -100,24 +127,29 @@ pub fn run(
                 index: i as u64,
                 capacity,
                 buf: region.addr + i * per_queue as usize,
-                seed: 0x9e37_79b9_7f4a_7c15 ^ ((i as u64 + 1) << 32) ^ u64::from(std::process::id()),
+                seed: 0x9e37_79b9_7f4a_7c15
+                    ^ ((i as u64 + 1) << 32)
+                    ^ u64::from(std::process::id()),
             };
             let (phase, barrier) = (&phase, &barrier);
             handles.push(s.spawn(move || queue_thread(q, job, phase, barrier)));
         }
         barrier.wait();
         std::thread::sleep(ramp);
-        let (b0, c0) = (cpu()?, super::procstat::self_cpu_seconds()?);
+        let s0 = CpuSnap::take(pid)?;
         let t0 = Instant::now();
         phase.store(MEASURE, Ordering::SeqCst);
         std::thread::sleep(runtime);
         phase.store(STOP, Ordering::SeqCst);
         let seconds = t0.elapsed().as_secs_f64();
-        let (b1, c1) = (cpu()?, super::procstat::self_cpu_seconds()?);
+        let s1 = CpuSnap::take(pid)?;
+        let host = s1.host - s0.host;
         let mut run = RawRun {
             seconds,
-            backend_cpu_s: b1 - b0,
-            client_cpu_s: c1 - c0,
+            backend_cpu_s: s1.backend - s0.backend,
+            client_cpu_s: s1.client - s0.client,
+            others_s: host.busy - (s1.backend - s0.backend) - (s1.client - s0.client),
+            steal_s: host.steal,
             ..RawRun::default()
         };
         for h in handles {

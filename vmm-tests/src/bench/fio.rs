@@ -4,12 +4,13 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use super::driver::RawRun;
 use super::error::{bail, Context, Result};
+use super::procstat::host_cpu;
 use super::workload::{Op, Pattern, Workload};
 
 /// What fio measured, in the driver's terms, plus its percentiles.
@@ -63,7 +64,13 @@ pub fn run(
     } else {
         cmd.arg(format!("--size={image_size}"));
     }
+    let (h0, c0, t0) = (host_cpu()?, children_cpu_seconds(), Instant::now());
     let out = cmd.output().ctx(|| format!("run {}", fio.display()))?;
+    let (h1, c1, wall) = (
+        host_cpu()?,
+        children_cpu_seconds(),
+        t0.elapsed().as_secs_f64(),
+    );
     if !out.status.success() {
         bail!(
             "fio failed ({}): {}",
@@ -73,9 +80,38 @@ pub fn run(
     }
     let text = String::from_utf8_lossy(&out.stdout);
     // fio may print notes before the JSON document.
-    let json = text.find('{').map(|i| &text[i..]).ctx(|| "fio printed no JSON")?;
+    let json = text
+        .find('{')
+        .map(|i| &text[i..])
+        .ctx(|| "fio printed no JSON")?;
     let v: Value = serde_json::from_str(json).ctx(|| "parse fio's JSON")?;
-    parse(&v, w)
+    let mut run = parse(&v, w)?;
+    // The host's busy time less fio's own over fio's whole life, scaled to
+    // the measured window.
+    let host = h1 - h0;
+    let share = if wall > 0.0 {
+        run.raw.seconds / wall
+    } else {
+        0.0
+    };
+    run.raw.others_s = (host.busy - (c1 - c0)).max(0.0) * share;
+    run.raw.steal_s = host.steal * share;
+    Ok(run)
+}
+
+/// User + system CPU seconds of this process's reaped children.
+fn children_cpu_seconds() -> f64 {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes one rusage into the pointer it is given,
+    // which points to a properly sized, writable value.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, ru.as_mut_ptr()) };
+    if rc != 0 {
+        return 0.0;
+    }
+    // SAFETY: getrusage succeeded, so it initialised the value.
+    let ru = unsafe { ru.assume_init() };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 fn parse(v: &Value, w: &Workload) -> Result<FioRun> {
@@ -104,6 +140,8 @@ fn parse(v: &Value, w: &Workload) -> Result<FioRun> {
             lat_ns: Vec::new(),
             backend_cpu_s: cpu_s,
             client_cpu_s: cpu_s,
+            others_s: 0.0,
+            steal_s: 0.0,
         },
         pcts,
     })

@@ -88,7 +88,11 @@ impl Peer {
             "dontcache" => Mode::Dontcache,
             _ => Mode::Null,
         };
-        let short = if engine == "io-uring" { "uring" } else { engine };
+        let short = if engine == "io-uring" {
+            "uring"
+        } else {
+            engine
+        };
         Peer {
             name: format!("ours-{cache}-{short}"),
             kind: Kind::Ours {
@@ -102,10 +106,7 @@ impl Peer {
     fn qsd(direct: bool, aio: &str) -> Peer {
         let short = if aio == "io_uring" { "uring" } else { aio };
         Peer {
-            name: format!(
-                "qsd-{}-{short}",
-                if direct { "direct" } else { "buffered" }
-            ),
+            name: format!("qsd-{}-{short}", if direct { "direct" } else { "buffered" }),
             kind: Kind::Qsd {
                 direct,
                 aio: aio.into(),

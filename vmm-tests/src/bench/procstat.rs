@@ -1,5 +1,5 @@
 //! CPU time of a process from `/proc/PID/stat` (all its threads, user and
-//! system), in seconds.
+//! system), and of the whole host from `/proc/stat`, in seconds.
 
 use super::error::{Context, Result};
 
@@ -15,6 +15,46 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
 /// The CPU time of this process, in seconds.
 pub fn self_cpu_seconds() -> Result<f64> {
     cpu_seconds(std::process::id())
+}
+
+/// Host-wide CPU seconds so far, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HostCpu {
+    /// user + nice + system + irq + softirq.
+    pub busy: f64,
+    /// Time the hypervisor ran something else while we wanted to run.
+    pub steal: f64,
+}
+
+impl std::ops::Sub for HostCpu {
+    type Output = HostCpu;
+    fn sub(self, rhs: HostCpu) -> HostCpu {
+        HostCpu {
+            busy: self.busy - rhs.busy,
+            steal: self.steal - rhs.steal,
+        }
+    }
+}
+
+/// The host's CPU time so far (the `cpu` line of `/proc/stat`).
+pub fn host_cpu() -> Result<HostCpu> {
+    let text = std::fs::read_to_string("/proc/stat").ctx(|| "read /proc/stat")?;
+    parse_host(&text).ctx(|| "parse /proc/stat")
+}
+
+fn parse_host(text: &str) -> Option<HostCpu> {
+    let line = text.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_ascii_whitespace()
+        .skip(1)
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal ...
+    let get = |i: usize| v.get(i).copied().unwrap_or(0) as f64 / clock_ticks();
+    Some(HostCpu {
+        busy: get(0) + get(1) + get(2) + get(5) + get(6),
+        steal: get(7),
+    })
 }
 
 fn parse_stat(text: &str) -> Option<f64> {
@@ -46,12 +86,19 @@ mod tests {
     #[test]
     fn parses_a_stat_line_with_a_tricky_name() {
         let line = "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 1 2 3";
-        let s = parse_stat(line).unwrap();
+        let s = parse_stat(line).expect("parse");
         assert!((s - 300.0 / clock_ticks()).abs() < 1e-9);
     }
 
     #[test]
+    fn parses_proc_stat() {
+        let h = parse_host("cpu  100 0 50 1000 5 2 3 7 0 0\ncpu0 1 2 3\n").expect("parse");
+        assert!((h.busy - 155.0 / clock_ticks()).abs() < 1e-9);
+        assert!((h.steal - 7.0 / clock_ticks()).abs() < 1e-9);
+    }
+
+    #[test]
     fn reads_our_own_stat() {
-        assert!(self_cpu_seconds().unwrap() >= 0.0);
+        assert!(self_cpu_seconds().is_ok_and(|s| s >= 0.0));
     }
 }

@@ -26,6 +26,13 @@ pub struct Sample {
     pub client_cpu_us: f64,
     /// Share of the image's pages in the page cache when the run started.
     pub cache_resident: f64,
+    /// CPU cores everything else on the host kept busy during the run
+    /// (another build, another VM: noise).
+    #[serde(default)]
+    pub others_cores: f64,
+    /// CPU cores the hypervisor stole from this (virtual) host.
+    #[serde(default)]
+    pub steal_cores: f64,
     /// Why the run failed, if it did (its figures are then zero).
     pub error: Option<String>,
 }
@@ -90,6 +97,9 @@ pub struct Cell {
     pub backend_cores: Spread,
     /// Client CPU µs per request.
     pub client_cpu_us: Spread,
+    /// Cores busy with other work during the runs (noise).
+    #[serde(default)]
+    pub others_cores: Spread,
     /// The first failure, if any.
     pub error: Option<String>,
 }
@@ -98,9 +108,8 @@ impl Cell {
     /// Summarises the samples of one peer on one workload.
     pub fn of(peer: &str, workload: &str, samples: &[&Sample]) -> Cell {
         let ok: Vec<&&Sample> = samples.iter().filter(|s| s.error.is_none()).collect();
-        let spread = |f: &dyn Fn(&Sample) -> f64| {
-            Spread::of(&ok.iter().map(|s| f(s)).collect::<Vec<_>>())
-        };
+        let spread =
+            |f: &dyn Fn(&Sample) -> f64| Spread::of(&ok.iter().map(|s| f(s)).collect::<Vec<_>>());
         Cell {
             peer: peer.into(),
             workload: workload.into(),
@@ -114,6 +123,7 @@ impl Cell {
             backend_cpu_us: spread(&|s| s.backend_cpu_us),
             backend_cores: spread(&|s| s.backend_cores),
             client_cpu_us: spread(&|s| s.client_cpu_us),
+            others_cores: spread(&|s| s.others_cores),
             error: samples.iter().find_map(|s| s.error.clone()),
         }
     }

@@ -1,0 +1,303 @@
+//! The command line: the plan a run follows, the `--quick` smoke mode, and
+//! re-rendering the docs from a results file.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::Parser;
+
+use super::error::{bail, Context, Result};
+use super::machine;
+use super::peers::{Peer, Programs};
+use super::report::{self, Results};
+use super::runner::{self, Plan};
+use super::workload::Workload;
+
+/// Benchmarks vhost-user-blk beside its peers, host-driven through libblkio
+/// (no VM), and writes docs/benchmarks.md, docs/bench/results.json and
+/// docs/bench/*.svg.
+#[derive(Parser, Debug)]
+#[command(name = "bench")]
+pub struct Args {
+    /// Smoke test: one repetition of 1 s runs, results outside docs/ unless
+    /// --out is given.
+    #[arg(long)]
+    pub quick: bool,
+    /// Repetitions of the whole matrix (medians over them) [default: 3].
+    #[arg(long)]
+    pub reps: Option<u32>,
+    /// Measured seconds per run [default: 5].
+    #[arg(long)]
+    pub runtime: Option<f64>,
+    /// Unmeasured warm-up seconds per run [default: 0.5].
+    #[arg(long)]
+    pub ramp: Option<f64>,
+    /// Comma-separated workloads (`randread-4k-qd32-q2`, `write-1m-qd8-q1`,
+    /// ...), `default` or `all`.
+    #[arg(long, default_value = "default")]
+    pub workloads: String,
+    /// Comma-separated peers, `default` or `all` (see --list).
+    #[arg(long, default_value = "default")]
+    pub peers: String,
+    /// List the workloads and peers and exit.
+    #[arg(long)]
+    pub list: bool,
+    /// Folder of the two images (created, preallocated and filled once if
+    /// missing), the sockets and the server logs [default:
+    /// <workspace>/target/bench].
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    /// Image size (bytes, or with K/M/G).
+    #[arg(long, default_value = "1G")]
+    pub image_size: String,
+    /// Wait up to this many seconds before each run for the rest of the
+    /// host to go idle (< 0.25 cores busy).
+    #[arg(long, default_value_t = 10.0)]
+    pub max_idle_wait: f64,
+    /// The docs folder to write into [default: <workspace>/docs; with
+    /// --quick: <work dir>/quick].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// The vhost-user-blk binary [default: built with `cargo build
+    /// --release -p vhost-user-blk` into this binary's target folder].
+    #[arg(long)]
+    pub backend: Option<PathBuf>,
+    /// qemu-storage-daemon.
+    #[arg(long, default_value = "qemu-storage-daemon")]
+    pub qsd: PathBuf,
+    /// fio.
+    #[arg(long, default_value = "fio")]
+    pub fio: PathBuf,
+    /// cloud-hypervisor's vhost_user_block; adds the `ch-*` peers.
+    #[arg(long, env = "BENCH_CH_BLOCK")]
+    pub ch: Option<PathBuf>,
+    /// Re-render the docs from a results.json instead of running.
+    #[arg(long)]
+    pub from_json: Option<PathBuf>,
+}
+
+/// The workspace root (this crate's parent).
+pub fn workspace() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+fn parse_size(s: &str) -> Result<u64> {
+    let s = s.trim();
+    let (num, mul) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let mul = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => bail!("size {s:?}: unknown suffix {c:?}"),
+            };
+            (&s[..i], mul)
+        }
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().ctx(|| format!("size {s:?}"))?;
+    n.checked_mul(mul).ctx(|| format!("size {s:?} overflows"))
+}
+
+fn pick<T: Clone>(
+    spec: &str,
+    defaults: Vec<T>,
+    all: Vec<T>,
+    name: impl Fn(&T) -> String,
+    parse: impl Fn(&str) -> Result<T>,
+) -> Result<Vec<T>> {
+    match spec {
+        "default" => Ok(defaults),
+        "all" => Ok(all),
+        list => list
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                all.iter()
+                    .find(|t| name(t) == s)
+                    .cloned()
+                    .map_or_else(|| parse(s), Ok)
+            })
+            .collect(),
+    }
+}
+
+fn secs(v: f64, what: &str) -> Result<Duration> {
+    Duration::try_from_secs_f64(v).ctx(|| format!("{what} {v}: not a duration"))
+}
+
+fn backend_binary(args: &Args) -> Result<PathBuf> {
+    if let Some(b) = &args.backend {
+        return Ok(b.clone());
+    }
+    let exe = std::env::current_exe().ctx(|| "locate this binary")?;
+    let dir = exe.parent().ctx(|| "this binary has no folder")?;
+    let backend = dir.join("vhost-user-blk");
+    if let Ok(cargo) = std::env::var("CARGO") {
+        eprintln!("bench: building vhost-user-blk (release)");
+        let status = Command::new(cargo)
+            .current_dir(workspace())
+            .args(["build", "--release", "-p", "vhost-user-blk"])
+            .status()
+            .ctx(|| "run cargo build -p vhost-user-blk")?;
+        if !status.success() {
+            bail!("cargo build --release -p vhost-user-blk failed ({status}); pass --backend PATH");
+        }
+    }
+    if !backend.exists() {
+        bail!(
+            "{} is missing: build it with `cargo build --release -p vhost-user-blk` or pass --backend",
+            backend.display()
+        );
+    }
+    Ok(backend)
+}
+
+/// Runs the tool.
+pub fn main() -> Result<()> {
+    let args = Args::parse();
+    let with_ch = args.ch.is_some();
+    if args.list {
+        println!("workloads (default marked *):");
+        let defaults = Workload::defaults();
+        for w in Workload::all() {
+            let d = if defaults.contains(&w) { "*" } else { " " };
+            println!("  {d} {}", w.name());
+        }
+        println!("peers (default marked *; ch-* need --ch or BENCH_CH_BLOCK):");
+        let defaults = Peer::defaults(true);
+        for p in Peer::all(true) {
+            let d = if defaults.contains(&p) { "*" } else { " " };
+            println!("  {d} {}", p.name);
+        }
+        return Ok(());
+    }
+    let ws = workspace();
+    let work_dir = args
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| ws.join("target").join("bench"));
+    let image_cold = work_dir.join("image-cold.raw");
+    let image_hot = work_dir.join("image-hot.raw");
+    let out = args.out.clone().unwrap_or_else(|| {
+        if args.quick {
+            work_dir.join("quick")
+        } else {
+            ws.join("docs")
+        }
+    });
+    if let Some(json) = &args.from_json {
+        let text = std::fs::read_to_string(json).ctx(|| format!("read {}", json.display()))?;
+        let mut r: Results =
+            serde_json::from_str(&text).ctx(|| format!("parse {}", json.display()))?;
+        r.summarise();
+        report::write_all(&r, &out)?;
+        eprintln!("bench: rewrote {}", out.display());
+        return Ok(());
+    }
+    let image_size = parse_size(&args.image_size)?;
+    let workloads = pick(
+        &args.workloads,
+        Workload::defaults(),
+        Workload::all(),
+        Workload::name,
+        Workload::parse,
+    )?;
+    let peers = pick(
+        &args.peers,
+        Peer::defaults(with_ch),
+        Peer::all(with_ch),
+        |p| p.name.clone(),
+        |s| bail!("unknown peer {s:?} (see --list)"),
+    )?;
+    let (reps, runtime, ramp) = if args.quick {
+        (1, 1.0, 0.2)
+    } else {
+        (3, 5.0, 0.5)
+    };
+    let plan = Plan {
+        workloads,
+        peers,
+        reps: args.reps.unwrap_or(reps),
+        ramp: secs(args.ramp.unwrap_or(ramp), "--ramp")?,
+        runtime: secs(args.runtime.unwrap_or(runtime), "--runtime")?,
+        image_cold: image_cold.clone(),
+        image_hot,
+        max_idle_wait: secs(args.max_idle_wait, "--max-idle-wait")?,
+        image_size,
+        work_dir: work_dir.clone(),
+        progs: Programs {
+            backend: backend_binary(&args)?,
+            qsd: args.qsd.clone(),
+            fio: args.fio.clone(),
+            ch: args.ch.clone(),
+        },
+    };
+    eprintln!(
+        "bench: {} workloads × {} peers × {} reps, {:.1}+{:.1} s per run; backend {}",
+        plan.workloads.len(),
+        plan.peers.len(),
+        plan.reps,
+        plan.ramp.as_secs_f64(),
+        plan.runtime.as_secs_f64(),
+        plan.progs.backend.display()
+    );
+    let samples = runner::run(&plan)?;
+    let mut r = Results {
+        command: command_line(),
+        finished_unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        machine: machine::describe(
+            &image_cold,
+            &ws,
+            &plan.progs.qsd,
+            &plan.progs.fio,
+            plan.progs.ch.as_deref(),
+        ),
+        reps: plan.reps,
+        ramp_s: plan.ramp.as_secs_f64(),
+        runtime_s: plan.runtime.as_secs_f64(),
+        image: work_dir.display().to_string(),
+        image_size,
+        workloads: plan.workloads.iter().map(Workload::name).collect(),
+        peers: plan.peers.iter().map(|p| p.name.clone()).collect(),
+        samples,
+        cells: Vec::new(),
+    };
+    r.summarise();
+    report::write_all(&r, &out)?;
+    println!("{}", report::markdown(&r));
+    eprintln!(
+        "bench: wrote {}/benchmarks.md and {}/bench/",
+        out.display(),
+        out.display()
+    );
+    Ok(())
+}
+
+fn command_line() -> String {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut s = String::from("cargo run --release -p vmm-tests --bin bench");
+    if !args.is_empty() {
+        s.push_str(" -- ");
+        s.push_str(&args.join(" "));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1G").ok(), Some(1 << 30));
+        assert_eq!(parse_size("4096").ok(), Some(4096));
+        assert!(parse_size("1X").is_err());
+    }
+}

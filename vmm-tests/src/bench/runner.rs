@@ -1,0 +1,254 @@
+//! The run loop: for each repetition, each workload, each peer (so peers
+//! interleave A B A B), reset the page cache, start the peer, drive it,
+//! stop it, and record one [`Sample`]; a progress line meanwhile.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use super::cache;
+use super::driver;
+use super::error::{Context, Result};
+use super::fio;
+use super::peers::{Kind, Peer, Programs, Server};
+use super::procstat;
+use super::stats::{percentiles_us, Sample};
+use super::workload::Workload;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// Workloads, in order.
+    pub workloads: Vec<Workload>,
+    /// Peers, in the order they alternate.
+    pub peers: Vec<Peer>,
+    /// Repetitions of the whole matrix.
+    pub reps: u32,
+    /// Unmeasured warm-up per run.
+    pub ramp: Duration,
+    /// Measured time per run.
+    pub runtime: Duration,
+    /// The image of the O_DIRECT and dontcache peers.
+    pub image_cold: PathBuf,
+    /// The image of the buffered peers (kept in the page cache).
+    pub image_hot: PathBuf,
+    /// Wait up to this long before a run for the host to go idle.
+    pub max_idle_wait: Duration,
+    /// Its size in bytes.
+    pub image_size: u64,
+    /// Sockets and logs.
+    pub work_dir: PathBuf,
+    /// The programs.
+    pub progs: Programs,
+}
+
+/// Runs the plan; a failed run is recorded, not fatal.
+pub fn run(plan: &Plan) -> Result<Vec<Sample>> {
+    std::fs::create_dir_all(&plan.work_dir).ctx(|| format!("mkdir {}", plan.work_dir.display()))?;
+    cache::prepare_image(&plan.image_cold, plan.image_size)?;
+    cache::prepare_image(&plan.image_hot, plan.image_size)?;
+    let total = plan.reps as usize * plan.workloads.len() * plan.peers.len();
+    let mut progress = Progress::new(total, plan);
+    let mut samples = Vec::with_capacity(total);
+    for rep in 0..plan.reps {
+        for w in &plan.workloads {
+            for p in &plan.peers {
+                progress.start(rep, w, p);
+                let s = run_one(plan, rep, w, p);
+                progress.done(&s);
+                samples.push(s);
+            }
+        }
+    }
+    progress.finish();
+    Ok(samples)
+}
+
+fn run_one(plan: &Plan, rep: u32, w: &Workload, p: &Peer) -> Sample {
+    let mut s = Sample {
+        peer: p.name.clone(),
+        workload: w.name(),
+        rep,
+        iops: 0.0,
+        mib_s: 0.0,
+        lat_us: [0.0; 3],
+        backend_cpu_us: 0.0,
+        backend_cores: 0.0,
+        client_cpu_us: 0.0,
+        cache_resident: 0.0,
+        others_cores: 0.0,
+        steal_cores: 0.0,
+        error: None,
+    };
+    if let Err(e) = measure(plan, w, p, &mut s) {
+        s.error = Some(e.to_string());
+    }
+    s
+}
+
+fn measure(plan: &Plan, w: &Workload, p: &Peer, s: &mut Sample) -> Result<()> {
+    let image = if p.wants_warm_cache() {
+        &plan.image_hot
+    } else {
+        &plan.image_cold
+    };
+    if p.uses_image() {
+        s.cache_resident = cache::reset(image, p.wants_warm_cache())?;
+    }
+    wait_idle(plan.max_idle_wait)?;
+    let (raw, pcts) = match &p.kind {
+        Kind::Fio { direct } => {
+            let f = fio::run(
+                &plan.progs.fio,
+                image,
+                plan.image_size,
+                w,
+                *direct,
+                plan.ramp,
+                plan.runtime,
+            )?;
+            (f.raw, f.pcts.map(|ns| ns / 1000.0))
+        }
+        _ => {
+            let mut server = Server::start(
+                p,
+                &plan.progs,
+                image,
+                plan.image_size,
+                w.queues,
+                &plan.work_dir,
+            )?;
+            let result = driver::run(&server.socket, server.pid(), w, plan.ramp, plan.runtime);
+            let mut raw = match result {
+                Ok(raw) => raw,
+                Err(e) => {
+                    let alive = server.check_alive().err();
+                    return Err(match alive {
+                        Some(dead) => super::error::Error::msg(format!("{e}; {dead}")),
+                        None => e,
+                    });
+                }
+            };
+            server.stop();
+            let pcts = percentiles_us(&mut raw.lat_ns);
+            (raw, pcts)
+        }
+    };
+    if raw.ios == 0 || raw.seconds <= 0.0 {
+        return Err(super::error::Error::msg("no request completed"));
+    }
+    s.iops = raw.ios as f64 / raw.seconds;
+    s.mib_s = raw.bytes as f64 / raw.seconds / f64::from(1 << 20);
+    s.lat_us = pcts;
+    s.backend_cpu_us = raw.backend_cpu_s * 1e6 / raw.ios as f64;
+    s.backend_cores = raw.backend_cpu_s / raw.seconds;
+    s.client_cpu_us = raw.client_cpu_s * 1e6 / raw.ios as f64;
+    s.others_cores = raw.others_s.max(0.0) / raw.seconds;
+    s.steal_cores = raw.steal_s.max(0.0) / raw.seconds;
+    Ok(())
+}
+
+/// Cores of other work below which the host counts as idle.
+const IDLE_CORES: f64 = 0.25;
+
+/// Waits, up to `limit`, until the rest of the host keeps fewer than
+/// [`IDLE_CORES`] busy over a 250 ms window (this machine may be shared with
+/// builds and VMs); the run goes ahead after `limit` regardless, and its
+/// `others_cores` says how noisy it was.
+fn wait_idle(limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (h0, c0) = (procstat::host_cpu()?, procstat::self_cpu_seconds()?);
+        let t0 = Instant::now();
+        std::thread::sleep(Duration::from_millis(250));
+        let (h1, c1) = (procstat::host_cpu()?, procstat::self_cpu_seconds()?);
+        let others = ((h1 - h0).busy - (c1 - c0)) / t0.elapsed().as_secs_f64();
+        if others < IDLE_CORES || Instant::now() >= deadline {
+            return Ok(());
+        }
+    }
+}
+
+/// The progress line on stderr: one line rewritten in place on a terminal,
+/// one line per run otherwise.
+struct Progress {
+    total: usize,
+    done: usize,
+    started: Instant,
+    per_run: Duration,
+    tty: bool,
+}
+
+impl Progress {
+    fn new(total: usize, plan: &Plan) -> Self {
+        Progress {
+            total,
+            done: 0,
+            started: Instant::now(),
+            per_run: plan.ramp + plan.runtime + Duration::from_millis(900),
+            tty: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn eta(&self) -> Duration {
+        let left = (self.total - self.done) as u32;
+        if self.done == 0 {
+            self.per_run * left
+        } else {
+            self.started.elapsed() / self.done as u32 * left
+        }
+    }
+
+    fn start(&mut self, rep: u32, w: &Workload, p: &Peer) {
+        let eta = self.eta().as_secs();
+        let line = format!(
+            "[{:>3}/{}] rep {} {:<20} {:<22} eta {}m{:02}s",
+            self.done + 1,
+            self.total,
+            rep + 1,
+            w.name(),
+            p.name,
+            eta / 60,
+            eta % 60
+        );
+        let mut e = std::io::stderr().lock();
+        if self.tty {
+            let _ = write!(e, "\r\x1b[K{line}");
+        } else {
+            let _ = write!(e, "{line}");
+        }
+        let _ = e.flush();
+    }
+
+    fn done(&mut self, s: &Sample) {
+        self.done += 1;
+        let result = match &s.error {
+            Some(err) => format!("FAILED: {}", err.lines().next().unwrap_or("")),
+            None => format!(
+                "{:>8.1}k IOPS {:>7.1} MiB/s p99 {:>7.1}us cpu {:>5.2}us/req noise {:.2}",
+                s.iops / 1000.0,
+                s.mib_s,
+                s.lat_us[1],
+                s.backend_cpu_us,
+                s.others_cores
+            ),
+        };
+        let mut e = std::io::stderr().lock();
+        if self.tty && s.error.is_none() {
+            // Stays on the line the next run's progress rewrites.
+            let _ = write!(e, "  {result}");
+        } else {
+            let _ = writeln!(e, "  {result}");
+        }
+        let _ = e.flush();
+    }
+
+    fn finish(&self) {
+        let t = self.started.elapsed().as_secs();
+        let mut e = std::io::stderr().lock();
+        if self.tty {
+            let _ = writeln!(e);
+        }
+        let _ = writeln!(e, "bench: {} runs in {}m{:02}s", self.total, t / 60, t % 60);
+    }
+}
