@@ -24,7 +24,7 @@ use virtio_blk::{
     write_device_id, write_status, Request, RequestBuffers, RequestType, SECTOR_SHIFT,
     STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
 };
-use virtio_queue::{DescriptorChain, QueueT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{
     GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
 };
@@ -74,6 +74,8 @@ struct QueueContext {
     slots: Vec<Slot>,
     bufs: RequestBuffers,
     needs_signal: bool,
+    /// The driver published an impossible available index; logged once.
+    ring_broken: bool,
 }
 
 /// What became of a popped chain.
@@ -169,6 +171,7 @@ impl QueueThread {
                     .collect(),
                 bufs: RequestBuffers::new(&shared.limits),
                 needs_signal: false,
+                ring_broken: false,
             })
             .collect();
         Self {
@@ -207,6 +210,15 @@ impl QueueThread {
             let mut state = vring.get_mut();
             // Stopped by GET_VRING_BASE: the frontend owns the ring again.
             if !state.get_queue().ready() {
+                break;
+            }
+            // An available index more than a queue's worth ahead of us is the driver breaking its
+            // own ring: nothing on it can be trusted, so this queue stops (the others go on).
+            if let Err(e) = state.get_queue_mut().iter(&*mem) {
+                let queue = &mut self.queues[local];
+                if !std::mem::replace(&mut queue.ring_broken, true) {
+                    error!("queue {}: driver broke the ring, not serving it: {e:?}", queue.index);
+                }
                 break;
             }
             if event_idx {
