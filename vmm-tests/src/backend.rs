@@ -295,6 +295,16 @@ impl Backend {
         if let (BackendKind::VhostUserBlk(_), Some(ctl)) = (kind, &cfg.control) {
             process::wait_for_socket(ctl, Duration::from_secs(10), || Ok(()))?;
         }
+        // A backend that dies right after creating its socket (a bad
+        // sandbox, say) would otherwise surface as a guest that cannot
+        // connect; say what happened instead.
+        if let Some(s) = child.wait_timeout(Duration::from_millis(200))? {
+            return Err(Error::Exited {
+                what: name.to_string(),
+                status: s.to_string(),
+                log: Some(log_path),
+            });
+        }
         Ok(Backend {
             child,
             kind: kind.clone(),

@@ -87,6 +87,29 @@ impl Harness {
         })
     }
 
+    /// Prints the tail of every backend log in the work directory.
+    pub fn dump_logs(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if !name.ends_with(".log") || name.contains("console") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("--- last lines of {} ---", p.display());
+            for l in &lines[lines.len().saturating_sub(15)..] {
+                eprintln!("{l}");
+            }
+        }
+    }
+
     /// Keeps the work directory after the test.
     pub fn keep(&mut self) {
         self.keep = true;
@@ -152,6 +175,7 @@ pub fn vm_test(name: &str, f: impl FnOnce(&mut Harness) -> Result<()>) {
     );
     if let Err(e) = result {
         h.keep();
+        h.dump_logs();
         panic!("{name}: {e}\n(work directory kept: {})", h.dir.display());
     }
 }
