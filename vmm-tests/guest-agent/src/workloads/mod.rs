@@ -9,6 +9,7 @@ mod info;
 mod interrupts;
 mod misc;
 mod parallel;
+mod uring;
 
 use serde_json::Value;
 
@@ -28,6 +29,7 @@ const WORKLOADS: &[(&str, Workload)] = &[
     ("interrupts", interrupts::run),
     ("verify", parallel::verify),
     ("randio", parallel::randio),
+    ("uring", uring::run),
     ("dontcache", dontcache::dontcache),
     ("buffered", dontcache::buffered),
     ("ext4", ext4::run),
