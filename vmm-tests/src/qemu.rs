@@ -372,6 +372,134 @@ impl Qemu {
     }
 }
 
+/// A vCPU as QMP's `query-cpus-fast` describes it.
+#[derive(Debug, Clone)]
+pub struct Vcpu {
+    /// The vCPU index (`cpu-index`), as the guest numbers its CPUs.
+    pub index: u64,
+    /// Its QOM path, which `device_del` takes as an id.
+    pub qom_path: String,
+    /// The host thread running it.
+    pub thread_id: u64,
+    /// Its topology properties (`socket-id`, `core-id`, `thread-id`, ...),
+    /// which `device_add` needs to plug it back.
+    pub props: serde_json::Map<String, serde_json::Value>,
+}
+
+/// What QEMU reported while a vCPU was unplugged.
+#[derive(Debug, Clone)]
+pub struct Unplug {
+    /// From `device_del` to the eject request (`ACPI_DEVICE_OST` with
+    /// status 132 for the CPU's slot), as the harness saw the events.
+    pub eject_request: Option<Duration>,
+    /// From `device_del` to `DEVICE_DELETED`.
+    pub deleted: Duration,
+    /// From the eject request to `DEVICE_DELETED`, by QMP's own event
+    /// timestamps: how long the guest took to take the CPU offline.
+    pub offline_by_timestamps: Option<Duration>,
+}
+
+fn event_time(ev: &serde_json::Value) -> Option<Duration> {
+    let t = &ev["timestamp"];
+    Some(
+        Duration::from_secs(t["seconds"].as_u64()?)
+            + Duration::from_micros(t["microseconds"].as_u64()?),
+    )
+}
+
+impl Qemu {
+    /// The vCPUs, from `query-cpus-fast`.
+    pub fn vcpus(&mut self) -> Result<Vec<Vcpu>> {
+        let v = self.qmp()?.execute("query-cpus-fast", None)?;
+        Ok(v.as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| Vcpu {
+                index: c["cpu-index"].as_u64().unwrap_or(0),
+                qom_path: c["qom-path"].as_str().unwrap_or("").to_string(),
+                thread_id: c["thread-id"].as_u64().unwrap_or(0),
+                props: c["props"].as_object().cloned().unwrap_or_default(),
+            })
+            .collect())
+    }
+
+    /// Unplugs vCPU `index` (`device_del` of its QOM path) and waits up to
+    /// `timeout` for `DEVICE_DELETED`, which comes after the guest has
+    /// taken the CPU offline. Returns the timing of the events.
+    pub fn unplug_vcpu(&mut self, index: u64, timeout: Duration) -> Result<(Vcpu, Unplug)> {
+        let cpu = self
+            .vcpus()?
+            .into_iter()
+            .find(|c| c.index == index)
+            .ok_or_else(|| Error::Qmp(format!("no vCPU {index}")))?;
+        let qmp = self.qmp()?;
+        qmp.events(Duration::ZERO)?;
+        let start = Instant::now();
+        qmp.execute(
+            "device_del",
+            Some(serde_json::json!({ "id": cpu.qom_path })),
+        )?;
+        let slot = index.to_string();
+        let mut eject = None;
+        let mut eject_ts = None;
+        let deleted = loop {
+            let left = timeout.saturating_sub(start.elapsed());
+            let ev = qmp.wait_event(left, |e| {
+                matches!(
+                    e["event"].as_str(),
+                    Some("ACPI_DEVICE_OST" | "DEVICE_DELETED")
+                )
+            })?;
+            match ev["event"].as_str() {
+                Some("ACPI_DEVICE_OST") => {
+                    let info = &ev["data"]["info"];
+                    if info["slot-type"] == "CPU"
+                        && info["status"] == 132
+                        && info["slot"] == slot.as_str()
+                    {
+                        eject.get_or_insert(start.elapsed());
+                        eject_ts = event_time(&ev);
+                    }
+                }
+                _ => {
+                    let path = ev["data"]["path"].as_str().unwrap_or("");
+                    if path.starts_with(&cpu.qom_path) {
+                        break ev;
+                    }
+                }
+            }
+        };
+        let unplug = Unplug {
+            eject_request: eject,
+            deleted: start.elapsed(),
+            offline_by_timestamps: match (eject_ts, event_time(&deleted)) {
+                (Some(a), Some(b)) => b.checked_sub(a),
+                _ => None,
+            },
+        };
+        Ok((cpu, unplug))
+    }
+
+    /// Plugs a vCPU back with the topology of `cpu` (`device_add` of the
+    /// accelerator's CPU model, e.g. `max-x86_64-cpu` under TCG). The guest
+    /// sees it offline: the agent's `wait_cpus` workload brings it online.
+    pub fn plug_vcpu(&mut self, cpu: &Vcpu, id: &str) -> Result<()> {
+        let model = self.accel.cpu();
+        let model = model.split(',').next().unwrap_or("max").to_string();
+        let mut args = serde_json::Map::new();
+        args.insert("driver".into(), format!("{model}-x86_64-cpu").into());
+        args.insert("id".into(), id.into());
+        for (k, v) in &cpu.props {
+            if k != "node-id" {
+                args.insert(k.clone(), v.clone());
+            }
+        }
+        self.qmp()?
+            .execute("device_add", Some(serde_json::Value::Object(args)))?;
+        Ok(())
+    }
+}
+
 static ACCEL: OnceLock<Accel> = OnceLock::new();
 
 /// The accelerator to use: `$VMM_TESTS_ACCEL` (`kvm` or `tcg`) if set;

@@ -11,6 +11,7 @@ use crate::error::{Context, Error, Result};
 #[derive(Debug, Default, Clone)]
 pub struct Params {
     map: HashMap<String, String>,
+    instance: String,
 }
 
 impl Params {
@@ -30,7 +31,32 @@ impl Params {
                 None => (w.to_string(), "1".to_string()),
             })
             .collect();
-        Params { map }
+        Params {
+            map,
+            instance: String::new(),
+        }
+    }
+
+    /// The parameters as seen by one workload instance. A workload may run
+    /// more than once under names `<workload>#<tag>`; the keys
+    /// `<workload>#<tag>.<key>` then override `<workload>.<key>`.
+    pub fn scoped(&self, instance: &str) -> Params {
+        let mut p = self.clone();
+        p.instance = instance.to_string();
+        if let Some((base, _)) = instance.split_once('#') {
+            let prefix = format!("{instance}.");
+            for (k, v) in &self.map {
+                if let Some(rest) = k.strip_prefix(&prefix) {
+                    p.map.insert(format!("{base}.{rest}"), v.clone());
+                }
+            }
+        }
+        p
+    }
+
+    /// The workload instance these parameters were scoped for.
+    pub fn instance(&self) -> &str {
+        &self.instance
     }
 
     /// The workloads to run, in order (default: `info`).
@@ -103,5 +129,13 @@ mod tests {
         assert_eq!(p.get::<u64>("verify", "seed", 0).ok(), Some(3));
         assert!(p.get_bool("x", "flag", false));
         assert!(p.get::<u64>("", "run", 0).is_err());
+    }
+
+    #[test]
+    fn instances_override_their_workload() {
+        let p = Params::parse("agent.run=w#a,w#b agent.w.n=1 agent.w#b.n=2");
+        assert_eq!(p.scoped("w#a").get::<u32>("w", "n", 0).ok(), Some(1));
+        assert_eq!(p.scoped("w#b").get::<u32>("w", "n", 0).ok(), Some(2));
+        assert_eq!(p.scoped("w#b").instance(), "w#b");
     }
 }

@@ -8,15 +8,15 @@
 //! - `readonly`: tries to open the disk for writing and to write a block
 //!   with O_DIRECT at `offset_mib` (0); succeeds only if the guest cannot
 //!   write, and reports the errors it got.
-//! - `idle`: prints `AGENT-READY {"workload":"idle"}` and sleeps `secs`
+//! - `idle`: prints `AGENT-READY {"workload":"idle"}` (the instance's
+//!   name) and sleeps `secs`
 //!   (default 3600) so that the host can act on a quiet guest.
 
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use guest_agent::{pattern, protocol};
+use guest_agent::pattern;
 use serde_json::{json, Value};
 
 use super::DISK;
@@ -119,16 +119,7 @@ pub fn readonly(p: &Params) -> Result<Value> {
 /// `idle`.
 pub fn idle(p: &Params) -> Result<Value> {
     let secs: f64 = p.get("idle", "secs", 3600.0)?;
-    let line = format!(
-        "\n{}{}\n",
-        protocol::READY_PREFIX,
-        json!({"workload": "idle"})
-    );
-    let mut out = std::io::stdout().lock();
-    out.write_all(line.as_bytes())
-        .ctx(|| "write console".into())?;
-    out.flush().ctx(|| "flush console".into())?;
-    drop(out);
+    super::ready(p)?;
     std::thread::sleep(Duration::from_secs_f64(secs));
     Ok(json!({"slept_s": secs}))
 }

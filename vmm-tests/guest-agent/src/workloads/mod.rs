@@ -1,8 +1,11 @@
 //! The workloads, by name.
 //!
 //! A workload is a function from the parameters to a JSON value; add one by
-//! writing a module and a line in [`WORKLOADS`].
+//! writing a module and a line in [`WORKLOADS`]. A workload can run several
+//! times in one boot as `name#tag`, each instance with its own parameters
+//! (`agent.name#tag.key=value`).
 
+mod cpus;
 mod dontcache;
 mod ext4;
 mod info;
@@ -37,15 +40,32 @@ const WORKLOADS: &[(&str, Workload)] = &[
     ("discard", misc::discard),
     ("readonly", misc::readonly),
     ("idle", misc::idle),
+    ("wait_cpus", cpus::wait_cpus),
 ];
 
-/// Runs the workload called `name`.
+/// Runs the workload called `name`; `name#tag` runs `name` with the
+/// parameters scoped to that instance (see [`Params::scoped`]).
 pub fn run(name: &str, params: &Params) -> Result<Value> {
+    let base = name.split('#').next().unwrap_or(name);
     let (_, f) = WORKLOADS
         .iter()
-        .find(|(n, _)| *n == name)
+        .find(|(n, _)| *n == base)
         .ok_or_else(|| Error::UnknownWorkload(name.to_string()))?;
-    f(params)
+    f(&params.scoped(name))
+}
+
+/// Prints `AGENT-READY {"workload": <instance>}` for the host to act on.
+pub fn ready(params: &Params) -> Result<()> {
+    use std::io::Write;
+    let line = format!(
+        "\n{}{}\n",
+        guest_agent::protocol::READY_PREFIX,
+        serde_json::json!({"workload": params.instance()})
+    );
+    let mut out = std::io::stdout().lock();
+    out.write_all(line.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(|e| Error::io("write console", e))
 }
 
 /// Megabytes (10^6 bytes) per second.
