@@ -217,7 +217,10 @@ impl QueueThread {
             if let Err(e) = state.get_queue_mut().iter(&*mem) {
                 let queue = &mut self.queues[local];
                 if !std::mem::replace(&mut queue.ring_broken, true) {
-                    error!("queue {}: driver broke the ring, not serving it: {e:?}", queue.index);
+                    error!(
+                        "queue {}: driver broke the ring, not serving it: {e:?}",
+                        queue.index
+                    );
                 }
                 break;
             }
