@@ -8,18 +8,68 @@ use crate::error::{Context, Error, Result};
 
 /// A child process killed (`SIGKILL`) and reaped when dropped, so that a
 /// failing test leaves no QEMU or backend behind.
+///
+/// The child leads its own process group and every signal goes to the
+/// group, so a wrapper script (`VHOST_USER_BLK_BIN=/path/to/wrapper`) and
+/// whatever it started die together. The child also gets `SIGKILL` if the
+/// thread that spawned it dies (`PR_SET_PDEATHSIG`): a test binary killed
+/// by a timeout does not leave a backend or a QEMU running.
 #[derive(Debug)]
 pub struct ChildGuard {
     child: Option<Child>,
+    /// Set once the child is reaped: from then on its pid (and group id)
+    /// may belong to someone else, so nothing is signalled any more.
+    status: Option<ExitStatus>,
     name: String,
+}
+
+/// Whether `pid`, our child, has exited, without reaping it (a zombie
+/// keeps its pid, and so its process group id, from being reused).
+fn exited_unreaped(pid: u32) -> bool {
+    // SAFETY: siginfo_t is plain old data; all-zero is a valid value.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid on our own child with WNOWAIT only fills `info`.
+    let rc = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    // SAFETY: si_pid is valid to read for the SIGCHLD-style info waitid fills.
+    rc == 0 && unsafe { info.si_pid() } != 0
+}
+
+/// `SIGKILL` to the process group led by `pid`. The caller guarantees that
+/// `pid` is an unreaped child of ours, so the group id cannot have been
+/// reused. A group with no members left makes kill fail, which is fine.
+fn kill_group(pid: u32) {
+    if pid > 0 {
+        // SAFETY: see above.
+        unsafe { libc::kill(-(pid as libc::pid_t), libc::SIGKILL) };
+    }
 }
 
 impl ChildGuard {
     /// Spawns `cmd`; `name` is used in messages.
     pub fn spawn(name: &str, cmd: &mut Command) -> Result<Self> {
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+        // SAFETY: the closure runs in the child between fork and exec and
+        // only calls prctl(2), which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let child = cmd.spawn().ctx(|| format!("spawn {name} ({cmd:?})"))?;
         Ok(ChildGuard {
             child: Some(child),
+            status: None,
             name: name.to_string(),
         })
     }
@@ -34,11 +84,30 @@ impl ChildGuard {
         self.child.as_mut()
     }
 
-    /// The exit status if it has exited, without waiting.
+    /// Reaps the child, after killing what is left of its group.
+    fn reap(&mut self) -> Result<ExitStatus> {
+        if let Some(s) = self.status {
+            return Ok(s);
+        }
+        let c = self
+            .child
+            .as_mut()
+            .ok_or_else(|| Error::Backend(format!("{} has no process", self.name)))?;
+        kill_group(c.id());
+        let s = c.wait().ctx(|| format!("wait for {}", self.name))?;
+        self.status = Some(s);
+        Ok(s)
+    }
+
+    /// The exit status if it has exited, without waiting. Whatever the
+    /// child left in its process group is killed then.
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
-        match self.child.as_mut() {
-            Some(c) => c.try_wait().ctx(|| format!("wait for {}", self.name)),
-            None => Ok(None),
+        if let Some(s) = self.status {
+            return Ok(Some(s));
+        }
+        match self.child.as_ref() {
+            Some(c) if exited_unreaped(c.id()) => self.reap().map(Some),
+            _ => Ok(None),
         }
     }
 
@@ -56,15 +125,19 @@ impl ChildGuard {
         }
     }
 
-    /// Sends `sig` to the process.
+    /// Sends `sig` to the process's group.
     pub fn signal(&self, sig: libc::c_int) -> Result<()> {
+        if self.status.is_some() {
+            return Ok(());
+        }
         let pid = self.id() as libc::pid_t;
         if pid <= 0 {
             return Ok(());
         }
-        // SAFETY: kill(2) on our own child's pid; it is not reaped yet (we
-        // hold the Child), so the pid cannot have been reused.
-        if unsafe { libc::kill(pid, sig) } != 0 {
+        // SAFETY: kill(2) of our child's process group; the child is not
+        // reaped (`status` is None), so its pid, the group's id, cannot
+        // have been reused.
+        if unsafe { libc::kill(-pid, sig) } != 0 {
             return Err(Error::io(
                 format!("kill -{sig} {} ({pid})", self.name),
                 std::io::Error::last_os_error(),
@@ -85,27 +158,15 @@ impl ChildGuard {
         self.kill()
     }
 
-    /// `SIGKILL` and reap.
+    /// `SIGKILL` to the group, and reap.
     pub fn kill(&mut self) -> Result<ExitStatus> {
-        match self.child.as_mut() {
-            Some(c) => {
-                // An already exited child makes kill fail; wait tells.
-                let _ = c.kill();
-                c.wait().ctx(|| format!("wait for {}", self.name))
-            }
-            None => Err(Error::Backend(format!("{} already reaped", self.name))),
-        }
+        self.reap()
     }
 }
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            if let Ok(None) = c.try_wait() {
-                let _ = c.kill();
-            }
-            let _ = c.wait();
-        }
+        let _ = self.reap();
     }
 }
 
