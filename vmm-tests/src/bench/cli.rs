@@ -27,7 +27,7 @@ pub struct Args {
     /// Repetitions of the whole matrix (medians over them) [default: 3].
     #[arg(long)]
     pub reps: Option<u32>,
-    /// Measured seconds per run [default: 5].
+    /// Measured seconds per run [default: 4].
     #[arg(long)]
     pub runtime: Option<f64>,
     /// Unmeasured warm-up seconds per run [default: 0.5].
@@ -53,7 +53,7 @@ pub struct Args {
     pub image_size: String,
     /// Wait up to this many seconds before each run for the rest of the
     /// host to go idle (< 0.25 cores busy).
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 2.0)]
     pub max_idle_wait: f64,
     /// The docs folder to write into [default: <workspace>/docs; with
     /// --quick: <work dir>/quick].
@@ -217,7 +217,7 @@ pub fn main() -> Result<()> {
     let (reps, runtime, ramp) = if args.quick {
         (1, 1.0, 0.2)
     } else {
-        (3, 5.0, 0.5)
+        (3, 4.0, 0.5)
     };
     let plan = Plan {
         workloads,

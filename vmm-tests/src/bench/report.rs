@@ -153,7 +153,7 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(m, "- Regenerate: `{}`", r.command);
     let _ = writeln!(
         m,
-        "- Machine: {} × {}{}, {:.0} GiB, {} ({}); image {} MiB on {}",
+        "- Machine: {} × {}{}, {:.0} GiB, {} ({}); two {} MiB images (cold: O_DIRECT and dontcache peers; hot: buffered peers) on {}",
         mach.cpus,
         mach.cpu,
         if mach.virtualized {
@@ -397,10 +397,13 @@ fn plot(r: &Results, w: &str, path: &Path) -> Result<()> {
     let height = 70 + 26 * n as u32;
     let root = SVGBackend::new(path, (1000, height)).into_drawing_area();
     root.fill(&WHITE).ctx(|| "fill")?;
-    let (left, right) = root.split_horizontally(620);
+    let (left, right) = root.split_horizontally(660);
+    // The first peer on top.
     let label = |v: &SegmentValue<i32>| match v {
-        SegmentValue::CenterOf(i) => cells
-            .get(*i as usize)
+        SegmentValue::CenterOf(i) => (n as i32 - 1 - *i)
+            .try_into()
+            .ok()
+            .and_then(|i: usize| cells.get(i))
             .map(|c| c.peer.clone())
             .unwrap_or_default(),
         _ => String::new(),
@@ -421,7 +424,7 @@ fn plot(r: &Results, w: &str, path: &Path) -> Result<()> {
         "{w}: {} (median, min–max)",
         if bw { "MiB/s" } else { "kIOPS" }
     );
-    bars(&left, &title, &cells, xmax, &label, &|c| fig(c))?;
+    bars(&left, &title, &cells, xmax, &label, 170, &|c| fig(c))?;
     let cmax = cells
         .iter()
         .map(|c| c.backend_cpu_us.max)
@@ -434,6 +437,7 @@ fn plot(r: &Results, w: &str, path: &Path) -> Result<()> {
         &cells,
         cmax,
         &no_label,
+        12,
         &|c| {
             (
                 c.backend_cpu_us.median,
@@ -454,6 +458,7 @@ fn bars(
     cells: &[&Cell],
     xmax: f64,
     label: &dyn Fn(&SegmentValue<i32>) -> String,
+    label_area: u32,
     fig: &dyn Fn(&Cell) -> (f64, f64, f64),
 ) -> Result<()> {
     let n = cells.len().max(1) as i32;
@@ -461,8 +466,8 @@ fn bars(
         .caption(title, ("sans-serif", 15))
         .margin(8)
         .x_label_area_size(28)
-        .y_label_area_size(if cells.is_empty() { 10 } else { 170 })
-        .build_cartesian_2d(0f64..xmax, (0..n).into_segmented())
+        .y_label_area_size(label_area)
+        .build_cartesian_2d(0f64..xmax, (0..n - 1).into_segmented())
         .ctx(|| "chart")?;
     chart
         .configure_mesh()
@@ -470,10 +475,17 @@ fn bars(
         .y_labels(n as usize + 1)
         .y_label_formatter(label)
         .x_labels(6)
+        .x_label_formatter(&|x| {
+            if xmax >= 10.0 {
+                format!("{x:.0}")
+            } else {
+                format!("{x:.1}")
+            }
+        })
         .draw()
         .ctx(|| "mesh")?;
     for (i, c) in cells.iter().enumerate() {
-        let y = SegmentValue::CenterOf(i as i32);
+        let y = SegmentValue::CenterOf(n - 1 - i as i32);
         let (med, lo, hi) = fig(c);
         let bar = ShapeStyle::from(colour(&c.peer)).stroke_width(16);
         chart
