@@ -33,7 +33,7 @@ pub struct DeferredPath {
 
 #[derive(Default)]
 struct Scratch {
-    /// Merged `(offset, end)` ranges to write back and evict.
+    /// The batch's `(offset, end)` ranges to write back and evict.
     ranges: Vec<(u64, u64)>,
     /// Per local queue: got a used entry in this batch.
     touched: Vec<bool>,
@@ -66,17 +66,19 @@ impl BatchHandler<Done> for DeferredPath {
         let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
         let Scratch { ranges, touched } = &mut *scratch;
 
-        // 1. Write back and drop the batch's dontcache ranges, merged, once each.
+        // 1. Write back and drop the batch's dontcache ranges in one pass over the span they
+        //    cover: sync_file_range walks only the dirty pages of the span, so the batch's
+        //    writes go to the disk together, and under dontcache little else is dirty or cached.
         ranges.clear();
         ranges.extend(batch.iter().filter_map(|d| d.evict));
-        merge_ranges(ranges);
-        for &(start, end) in ranges.iter() {
+        if let (Some(start), Some(end)) = (
+            ranges.iter().map(|r| r.0).min(),
+            ranges.iter().map(|r| r.1).max(),
+        ) {
             if let Err(e) = self.shared.image.writeback_and_evict(start, end - start) {
                 error!("{e}");
-                for d in batch.iter_mut() {
-                    if d.evict.is_some_and(|(s, e)| s < end && start < e) {
-                        d.status = STATUS_IOERR;
-                    }
+                for d in batch.iter_mut().filter(|d| d.evict.is_some()) {
+                    d.status = STATUS_IOERR;
                 }
             }
         }
@@ -136,25 +138,6 @@ impl BatchHandler<Done> for DeferredPath {
     }
 }
 
-/// Sort `(start, end)` ranges and merge the ones that overlap or touch, in place.
-fn merge_ranges(ranges: &mut Vec<(u64, u64)>) {
-    if ranges.len() < 2 {
-        return;
-    }
-    ranges.sort_unstable();
-    let mut out = 0;
-    for i in 1..ranges.len() {
-        let (start, end) = ranges[i];
-        if start <= ranges[out].1 {
-            ranges[out].1 = ranges[out].1.max(end);
-        } else {
-            out += 1;
-            ranges[out] = (start, end);
-        }
-    }
-    ranges.truncate(out + 1);
-}
-
 /// Whether a write completion must wait for durability or eviction (the static form: decided
 /// at submission).
 pub fn defer_at_submission(request_type: RequestType, dontcache: bool, writeback: bool) -> bool {
@@ -168,26 +151,6 @@ pub fn defer_at_submission(request_type: RequestType, dontcache: bool, writeback
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ranges_merge_when_they_touch_or_overlap() {
-        let mut r = vec![
-            (8192, 12288),
-            (0, 4096),
-            (4096, 8192),
-            (20000, 30000),
-            (25000, 26000),
-        ];
-        merge_ranges(&mut r);
-        assert_eq!(r, vec![(0, 12288), (20000, 30000)]);
-    }
-
-    #[test]
-    fn disjoint_ranges_stay_apart() {
-        let mut r = vec![(100, 200), (0, 50)];
-        merge_ranges(&mut r);
-        assert_eq!(r, vec![(0, 50), (100, 200)]);
-    }
 
     #[test]
     fn writes_defer_under_dontcache_or_writethrough_only() {
