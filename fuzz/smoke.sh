@@ -37,7 +37,7 @@ for t in "${targets[@]}"; do
     cargo fuzz run -a "$t" "$scratch/$t" "corpus/$t" -- \
         -max_total_time="$seconds" -max_len=4096 -rss_limit_mb=2048 -timeout=10 \
         -print_final_stats=1 >"$log" 2>&1 || status=$?
-    grep -aE '^#[0-9]+ +(INITED|DONE)|^Done|^stat::(number_of_executed_units|average_exec_per_sec)' \
+    grep -aE '^#[0-9]+[[:space:]]+(INITED|DONE)|^Done|^stat::(number_of_executed_units|average_exec_per_sec)' \
         "$log" || true
     if [ "$status" -ne 0 ]; then
         tail -n 80 "$log" >&2
