@@ -43,6 +43,7 @@ struct Lifecycle {
 
 /// Run the backend until SIGINT/SIGTERM.
 pub fn run(args: &BackendArgs) -> Result<()> {
+    block_stop_signals()?;
     let Some(blk_file) = args.blk_file.clone() else {
         // clap requires it unless --print-capabilities, which main handles.
         return Err(Error::Daemon("--blk-file is required".into()));
@@ -256,12 +257,8 @@ fn lock(lifecycle: &Mutex<Lifecycle>) -> std::sync::MutexGuard<'_, Lifecycle> {
     lifecycle.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Block SIGINT and SIGTERM in every thread and take them on a dedicated thread: an idle backend
-/// exits at once; a connected one ends the connection, lets in-flight requests finish, then exits.
-fn spawn_signal_thread(
-    lifecycle: Arc<Mutex<Lifecycle>>,
-    socket_file: Option<PathBuf>,
-) -> Result<()> {
+/// SIGINT and SIGTERM: the signals that stop the backend.
+fn stop_signals() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t owned by this frame.
@@ -270,13 +267,30 @@ fn spawn_signal_thread(
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
     }
-    // Threads spawned after this inherit the mask, so only sigwait below sees the signals. The
-    // vhost-user worker threads are spawned per connection, after this point.
+    set
+}
+
+/// Block SIGINT and SIGTERM in the calling thread. Called before the first thread is spawned:
+/// threads inherit the mask, so that only the signal thread's sigwait sees the signals (a thread
+/// that did not block them would die of them instead).
+fn block_stop_signals() -> Result<()> {
+    let set = stop_signals();
     // SAFETY: `set` is initialised; a null old-set pointer is allowed.
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     if rc != 0 {
         return Err(Error::Signals(std::io::Error::from_raw_os_error(rc)));
     }
+    Ok(())
+}
+
+/// Take SIGINT and SIGTERM (blocked everywhere by [`block_stop_signals`]) on a dedicated thread:
+/// an idle backend exits at once; a connected one ends the connection, lets in-flight requests
+/// finish, then exits.
+fn spawn_signal_thread(
+    lifecycle: Arc<Mutex<Lifecycle>>,
+    socket_file: Option<PathBuf>,
+) -> Result<()> {
+    let set = stop_signals();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || loop {
