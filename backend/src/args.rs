@@ -10,6 +10,8 @@ use clap::{Args, Parser, Subcommand};
 use disk::{CacheMode, EngineKind};
 use vcpu::{QueueMap, VcpuAffinity};
 
+use crate::sandbox::{LandlockMode, SeccompMode};
+
 /// The capabilities JSON that `--print-capabilities` prints, per the vhost-user specification.
 pub const CAPABILITIES: &str = r#"{"type":"block","features":["read-only","blk-file"]}"#;
 
@@ -137,6 +139,17 @@ pub struct BackendArgs {
     /// Serve line-delimited JSON commands (`stats`) on this unix socket.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+
+    /// System call filter, put on every thread once set up: `on` kills the process with SIGSYS
+    /// on a call outside the allowlist (the kernel logs it: audit log or dmesg, type=1326);
+    /// `log` allows and logs such calls, to find what the allowlist misses; `off`.
+    #[arg(long, value_name = "MODE", default_value_t = SeccompMode::On)]
+    pub seccomp: SeccompMode,
+
+    /// Confine file access with Landlock, where the kernel has it, to the image and the
+    /// sockets' directories: `on` or `off`.
+    #[arg(long, value_name = "MODE", default_value_t = LandlockMode::On)]
+    pub landlock: LandlockMode,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -243,6 +256,34 @@ mod tests {
         assert!(cli.backend.read_only);
         assert_eq!(cli.backend.num_queues, 4);
         assert_eq!(cli.backend.cache, CacheMode::Writeback);
+        assert_eq!(cli.backend.seccomp, SeccompMode::On);
+        assert_eq!(cli.backend.landlock, LandlockMode::On);
+    }
+
+    #[test]
+    fn sandbox_modes_parse() {
+        let cli = Cli::try_parse_from([
+            "vhost-user-blk",
+            "--socket-path",
+            "/tmp/s",
+            "--blk-file",
+            "/tmp/i",
+            "--seccomp",
+            "log",
+            "--landlock",
+            "off",
+        ])
+        .expect("valid command line");
+        assert_eq!(cli.backend.seccomp, SeccompMode::Log);
+        assert_eq!(cli.backend.landlock, LandlockMode::Off);
+        let bad = [
+            "vhost-user-blk",
+            "--socket-path",
+            "/tmp/s",
+            "--blk-file",
+            "/tmp/i",
+        ];
+        assert!(Cli::try_parse_from(bad.iter().chain(&["--seccomp", "trap"])).is_err());
     }
 
     #[test]

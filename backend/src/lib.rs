@@ -4,7 +4,8 @@
 //! accepts one VMM connection after another, [`device`] is the virtio-blk device that
 //! `vhost-user-backend` drives, [`queue_thread`] is the fast path of each queue thread,
 //! [`deferred_path`] the deferred path, [`hotplug`] the vCPU pinning and unplug path, [`stats`]
-//! the counters and [`control`] the control socket that reports them and takes commands.
+//! the counters, [`control`] the control socket that reports them and takes commands, and
+//! [`sandbox`] the Landlock ruleset and seccomp filter the backend confines itself with.
 
 pub mod args;
 pub mod control;
@@ -12,6 +13,7 @@ pub mod deferred_path;
 pub mod device;
 pub mod hotplug;
 pub mod queue_thread;
+pub mod sandbox;
 pub mod server;
 pub mod stats;
 
@@ -61,6 +63,15 @@ pub enum Error {
         /// The I/O error.
         #[source]
         source: std::io::Error,
+    },
+    /// The sandbox (Landlock ruleset or seccomp filter) could not be set up.
+    #[error("sandbox: {context}: {source}")]
+    Sandbox {
+        /// What was being set up.
+        context: String,
+        /// The `landlock` or `seccompiler` error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// Setting up signal handling failed.
     #[error("signal handling: {0}")]

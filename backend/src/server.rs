@@ -6,6 +6,10 @@
 //! same counters: a VM reboot, or another VM, attaches without restarting us. When a connection
 //! ends — the VMM hung up, or we were asked to stop — the requests still in flight finish before
 //! the worker threads are told to exit.
+//!
+//! Setup ends in the sandbox (`sandbox.rs`): Landlock once the image is open, before any thread
+//! exists; the seccomp filter on every thread once the sockets are bound, before the first
+//! connection is accepted.
 
 use std::os::unix::io::FromRawFd;
 use std::path::PathBuf;
@@ -23,6 +27,7 @@ use crate::args::BackendArgs;
 use crate::control::{self, DeviceInfo};
 use crate::device::{BlkDevice, DeviceSettings};
 use crate::hotplug::Hotplug;
+use crate::sandbox::{self, FileAccess};
 use crate::stats::DeviceStats;
 use crate::{Error, Result};
 use vcpu::{AdapterEvent, QmpAdapter};
@@ -60,6 +65,8 @@ pub fn run(args: &BackendArgs) -> Result<()> {
     if args.dontcache_eviction == "fallback" && args.cache == CacheMode::DontCache {
         image.force_dontcache_fallback();
     }
+    // Before the first thread is spawned, so that every thread inherits the domain.
+    sandbox::restrict_file_access(args.landlock, &file_access(args, &image))?;
     let serial = virtio_blk::device_id(args.serial.as_deref().unwrap_or("").as_bytes());
     let settings = DeviceSettings {
         num_queues: args.num_queues,
@@ -117,6 +124,8 @@ pub fn run(args: &BackendArgs) -> Result<()> {
     let (mut listener, socket_name, socket_file) = listen(args)?;
     let lifecycle = Arc::new(Mutex::new(Lifecycle::default()));
     spawn_signal_thread(lifecycle.clone(), socket_file)?;
+    // Set up: from here on, every thread (and each connection's) runs under the filter.
+    sandbox::apply_seccomp(args.seccomp)?;
     info!("listening on {socket_name}");
 
     loop {
@@ -204,6 +213,23 @@ fn serve_one(
     }
     lock(lifecycle).connected = false;
     Ok(())
+}
+
+/// What Landlock leaves reachable once the image is open: the image, the directories where the
+/// vhost-user and control sockets are bound (and removed at exit), the QMP socket's directory.
+fn file_access(args: &BackendArgs, image: &Image) -> FileAccess {
+    let mut access = FileAccess {
+        image: (!image.is_null()).then(|| image.path().to_owned()),
+        image_writable: !image.read_only(),
+        ..FileAccess::default()
+    };
+    for path in [&args.socket_path, &args.control].into_iter().flatten() {
+        access.bind_socket(path);
+    }
+    if let Some(qmp) = &args.qmp {
+        access.connect_socket(qmp);
+    }
+    access
 }
 
 /// Follow QEMU's vCPUs through QMP: affinities re-pin, eject requests drain.
