@@ -453,19 +453,23 @@ fn seccomp_off_installs_no_filter() {
     }
 }
 
-/// Runs `workload` against a backend under `--seccomp log`, stops it with SIGTERM and returns
-/// the system calls outside the allowlist that the kernel logged for it, but `open`/`openat`
-/// (which `on` refuses with `EACCES` rather than kill: glibc's arena set-up reads
-/// `/sys/devices/system/cpu/online` and copes without it).
-fn unlisted_calls(opts: BackendOpts, workload: impl Fn(&Backend)) -> BTreeSet<i64> {
-    let mut b = Backend::spawn(&BackendOpts {
+/// Options for a backend under `--seccomp log`.
+fn log_mode(opts: BackendOpts) -> BackendOpts {
+    BackendOpts {
         extra_args: [
             opts.extra_args.clone(),
             vec!["--seccomp".into(), "log".into()],
         ]
         .concat(),
         ..opts
-    });
+    }
+}
+
+/// Runs `workload` against `b` (started under `--seccomp log`), stops it with SIGTERM and returns
+/// the system calls outside the allowlist that the kernel logged for it, but `open`/`openat`
+/// (which `on` refuses with `EACCES` rather than kill: glibc's arena set-up reads
+/// `/sys/devices/system/cpu/online` and copes without it).
+fn unlisted_calls(mut b: Backend, workload: impl Fn(&Backend)) -> BTreeSet<i64> {
     let pid = backend_pid(&b.socket);
     workload(&b);
     // SAFETY: kill takes no pointers; `pid` is our backend.
@@ -481,7 +485,11 @@ fn unlisted_calls(opts: BackendOpts, workload: impl Fn(&Backend)) -> BTreeSet<i6
     }
     // kauditd prints the records a moment after the calls.
     std::thread::sleep(Duration::from_millis(300));
-    let refused_opens = [libc::SYS_openat, libc::SYS_open];
+    let refused_opens = [
+        libc::SYS_openat,
+        #[cfg(target_arch = "x86_64")]
+        libc::SYS_open,
+    ];
     seccomp_records(pid)
         .iter()
         .filter_map(|r| syscall_of(r))
@@ -512,14 +520,14 @@ fn the_backend_makes_no_unlisted_call_in_any_mode() {
             Vec::new()
         };
         let unlisted = unlisted_calls(
-            BackendOpts {
+            Backend::spawn(&log_mode(BackendOpts {
                 num_queues,
                 cache,
                 io_engine,
                 control: true,
                 extra_args,
                 ..BackendOpts::default()
-            },
+            })),
             |b| {
                 let attached = workload(b, num_queues);
                 if num_queues == 2 {
@@ -542,4 +550,68 @@ fn the_backend_makes_no_unlisted_call_in_any_mode() {
              to sandbox::allowed_syscalls if they are legitimate)"
         );
     }
+}
+
+/// A loop device over a file, detached on drop.
+struct LoopDevice(PathBuf);
+
+impl LoopDevice {
+    /// `None` where loop devices cannot be set up (not root, no `losetup`, a container).
+    fn attach(file: &Path) -> Option<LoopDevice> {
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(file)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        let dev = String::from_utf8(out.stdout).ok()?;
+        Some(LoopDevice(PathBuf::from(dev.trim())))
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_block_device_image_makes_no_unlisted_call() {
+    if let Some(why) = kernel_log_readable() {
+        eprintln!("cannot read the audit records ({why}): nothing to check");
+        return;
+    }
+    let dir = TempDir::new("sandbox-blkdev");
+    let backing = dir.path().join("backing.img");
+    File::create(&backing)
+        .and_then(|f| f.set_len(64 << 20))
+        .expect("backing file");
+    let Some(dev) = LoopDevice::attach(&backing) else {
+        eprintln!("cannot attach a loop device here: nothing to check");
+        return;
+    };
+    let socket = dir.path().join("vhost.sock");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"));
+    cmd.arg("--socket-path")
+        .arg(&socket)
+        .arg("--blk-file")
+        .arg(&dev.0)
+        .args(["--cache", "writeback", "--seccomp", "log"]);
+    let b = Backend::start(cmd, dir, socket, dev.0.clone(), None);
+    assert!(
+        b.log().contains("Landlock ABI") || landlock_abi() == 0,
+        "{}",
+        b.log()
+    );
+    // Discard and write-zeroes are BLKDISCARD and BLKZEROOUT on a block device.
+    let unlisted = unlisted_calls(b, |b| {
+        let d = workload(b, 1);
+        drop(d);
+    });
+    assert!(
+        unlisted.is_empty(),
+        "block device: the backend made system calls outside the allowlist: {unlisted:?}"
+    );
 }
