@@ -400,8 +400,6 @@ fn sigterm_with_writes_in_flight_completes_them_then_exits_0() {
 
 /// The same with `--control`.
 #[test]
-#[ignore = "backend bug: with --control, SIGTERM kills the process (the control thread is \
-            spawned before SIGINT/SIGTERM are blocked); see docs/security.md"]
 fn sigterm_with_a_control_socket_completes_writes_in_flight_then_exits_0() {
     sigterm_with_writes_in_flight(true);
 }
