@@ -19,7 +19,7 @@ use crate::sys;
 
 const CPU_SYS: &str = "/sys/devices/system/cpu";
 
-fn present_cpus() -> Vec<usize> {
+pub(super) fn present_cpus() -> Vec<usize> {
     std::fs::read_to_string(Path::new(CPU_SYS).join("present"))
         .map(|s| sys::parse_cpu_list(&s))
         .unwrap_or_default()
@@ -27,7 +27,7 @@ fn present_cpus() -> Vec<usize> {
 
 /// Writes 1 to `cpuN/online` for every present CPU that is offline;
 /// returns the CPUs it onlined.
-fn online_present() -> Vec<usize> {
+pub(super) fn online_present() -> Vec<usize> {
     let online = sys::online_cpus();
     let mut done = Vec::new();
     for cpu in present_cpus() {

@@ -12,6 +12,7 @@ mod info;
 mod interrupts;
 mod misc;
 mod parallel;
+mod stress;
 mod uring;
 
 use serde_json::Value;
@@ -41,6 +42,7 @@ const WORKLOADS: &[(&str, Workload)] = &[
     ("readonly", misc::readonly),
     ("idle", misc::idle),
     ("wait_cpus", cpus::wait_cpus),
+    ("hotplug_stress", stress::hotplug_stress),
 ];
 
 /// Runs the workload called `name`; `name#tag` runs `name` with the
@@ -56,11 +58,17 @@ pub fn run(name: &str, params: &Params) -> Result<Value> {
 
 /// Prints `AGENT-READY {"workload": <instance>}` for the host to act on.
 pub fn ready(params: &Params) -> Result<()> {
+    ready_as(params.instance())
+}
+
+/// Prints `AGENT-READY {"workload": <name>}`: a workload that needs the
+/// host to act more than once names each step (`instance/step/N`).
+pub fn ready_as(name: &str) -> Result<()> {
     use std::io::Write;
     let line = format!(
         "\n{}{}\n",
         guest_agent::protocol::READY_PREFIX,
-        serde_json::json!({"workload": params.instance()})
+        serde_json::json!({"workload": name})
     );
     let mut out = std::io::stdout().lock();
     out.write_all(line.as_bytes())

@@ -5,7 +5,11 @@
 //! (256: the span), `threads` (0 = one pinned thread per online vCPU, else
 //! that many, pinned round-robin), `direct` (true: O_DIRECT),
 //! `dontcache` (false: `RWF_DONTCACHE` on each write; implies buffered),
-//! `fsync` (true: fsync at the end of a write run, timed in).
+//! `fsync` (true: fsync at the end of a write run, timed in),
+//! `total_mib` (0: none; else the run also ends once the threads together
+//! have submitted this much, each its equal share), `split` (false; true:
+//! each thread works on its own equal slice of the span, so sequential
+//! threads write disjoint ranges).
 //!
 //! Reports per-thread and total operations, IOPS, MB/s and completion
 //! latency (submission to completion) p50/p99/max in microseconds. The
@@ -69,6 +73,11 @@ struct Job {
     direct: bool,
     flags: i32,
     fsync: bool,
+    /// Requests each thread submits at most (0: no limit).
+    limit_ops: u64,
+    /// Threads in the run, for `split`.
+    threads: u64,
+    split: bool,
 }
 
 struct Outcome {
@@ -85,19 +94,29 @@ fn run_thread(job: &Job, index: usize, cpu: usize) -> Result<Outcome> {
     let fd = types::Fd(file.as_raw_fd());
     let mut ring =
         IoUring::new(job.iodepth.next_power_of_two() as u32).ctx(|| "io_uring_setup".into())?;
-    let slots = (job.span / job.bs).max(1);
+    let (base, span) = if job.split {
+        let slice = job.span / job.threads.max(1) / job.bs * job.bs;
+        (job.offset + index as u64 * slice, slice)
+    } else {
+        (job.offset, job.span)
+    };
+    let slots = (span / job.bs).max(1);
     let mut bufs: Vec<AlignedBuf> = (0..job.iodepth)
         .map(|_| AlignedBuf::new(job.bs as usize))
         .collect();
     for (i, b) in bufs.iter_mut().enumerate() {
         pattern::fill(
             index as u64,
-            job.offset + i as u64 * job.bs,
+            base + i as u64 * job.bs,
             &mut b[..job.bs as usize],
         );
     }
     let mut rng = (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut seq = (index as u64 * slots / 8) % slots;
+    let mut seq = if job.split {
+        slots - 1
+    } else {
+        (index as u64 * slots / 8) % slots
+    };
     let mut next_offset = || {
         let slot = if job.rw.is_random() {
             rng ^= rng >> 12;
@@ -108,8 +127,10 @@ fn run_thread(job: &Job, index: usize, cpu: usize) -> Result<Outcome> {
             seq = (seq + 1) % slots;
             seq
         };
-        job.offset + slot * job.bs
+        base + slot * job.bs
     };
+    let mut submitted = 0u64;
+    let more = |submitted: u64| job.limit_ops == 0 || submitted < job.limit_ops;
     let mut started = vec![Instant::now(); job.iodepth];
     let mut lat_us = Vec::new();
     let begin = Instant::now();
@@ -137,9 +158,13 @@ fn run_thread(job: &Job, index: usize, cpu: usize) -> Result<Outcome> {
     };
 
     for (slot, start) in started.iter_mut().enumerate() {
+        if !more(submitted) {
+            break;
+        }
         push(&mut ring, &mut bufs, slot, next_offset())?;
         *start = Instant::now();
         in_flight += 1;
+        submitted += 1;
     }
     let mut failure = None;
     while in_flight > 0 {
@@ -170,10 +195,11 @@ fn run_thread(job: &Job, index: usize, cpu: usize) -> Result<Outcome> {
                 continue;
             }
             ops += 1;
-            if failure.is_none() && begin.elapsed() < job.runtime {
+            if failure.is_none() && begin.elapsed() < job.runtime && more(submitted) {
                 push(&mut ring, &mut bufs, slot, next_offset())?;
                 started[slot] = Instant::now();
                 in_flight += 1;
+                submitted += 1;
             }
         }
     }
@@ -203,9 +229,16 @@ fn percentile(sorted: &[u32], p: f64) -> u32 {
 pub fn run(p: &Params) -> Result<Value> {
     let rw = Rw::parse(&p.get_str("uring", "rw", "randwrite"))?;
     let dontcache = p.get_bool("uring", "dontcache", false);
+    let cpus = sys::online_cpus();
+    let nthreads = match p.get("uring", "threads", 0usize)? {
+        0 => cpus.len().max(1),
+        n => n,
+    };
+    let bs = p.get("uring", "bs_kib", 4u64)? * 1024;
+    let total = p.get("uring", "total_mib", 0u64)? * MIB;
     let job = Job {
         rw,
-        bs: p.get("uring", "bs_kib", 4u64)? * 1024,
+        bs,
         iodepth: p.get("uring", "iodepth", 32usize)?.max(1),
         runtime: Duration::from_secs_f64(p.get("uring", "secs", 3.0f64)?),
         offset: p.get("uring", "offset_mib", 256u64)? * MIB,
@@ -213,6 +246,13 @@ pub fn run(p: &Params) -> Result<Value> {
         direct: p.get_bool("uring", "direct", !dontcache) && !dontcache,
         flags: if dontcache { sys::RWF_DONTCACHE } else { 0 },
         fsync: p.get_bool("uring", "fsync", true),
+        limit_ops: if total == 0 || bs == 0 {
+            0
+        } else {
+            (total / nthreads as u64 / bs).max(1)
+        },
+        threads: nthreads as u64,
+        split: p.get_bool("uring", "split", false),
     };
     if job.bs == 0 || job.bs % pattern::BLOCK as u64 != 0 || job.span < job.bs {
         return Err(Error::Check(format!(
@@ -228,11 +268,6 @@ pub fn run(p: &Params) -> Result<Value> {
             "uring: range past the end of {DISK} ({size} bytes)"
         )));
     }
-    let cpus = sys::online_cpus();
-    let nthreads = match p.get("uring", "threads", 0usize)? {
-        0 => cpus.len().max(1),
-        n => n,
-    };
     let outcomes: Vec<Outcome> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..nthreads)
             .map(|t| {
@@ -271,6 +306,8 @@ pub fn run(p: &Params) -> Result<Value> {
         "iodepth": job.iodepth,
         "direct": job.direct,
         "dontcache": dontcache,
+        "split": job.split,
+        "limit_ops_per_thread": job.limit_ops,
         "threads": outcomes.iter().map(|o| json!({"cpu": o.cpu, "ops": o.ops, "secs": o.secs})).collect::<Vec<_>>(),
         "ops": ops,
         "secs": secs,
