@@ -116,6 +116,12 @@ pub struct BackendArgs {
     #[arg(long, default_value_t = 1000, value_name = "US")]
     pub defer_delay_us: u64,
 
+    /// Always wait out --defer-delay-us, as the kernel's batching does. By default a slow
+    /// completion whose queue thread has nothing else in flight is taken at once, since nothing
+    /// is coming to share its batch and waiting would only add latency.
+    #[arg(long)]
+    pub strict_batching: bool,
+
     /// With --cache writeback: once this many bytes were written since the last eviction, a
     /// completion writes them back and drops them from the host page cache (bytes, or K/M/G/T).
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]

@@ -53,6 +53,8 @@ pub struct DeviceSettings {
     pub defer_delay: Duration,
     /// Under `writeback`: bytes written after which a completion evicts what was written.
     pub page_cache_budget: Option<u64>,
+    /// Always wait out the batching delay, even when nothing else is in flight to batch with.
+    pub strict_batching: bool,
 }
 
 /// State every queue thread of a device reads.
@@ -73,6 +75,8 @@ pub struct DeviceShared {
     pub mem: GuestMemAtomic,
     /// Under `writeback`: bytes written after which a completion evicts what was written.
     pub page_cache_budget: Option<u64>,
+    /// Always wait out the batching delay, even when nothing else is in flight to batch with.
+    pub strict_batching: bool,
 }
 
 /// A virtio-blk device for one vhost-user connection.
@@ -146,6 +150,7 @@ impl BlkDevice {
             event_idx: AtomicBool::new(false),
             mem,
             page_cache_budget: settings.page_cache_budget,
+            strict_batching: settings.strict_batching,
         });
 
         let queue_masks: Vec<u64> = (0..num_queues).map(|q| 1u64 << q).collect();

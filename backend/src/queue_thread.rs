@@ -129,6 +129,8 @@ pub struct QueueThread {
     deferred: Arc<DeferredCompletions<Done>>,
     deferred_path: Arc<DeferredPath>,
     budget: Budget,
+    /// Requests of this thread's queues that the engine holds.
+    in_engine: usize,
 }
 
 impl Drop for QueueThread {
@@ -181,6 +183,7 @@ impl QueueThread {
             deferred,
             deferred_path,
             budget: Budget::default(),
+            in_engine: 0,
         }
     }
 
@@ -287,6 +290,7 @@ impl QueueThread {
             shared,
             deferred,
             budget,
+            in_engine,
             ..
         } = self;
         let budget_limit = match shared.image.cache_mode() {
@@ -326,6 +330,7 @@ impl QueueThread {
             if slot.pending > 0 {
                 return;
             }
+            *in_engine = in_engine.saturating_sub(1);
             let Some(mem) = slot.mem.take() else {
                 error!(
                     "queue {}: head {head} completed without its memory",
@@ -350,8 +355,14 @@ impl QueueThread {
             };
             let stats = shared.stats.queue(queue.index);
             if slot.defer {
-                // The static form: marked at submission.
-                deferred.push(done);
+                // The static form: marked at submission. With nothing else in the engine, no
+                // completion is coming to share the batch: waiting out the delay would only add
+                // latency.
+                if *in_engine == 0 && !shared.strict_batching {
+                    deferred.push_now(done);
+                } else {
+                    deferred.push(done);
+                }
                 QueueStats::add(&stats.deferred, 1);
                 return;
             }
@@ -497,7 +508,7 @@ impl QueueThread {
             }
             RequestType::Flush => {
                 // fdatasync sleeps: straight to the deferred worker, which syncs once per batch.
-                self.deferred.push(Done {
+                let done = Done {
                     local,
                     head,
                     request_type: RequestType::Flush,
@@ -508,7 +519,12 @@ impl QueueThread {
                     evict: None,
                     sync: true,
                     mem: Arc::clone(mem),
-                });
+                };
+                if self.in_engine == 0 && !shared.strict_batching {
+                    self.deferred.push_now(done);
+                } else {
+                    self.deferred.push(done);
+                }
                 QueueStats::add(&stats.deferred, 1);
                 QueueStats::add(&stats.in_flight, 1);
                 return Started::InFlight;
@@ -571,6 +587,7 @@ impl QueueThread {
             return complete_now(mem, slot, stats, status, 1);
         }
         slot.pending = submitted;
+        self.in_engine += 1;
         QueueStats::add(&stats.in_flight, 1);
         Started::InFlight
     }

@@ -77,6 +77,7 @@ pub fn run(args: &BackendArgs) -> Result<()> {
         engine: args.io_engine,
         defer_delay: Duration::from_micros(args.defer_delay_us),
         page_cache_budget: args.page_cache_budget,
+        strict_batching: args.strict_batching,
     };
     info!(
         "image {} ({} bytes{}), cache {} (eviction path {}), engine {}, {} queue(s) of {}, deferred completion delay {} us",

@@ -77,3 +77,37 @@ fn writeback_writes_stay_resident() {
         "only {resident} bytes resident after {WRITES} MiB of buffered writes"
     );
 }
+
+/// A slow completion whose queue has nothing else in flight is taken at once: waiting out the
+/// batching delay would add latency with nothing to batch it with. `--strict-batching` waits.
+#[test]
+fn a_lone_dontcache_write_does_not_wait_out_the_batch_delay() {
+    let elapsed = |strict: bool| {
+        let mut extra_args = vec!["--defer-delay-us".to_string(), "1000000".to_string()];
+        if strict {
+            extra_args.push("--strict-batching".to_string());
+        }
+        let b = Backend::spawn(&BackendOpts {
+            cache: "dontcache",
+            extra_args,
+            ..BackendOpts::default()
+        });
+        let mut d = b.connect_queues(1);
+        let start = std::time::Instant::now();
+        let c = d
+            .queue(0)
+            .execute(&Transfer::blk(T_OUT, 0, &[7u8; 4096], 0));
+        assert_eq!(c.status, S_OK);
+        start.elapsed()
+    };
+    let lone = elapsed(false);
+    assert!(
+        lone < std::time::Duration::from_millis(300),
+        "a lone write took {lone:?} under a 1 s batch delay"
+    );
+    let strict = elapsed(true);
+    assert!(
+        strict >= std::time::Duration::from_millis(900),
+        "with --strict-batching a lone write waits out the delay, took {strict:?}"
+    );
+}

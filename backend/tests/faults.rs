@@ -275,7 +275,13 @@ fn frontend_dying_mid_io_leaves_the_backend_serving_the_next() {
     // dontcache writes wait for the deferred worker, here 300 ms: in flight for sure.
     let mut b = spawn(
         "frontend-dies",
-        &["--cache", "dontcache", "--defer-delay-us", "300000"],
+        &[
+            "--cache",
+            "dontcache",
+            "--defer-delay-us",
+            "300000",
+            "--strict-batching",
+        ],
         &[],
     );
     let mut d = b.connect_queues(2);
@@ -408,7 +414,13 @@ fn sigterm_with_writes_in_flight(control: bool) {
     let mut b = Owned::start(
         "sigterm",
         control,
-        &["--cache", "dontcache", "--defer-delay-us", "500000"],
+        &[
+            "--cache",
+            "dontcache",
+            "--defer-delay-us",
+            "500000",
+            "--strict-batching",
+        ],
     );
     let mut d = Device::connect(
         &b.paths.socket,

@@ -15,7 +15,13 @@ use serde_json::json;
 const DEFER_DELAY_US: u64 = 2_000_000;
 
 fn spawn(num_queues: usize, extra: &[&str]) -> Backend {
-    let mut extra_args = vec!["--defer-delay-us".to_string(), DEFER_DELAY_US.to_string()];
+    // Strict batching: hold even a lone completion for the whole delay, so that the unplug
+    // finds it in the batch.
+    let mut extra_args = vec![
+        "--defer-delay-us".to_string(),
+        DEFER_DELAY_US.to_string(),
+        "--strict-batching".to_string(),
+    ];
     extra_args.extend(extra.iter().map(|s| s.to_string()));
     Backend::spawn(&BackendOpts {
         num_queues,

@@ -128,6 +128,20 @@ impl<T> Batch<T> {
         }
     }
 
+    /// Adds a finished item that should not wait for company: makes the batch due now (an
+    /// earlier arm's later deadline included) and asks for an immediate wake-up.
+    pub(crate) fn push_urgent(&self, item: T, now: Instant) -> Wake {
+        let mut st = self.lock();
+        st.items.push(item);
+        st.stamps.push(now);
+        st.pushed += 1;
+        if !st.enabled || st.stopped || st.due.is_some_and(|due| due <= now) {
+            return Wake::None;
+        }
+        st.due = Some(now);
+        Wake::Now
+    }
+
     /// Starts a worker pass if the worker may run one. Waits for a pass running on another thread
     /// (a `drain()`) to end first. Without `force`, takes the batch only once it is due; with it
     /// (the worker looping within its budget, as the seed's work function does), whenever it is
@@ -313,6 +327,30 @@ mod tests {
             panic!("expected a pass");
         };
         assert_eq!(ids(&mut pass), vec![7]);
+    }
+
+    #[test]
+    fn urgent_push_makes_an_armed_batch_due_now() {
+        let batch = Batch::new(Duration::from_millis(50));
+        let now = Instant::now();
+        assert_eq!(
+            batch.push(1u32, now),
+            Wake::After(Duration::from_millis(50))
+        );
+        assert_eq!(batch.push_urgent(2, now), Wake::Now);
+        // Due now: a second urgent push needs no second kick.
+        assert_eq!(batch.push_urgent(3, now), Wake::None);
+        let Take::Run(mut pass) = batch.take_for_worker(false) else {
+            panic!("an urgent push makes the batch due at once");
+        };
+        assert_eq!(ids(&mut pass), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn urgent_push_while_disabled_waits_for_enable() {
+        let batch = Batch::new(Duration::from_millis(50));
+        batch.disable();
+        assert_eq!(batch.push_urgent(1u32, Instant::now()), Wake::None);
     }
 
     #[test]

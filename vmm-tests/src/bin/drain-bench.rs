@@ -327,7 +327,12 @@ fn scenario(args: &Args, kind: &BackendKind, dir: &Path, name: &str) -> Result<S
     vmm_tests::create_image(&image, 256 << 20).ctx(|| "create the image".into())?;
     let mut cfg = BackendConfig::new(&image, dir).queues(2).cache("dontcache");
     cfg.log = dir.join(format!("backend-{name}.log"));
-    cfg.extra_args = vec!["--defer-delay-us".into(), args.defer_delay_us.to_string()];
+    // Strict batching: every write waits in the batch for the unplug, however few are in flight.
+    cfg.extra_args = vec![
+        "--defer-delay-us".into(),
+        args.defer_delay_us.to_string(),
+        "--strict-batching".into(),
+    ];
     if let Some(m) = map {
         cfg.extra_args.push("--queue-map".into());
         cfg.extra_args.push(m.into());
