@@ -245,6 +245,7 @@ mod tests {
             stats.clone(),
             QueueMap::default(),
             vcpu::VcpuAffinity::default(),
+            std::time::Duration::from_millis(1),
         );
         (stats, hotplug)
     }

@@ -132,6 +132,8 @@ pub struct Hotplug {
     workers: Arc<DeviceStats>,
     /// Where unpinned threads run: the process's affinity at start.
     default_cpus: CpuList,
+    /// `--defer-delay-us`: the batching delay of queues whose vCPU is online.
+    batch_delay: Duration,
     state: Mutex<State>,
 }
 
@@ -142,6 +144,7 @@ impl Hotplug {
         workers: Arc<DeviceStats>,
         map: QueueMap,
         affinity: VcpuAffinity,
+        batch_delay: Duration,
     ) -> Self {
         let default_cpus = vcpu::current_thread_affinity().unwrap_or_default();
         let mut vcpus = BTreeMap::new();
@@ -159,6 +162,7 @@ impl Hotplug {
             num_queues,
             workers,
             default_cpus,
+            batch_delay,
             state: Mutex::new(State {
                 map,
                 affinity,
@@ -266,9 +270,12 @@ impl Hotplug {
         self.apply_pinning();
     }
 
-    /// Pin every queue thread and deferred worker of the current connection where its queue's
+    /// Place every queue thread and deferred worker of the current connection where its queue's
     /// vCPU runs: its own vCPU's CPUs while online, a surviving vCPU's after an unplug, the
-    /// process's CPUs without a map or an affinity.
+    /// process's CPUs without a map or an affinity. A queue whose vCPU is going away (or, without
+    /// a map, any queue while some vCPU is away) stops batching: between QEMU's eject request
+    /// and the CPU offline the guest still submits from that vCPU, and its offline waits for
+    /// those requests too, so they must not wait out a batch delay.
     pub fn apply_pinning(&self) {
         let state = self.lock();
         for q in 0..self.num_queues {
@@ -278,7 +285,22 @@ impl Hotplug {
             }
             if let Some(deferred) = self.workers.deferred(q) {
                 deferred.set_cpus(Some(cpus));
+                deferred.set_delay(if Self::vcpu_away(&state, q) {
+                    Duration::ZERO
+                } else {
+                    self.batch_delay
+                });
             }
+        }
+    }
+
+    /// Whether the vCPU that submits to `queue` is unplugged (any vCPU, without a map).
+    fn vcpu_away(state: &State, queue: usize) -> bool {
+        let offline = |v: usize| state.vcpus.get(&v).is_some_and(|r| !r.online);
+        if state.map.is_empty() {
+            state.vcpus.keys().any(|&v| offline(v))
+        } else {
+            state.map.vcpu_of(queue).is_some_and(offline)
         }
     }
 

@@ -100,6 +100,7 @@ pub fn run(args: &BackendArgs) -> Result<()> {
         stats.clone(),
         args.queue_map.clone().unwrap_or_default(),
         args.cpu_affinity.clone().unwrap_or_default(),
+        Duration::from_micros(args.defer_delay_us),
     ));
     // Kept alive for the life of the process: dropping it stops the adapter.
     let _qmp = match &args.qmp {
