@@ -99,6 +99,9 @@ pub struct VmConfig {
     pub run_timeout: Duration,
     /// Force an accelerator instead of [`accel`]'s choice.
     pub accel: Option<Accel>,
+    /// More QMP sockets, for other clients than the harness (QMP serves one client a socket):
+    /// the backend's `--qmp`, for one.
+    pub extra_qmp: Vec<PathBuf>,
 }
 
 impl VmConfig {
@@ -114,6 +117,7 @@ impl VmConfig {
             boot_timeout: env_secs("VMM_TESTS_BOOT_TIMEOUT", 120),
             run_timeout: env_secs("VMM_TESTS_RUN_TIMEOUT", 600),
             accel: None,
+            extra_qmp: Vec::new(),
         }
     }
 
@@ -189,6 +193,12 @@ pub fn command(cfg: &VmConfig, assets: &GuestAssets, accel: Accel, qmp: &Path) -
         "-qmp",
         &format!("unix:{},server=on,wait=off", qmp.display()),
     ]);
+    for path in &cfg.extra_qmp {
+        c.args([
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", path.display()),
+        ]);
+    }
     for (i, d) in cfg.disks.iter().enumerate() {
         c.args([
             "-chardev",

@@ -191,13 +191,18 @@ pub fn cargo() -> Command {
 }
 
 /// Builds the static guest agent (`$VMM_TESTS_AGENT_BIN` skips the build)
-/// in its own target directory under the cache.
+/// in its own target directory under the cache, one per checkout: two
+/// checkouts sharing one would overwrite each other's binary behind cargo's
+/// back, and a test would boot the other checkout's agent.
 pub fn build_agent() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("VMM_TESTS_AGENT_BIN") {
         return Ok(PathBuf::from(p));
     }
     let target = "x86_64-unknown-linux-gnu";
-    let dir = cache_dir().join("guest-agent-target");
+    let checkout = fnv1a(env!("CARGO_MANIFEST_DIR").as_bytes(), FNV_OFFSET);
+    let dir = cache_dir()
+        .join("guest-agent-target")
+        .join(format!("{checkout:016x}"));
     process::run(
         cargo()
             .args([
