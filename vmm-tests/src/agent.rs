@@ -158,3 +158,38 @@ pub fn queue_interrupts(data: &Value) -> Vec<(String, u64)> {
     v.sort();
     v
 }
+
+/// The guest's queue → vCPU map, from the `queue_map` workload's result among the console
+/// `lines`, for the backend's `--queue-map` / `set-queue-map`: each queue goes to the first of
+/// `boot_vcpus` in its CPU list (with hotplug room, a queue's list also names absent CPUs).
+/// Returns `(queue, vcpu)` pairs in the guest's order.
+pub fn guest_queue_map(lines: &[String], boot_vcpus: &[u64]) -> Result<Vec<(u64, u64)>> {
+    let map = lines
+        .iter()
+        .filter_map(|l| protocol::parse_line::<WorkloadResult>(protocol::RESULT_PREFIX, l))
+        .find(|r| r.workload == "queue_map")
+        .ok_or_else(|| Error::Agent("no queue_map result".into()))?;
+    Ok(map.data["queues"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            let cpus: Vec<u64> = e["cpus"]
+                .as_array()?
+                .iter()
+                .filter_map(Value::as_u64)
+                .collect();
+            let vcpu = boot_vcpus.iter().copied().find(|c| cpus.contains(c))?;
+            Some((e["queue"].as_u64()?, vcpu))
+        })
+        .collect())
+}
+
+/// `(queue, vcpu)` pairs in the backend's `QUEUE=VCPU,...` syntax.
+pub fn format_queue_map(pairs: &[(u64, u64)]) -> String {
+    pairs
+        .iter()
+        .map(|(q, v)| format!("{q}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}

@@ -14,8 +14,8 @@
 
 use std::time::{Duration, Instant};
 
-use guest_agent::protocol::{self, WorkloadResult};
 use serde_json::{json, Value};
+use vmm_tests::agent::{format_queue_map, guest_queue_map};
 use vmm_tests::{vm_test, AgentPlan, Error, VhostUserDisk, VmConfig};
 
 /// How long a deferred write waits in its batch when nothing drains it.
@@ -49,36 +49,15 @@ fn unplug_drains_held_completions_before_the_guest_offlines_the_cpu() {
         q.wait_ready("hotplug_stress")?;
 
         // The guest's queue map: the queue whose CPU list holds vCPU 1 is the one to drain.
-        let map = q
-            .console()
-            .lines()
+        let pairs = guest_queue_map(&q.console().lines(), &[1, 0])?;
+        let vcpu1_queue = pairs
             .iter()
-            .filter_map(|l| protocol::parse_line::<WorkloadResult>(protocol::RESULT_PREFIX, l))
-            .find(|r| r.workload == "queue_map")
-            .ok_or_else(|| Error::Agent("no queue_map result".into()))?;
-        let mut vcpu1_queue = None;
-        let pairs: Vec<String> = map.data["queues"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|e| {
-                let cpus: Vec<u64> = e["cpus"]
-                    .as_array()?
-                    .iter()
-                    .filter_map(Value::as_u64)
-                    .collect();
-                let queue = e["queue"].as_u64()?;
-                let vcpu = [1, 0].into_iter().find(|c| cpus.contains(c))?;
-                if vcpu == 1 {
-                    vcpu1_queue = Some(queue);
-                }
-                Some(format!("{queue}={vcpu}"))
-            })
-            .collect();
-        let vcpu1_queue =
-            vcpu1_queue.ok_or_else(|| Error::Agent(format!("no queue on vCPU 1: {map:?}")))?;
-        let set = backend.control(&json!({"cmd": "set-queue-map", "map": pairs.join(",")}))?;
-        println!("queue map {}: {set}", pairs.join(","));
+            .find(|(_, v)| *v == 1)
+            .map(|(q, _)| *q)
+            .ok_or_else(|| Error::Agent(format!("no queue on vCPU 1: {pairs:?}")))?;
+        let map = format_queue_map(&pairs);
+        let set = backend.control(&json!({"cmd": "set-queue-map", "map": map}))?;
+        println!("queue map {map}: {set}");
 
         let writes_on = |queue: u64| -> vmm_tests::Result<u64> {
             Ok(backend

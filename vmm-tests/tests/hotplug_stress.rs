@@ -31,8 +31,8 @@
 
 use std::time::{Duration, Instant};
 
-use guest_agent::protocol::{self, WorkloadResult};
 use serde_json::{json, Value};
+use vmm_tests::agent::{format_queue_map, guest_queue_map};
 use vmm_tests::{vm_test, AgentPlan, Error, VhostUserDisk, VmConfig};
 
 fn pct(v: &[u64], p: f64) -> u64 {
@@ -71,31 +71,9 @@ fn hundred_unplug_plug_cycles_under_load() {
         q.wait_hello()?;
         q.wait_ready("hotplug_stress")?;
 
-        // The guest's queue map, as blk-mq built it.
-        let map = q
-            .console()
-            .lines()
-            .iter()
-            .filter_map(|l| protocol::parse_line::<WorkloadResult>(protocol::RESULT_PREFIX, l))
-            .find(|r| r.workload == "queue_map")
-            .ok_or_else(|| Error::Agent("no queue_map result".into()))?;
-        // With many possible CPUs a queue's list holds absent ones too:
-        // map each queue to the boot vCPU it serves (vCPU 1 first).
-        let map: Vec<String> = map.data["queues"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|e| {
-                let cpus: Vec<u64> = e["cpus"]
-                    .as_array()?
-                    .iter()
-                    .filter_map(Value::as_u64)
-                    .collect();
-                let vcpu = [1, 0].into_iter().find(|c| cpus.contains(c))?;
-                Some(format!("{}={vcpu}", e["queue"].as_u64()?))
-            })
-            .collect();
-        let map = map.join(",");
+        // The guest's queue map, as blk-mq built it; with many possible CPUs a queue's list
+        // holds absent ones too: map each queue to the boot vCPU it serves (vCPU 1 first).
+        let map = format_queue_map(&guest_queue_map(&q.console().lines(), &[1, 0])?);
         let set = backend.control(&json!({"cmd": "set-queue-map", "map": map}))?;
         println!("queue map {map}: {set}");
 
