@@ -119,14 +119,18 @@ impl AgentRun {
         )))
     }
 
-    /// Prints the kernel and every result, for the test log.
+    /// Prints the kernel and every result, for the test log. Written to the process's stderr
+    /// directly, not through `println!`, which `cargo test` captures and shows only for failing
+    /// tests: a passing run's log must show that a guest booted and what its agent measured.
     pub fn print(&self) {
-        println!(
-            "guest kernel: {} {} ({} vCPUs)",
+        use std::io::Write as _;
+        let mut text = format!(
+            "guest kernel: {} {} ({} vCPUs)\n",
             self.hello.kernel, self.hello.kernel_version, self.hello.cpus
         );
         for r in &self.results {
-            println!(
+            let _ = writeln!(
+                text,
                 "agent {:<11} {} {:>6} ms {}",
                 r.workload,
                 if r.ok { "ok  " } else { "FAIL" },
@@ -137,6 +141,8 @@ impl AgentRun {
                 }
             );
         }
+        // A failed write to stderr leaves nothing to report it to.
+        let _ = std::io::stderr().lock().write_all(text.as_bytes());
     }
 }
 
