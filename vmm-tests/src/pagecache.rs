@@ -1,58 +1,23 @@
-//! How much of a file sits in the host page cache: `mincore(2)` over a
-//! read-only shared mapping, sampled on a thread.
+//! How much of a file sits in the host page cache (`mincore(2)`, through
+//! the disk crate), sampled on a thread.
 
-use std::fs::File;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::error::{Context, Error, Result};
+use crate::error::{Error, Result};
 
-/// Bytes of `path` resident in the page cache now.
+/// Bytes of `path` resident in the page cache now: the disk crate's `mincore` measure, the same
+/// one the backend's own tests use.
 pub fn resident_bytes(path: &Path) -> Result<u64> {
-    let file = File::open(path).ctx(|| format!("open {}", path.display()))?;
-    let len = file
-        .metadata()
-        .ctx(|| format!("stat {}", path.display()))?
-        .len();
-    if len == 0 {
-        return Ok(0);
-    }
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
-    let len = len as usize;
-    // SAFETY: a new read-only shared mapping of a file we opened; we only
-    // pass it to mincore and never read through it.
-    let addr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            file.as_raw_fd(),
-            0,
+    disk::resident_bytes_of(path).map_err(|e| {
+        Error::io(
+            format!("page-cache residency of {}", path.display()),
+            std::io::Error::other(e),
         )
-    };
-    if addr == libc::MAP_FAILED {
-        return Err(Error::io(
-            format!("mmap {}", path.display()),
-            std::io::Error::last_os_error(),
-        ));
-    }
-    let pages = len.div_ceil(page as usize);
-    let mut vec = vec![0u8; pages];
-    // SAFETY: `addr..addr+len` is our mapping; `vec` has one byte per page.
-    let rc = unsafe { libc::mincore(addr, len, vec.as_mut_ptr()) };
-    let err = std::io::Error::last_os_error();
-    // SAFETY: unmapping exactly what we mapped.
-    unsafe { libc::munmap(addr, len) };
-    if rc != 0 {
-        return Err(Error::io(format!("mincore {}", path.display()), err));
-    }
-    Ok(vec.iter().filter(|b| *b & 1 != 0).count() as u64 * page)
+    })
 }
 
 /// Samples [`resident_bytes`] every `interval` on a thread and keeps the
