@@ -355,14 +355,8 @@ impl QueueThread {
             };
             let stats = shared.stats.queue(queue.index);
             if slot.defer {
-                // The static form: marked at submission. With nothing else in the engine, no
-                // completion is coming to share the batch: waiting out the delay would only add
-                // latency.
-                if *in_engine == 0 && !shared.strict_batching {
-                    deferred.push_now(done);
-                } else {
-                    deferred.push(done);
-                }
+                // The static form: marked at submission.
+                defer_at_once_if_alone(deferred, done, *in_engine, shared);
                 QueueStats::add(&stats.deferred, 1);
                 return;
             }
@@ -520,11 +514,7 @@ impl QueueThread {
                     sync: true,
                     mem: Arc::clone(mem),
                 };
-                if self.in_engine == 0 && !shared.strict_batching {
-                    self.deferred.push_now(done);
-                } else {
-                    self.deferred.push(done);
-                }
+                defer_at_once_if_alone(&self.deferred, done, self.in_engine, shared);
                 QueueStats::add(&stats.deferred, 1);
                 QueueStats::add(&stats.in_flight, 1);
                 return Started::InFlight;
@@ -598,6 +588,22 @@ enum OpList {
     One(Op),
     /// One operation per discard / write-zeroes range in the request buffers.
     Ranges,
+}
+
+/// Push a completion marked at submission onto the deferred batch. With nothing else in the
+/// engine (`in_engine == 0`) no completion is coming to share the batch, so it is taken at once:
+/// waiting out the delay would only add latency; `--strict-batching` waits anyway.
+fn defer_at_once_if_alone(
+    deferred: &DeferredCompletions<Done>,
+    done: Done,
+    in_engine: usize,
+    shared: &DeviceShared,
+) {
+    if in_engine == 0 && !shared.strict_batching {
+        deferred.push_now(done);
+    } else {
+        deferred.push(done);
+    }
 }
 
 /// Whether an engine result of `n` bytes finished the slot's operation.
