@@ -326,6 +326,10 @@ pub trait Engine: Send {
     /// complete with zeroes.
     fn reap(&mut self, f: &mut dyn FnMut(Completion)) -> Result<()>;
 
+    /// Whether [`Engine::reap`] would find a finished request now. A memory read, no system
+    /// call: what a polling queue thread checks between passes.
+    fn has_completions(&mut self) -> bool;
+
     /// Requests submitted and not yet reaped.
     fn in_flight(&self) -> usize;
 

@@ -63,6 +63,10 @@ impl Engine for SyncEngine {
         Ok(())
     }
 
+    fn has_completions(&mut self) -> bool {
+        !self.done.is_empty()
+    }
+
     fn in_flight(&self) -> usize {
         self.done.len()
     }
