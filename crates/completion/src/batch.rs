@@ -72,6 +72,10 @@ struct State<T> {
     runner: Option<ThreadId>,
     /// Items pushed since creation.
     pushed: u64,
+    /// Summed weight of `items` (the work they stand for, in the owner's unit).
+    weight: u64,
+    /// Weight at which a push makes the batch due at once; 0: never.
+    max_weight: u64,
 }
 
 /// A batch of finished requests waiting for their deferred completion.
@@ -82,8 +86,9 @@ pub(crate) struct Batch<T> {
 }
 
 impl<T> Batch<T> {
-    /// An empty, enabled batch whose pushes arm `delay`.
-    pub(crate) fn new(delay: Duration) -> Self {
+    /// An empty, enabled batch whose pushes arm `delay`, taken at once when its items weigh
+    /// `max_weight` (0: weight never hurries it).
+    pub(crate) fn new(delay: Duration, max_weight: u64) -> Self {
         Self {
             state: Mutex::new(State {
                 items: Vec::with_capacity(64),
@@ -96,6 +101,8 @@ impl<T> Batch<T> {
                 delay: delay.min(MAX_DELAY),
                 runner: None,
                 pushed: 0,
+                weight: 0,
+                max_weight,
             }),
             pass_done: Condvar::new(),
         }
@@ -113,7 +120,17 @@ impl<T> Batch<T> {
 
     /// Adds a finished item; arms the worker when it was not armed (the seed's `was_empty`).
     pub(crate) fn push(&self, item: T, now: Instant) -> Wake {
+        self.push_weighted(item, 0, now)
+    }
+
+    /// [`push`](Self::push) for an item that stands for `weight` of the handler's work: once the
+    /// batch weighs `max_weight`, it is due at once, as with [`push_urgent`](Self::push_urgent).
+    pub(crate) fn push_weighted(&self, item: T, weight: u64, now: Instant) -> Wake {
         let mut st = self.lock();
+        st.weight = st.weight.saturating_add(weight);
+        if st.max_weight != 0 && st.weight >= st.max_weight {
+            return Self::push_urgent_locked(st, item, now);
+        }
         st.items.push(item);
         st.stamps.push(now);
         st.pushed += 1;
@@ -131,7 +148,10 @@ impl<T> Batch<T> {
     /// Adds a finished item that should not wait for company: makes the batch due now (an
     /// earlier arm's later deadline included) and asks for an immediate wake-up.
     pub(crate) fn push_urgent(&self, item: T, now: Instant) -> Wake {
-        let mut st = self.lock();
+        Self::push_urgent_locked(self.lock(), item, now)
+    }
+
+    fn push_urgent_locked(mut st: MutexGuard<'_, State<T>>, item: T, now: Instant) -> Wake {
         st.items.push(item);
         st.stamps.push(now);
         st.pushed += 1;
@@ -201,6 +221,7 @@ impl<T> Batch<T> {
         let spare_stamps = mem::take(&mut st.spare_stamps);
         let items = mem::replace(&mut st.items, spare_items);
         let stamps = mem::replace(&mut st.stamps, spare_stamps);
+        st.weight = 0;
         st.runner = Some(sync::current_thread_id());
         Pass {
             batch: self,
@@ -312,7 +333,7 @@ mod tests {
 
     #[test]
     fn first_push_arms_the_delay_later_ones_do_not() {
-        let batch = Batch::new(Duration::from_millis(5));
+        let batch = Batch::new(Duration::from_millis(5), 0);
         let now = Instant::now();
         assert_eq!(batch.push(1u32, now), Wake::After(Duration::from_millis(5)));
         assert_eq!(batch.push(2, now), Wake::None);
@@ -321,7 +342,7 @@ mod tests {
 
     #[test]
     fn zero_delay_push_wakes_now_and_is_due_at_once() {
-        let batch = Batch::new(Duration::ZERO);
+        let batch = Batch::new(Duration::ZERO, 0);
         assert_eq!(batch.push(7u32, Instant::now()), Wake::Now);
         let Take::Run(mut pass) = batch.take_for_worker(false) else {
             panic!("expected a pass");
@@ -331,7 +352,7 @@ mod tests {
 
     #[test]
     fn urgent_push_makes_an_armed_batch_due_now() {
-        let batch = Batch::new(Duration::from_millis(50));
+        let batch = Batch::new(Duration::from_millis(50), 0);
         let now = Instant::now();
         assert_eq!(
             batch.push(1u32, now),
@@ -347,15 +368,51 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_that_reaches_its_weight_is_due_at_once() {
+        let batch = Batch::new(Duration::from_millis(50), 100);
+        let now = Instant::now();
+        assert_eq!(
+            batch.push_weighted(1u32, 40, now),
+            Wake::After(Duration::from_millis(50))
+        );
+        assert_eq!(batch.push_weighted(2, 40, now), Wake::None);
+        assert!(matches!(batch.take_for_worker(false), Take::NotYet(_)));
+        // 120 >= 100: due now, one kick.
+        assert_eq!(batch.push_weighted(3, 40, now), Wake::Now);
+        let Take::Run(mut pass) = batch.take_for_worker(false) else {
+            panic!("a batch at its weight is due at once");
+        };
+        assert_eq!(ids(&mut pass), vec![1, 2, 3]);
+        drop(pass);
+        // The taken items' weight left with them: the next batch starts light.
+        assert_eq!(
+            batch.push_weighted(4, 40, now),
+            Wake::After(Duration::from_millis(50))
+        );
+    }
+
+    #[test]
+    fn weight_never_hurries_a_batch_without_a_max_weight() {
+        let batch = Batch::new(Duration::from_millis(50), 0);
+        let now = Instant::now();
+        assert_eq!(
+            batch.push_weighted(1u32, u64::MAX, now),
+            Wake::After(Duration::from_millis(50))
+        );
+        assert_eq!(batch.push_weighted(2, u64::MAX, now), Wake::None);
+        assert!(matches!(batch.take_for_worker(false), Take::NotYet(_)));
+    }
+
+    #[test]
     fn urgent_push_while_disabled_waits_for_enable() {
-        let batch = Batch::new(Duration::from_millis(50));
+        let batch = Batch::new(Duration::from_millis(50), 0);
         batch.disable();
         assert_eq!(batch.push_urgent(1u32, Instant::now()), Wake::None);
     }
 
     #[test]
     fn push_after_take_arms_again() {
-        let batch = Batch::new(Duration::ZERO);
+        let batch = Batch::new(Duration::ZERO, 0);
         batch.push(1u32, Instant::now());
         let Take::Run(pass) = batch.take_for_worker(false) else {
             panic!("expected a pass");
@@ -367,7 +424,7 @@ mod tests {
 
     #[test]
     fn disabled_batch_takes_nothing_and_enable_wakes_now() {
-        let batch = Batch::new(Duration::ZERO);
+        let batch = Batch::new(Duration::ZERO, 0);
         batch.disable();
         assert_eq!(batch.push(1u32, Instant::now()), Wake::None);
         assert!(matches!(batch.take_for_worker(true), Take::Idle));
@@ -377,7 +434,7 @@ mod tests {
 
     #[test]
     fn drain_ignores_disable_and_empty_batch_gives_no_pass() {
-        let batch = Batch::new(Duration::ZERO);
+        let batch = Batch::new(Duration::ZERO, 0);
         batch.disable();
         batch.push(1u32, Instant::now());
         let mut pass = batch.take_for_drain().expect("a pass");
@@ -388,7 +445,7 @@ mod tests {
 
     #[test]
     fn drain_inside_a_pass_is_refused() {
-        let batch = Batch::new(Duration::ZERO);
+        let batch = Batch::new(Duration::ZERO, 0);
         batch.push(1u32, Instant::now());
         let Take::Run(_pass) = batch.take_for_worker(false) else {
             panic!("expected a pass");
@@ -401,7 +458,7 @@ mod tests {
 
     #[test]
     fn rearm_now_only_when_items_wait() {
-        let batch = Batch::new(Duration::from_millis(50));
+        let batch = Batch::new(Duration::from_millis(50), 0);
         assert_eq!(batch.rearm_now(Instant::now()), Wake::None);
         batch.push(1u32, Instant::now());
         assert_eq!(batch.rearm_now(Instant::now()), Wake::Now);
@@ -410,7 +467,7 @@ mod tests {
 
     #[test]
     fn stopped_worker_takes_stop() {
-        let batch = Batch::<u32>::new(Duration::ZERO);
+        let batch = Batch::<u32>::new(Duration::ZERO, 0);
         batch.stop();
         assert!(matches!(batch.take_for_worker(false), Take::Stop));
         assert_eq!(batch.push(1, Instant::now()), Wake::None);
@@ -419,7 +476,7 @@ mod tests {
 
     #[test]
     fn buffers_are_reused_across_passes() {
-        let batch = Batch::new(Duration::ZERO);
+        let batch = Batch::new(Duration::ZERO, 0);
         for round in 0..4u32 {
             batch.push(round, Instant::now());
             let Take::Run(mut pass) = batch.take_for_worker(false) else {
@@ -467,7 +524,7 @@ mod loom_tests {
     #[test]
     fn loom_drain_racing_the_worker_never_overlaps_or_doubles() {
         model(|| {
-            let batch = Arc::new(Batch::<u32>::new(Duration::ZERO));
+            let batch = Arc::new(Batch::<u32>::new(Duration::ZERO, 0));
             let done = Arc::new(AtomicU32::new(0));
             let producer = {
                 let batch = batch.clone();
@@ -503,7 +560,7 @@ mod loom_tests {
     #[test]
     fn loom_push_take_disable_drain_completes_each_item_once() {
         model(|| {
-            let batch = Arc::new(Batch::<u32>::new(Duration::ZERO));
+            let batch = Arc::new(Batch::<u32>::new(Duration::ZERO, 0));
             let done = Arc::new(AtomicU32::new(0));
             let disabled = Arc::new(AtomicBool::new(false));
 
@@ -547,7 +604,7 @@ mod loom_tests {
     #[test]
     fn loom_push_and_enable_never_lose_a_wakeup() {
         model(|| {
-            let batch = Arc::new(Batch::<u32>::new(Duration::ZERO));
+            let batch = Arc::new(Batch::<u32>::new(Duration::ZERO, 0));
             let bell = Arc::new((Mutex::new(false), Condvar::new()));
             let ring = |bell: &(Mutex<bool>, Condvar), wake: Wake| {
                 if wake != Wake::None {

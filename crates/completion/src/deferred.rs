@@ -64,6 +64,12 @@ pub struct Config {
     /// sleep first (the seed's `need_resched` branch), so that a re-pin or a stop gets in.
     /// Default 2 ms.
     pub budget: Duration,
+    /// Weight at which the batch is taken at once instead of after `delay`: items pushed with
+    /// [`DeferredCompletions::push_weighted`] add their weight (the work they stand for, in the
+    /// owner's unit: the backend uses bytes to write back), and a batch that weighs this much
+    /// already amortises a pass, so waiting for more would only add latency. 0 (default): weight
+    /// never hurries a batch.
+    pub max_weight: u64,
     /// Host CPUs to pin the worker thread to (those of its queue thread's vCPU); `None` leaves it
     /// with the affinity it inherits from the thread that creates it. A pinning failure is
     /// logged, not fatal.
@@ -77,6 +83,7 @@ impl Default for Config {
         Self {
             delay: Duration::from_millis(1),
             budget: Duration::from_millis(2),
+            max_weight: 0,
             cpus: None,
             name: String::from("deferred-compl"),
         }
@@ -286,7 +293,7 @@ impl<T: Send + 'static> DeferredCompletions<T> {
                 .map_err(Error::Epoll)?;
         }
         let shared = Arc::new(Shared {
-            batch: Batch::new(config.delay),
+            batch: Batch::new(config.delay, config.max_weight),
             handler,
             timer,
             kick,
@@ -322,6 +329,16 @@ impl<T: Send + 'static> DeferredCompletions<T> {
     /// [`enable`](Self::enable).
     pub fn push(&self, item: T) {
         let wake = self.shared.batch.push(item, Instant::now());
+        self.shared.wake(wake);
+    }
+
+    /// [`push`](Self::push) for an item that stands for `weight` of the handler's work: when the
+    /// batch's weight reaches [`Config::max_weight`], the worker takes it at once.
+    pub fn push_weighted(&self, item: T, weight: u64) {
+        let wake = self
+            .shared
+            .batch
+            .push_weighted(item, weight, Instant::now());
         self.shared.wake(wake);
     }
 
@@ -610,6 +627,27 @@ mod tests {
         assert!(stats.mean_batch >= 33.0);
         assert!(stats.latency_p50 >= Duration::from_millis(15), "{stats:?}");
         assert!(stats.latency_p99 >= stats.latency_p50);
+    }
+
+    #[test]
+    fn a_heavy_batch_is_taken_before_its_delay() {
+        let rec = Arc::new(Recording::default());
+        let dc = DeferredCompletions::new(
+            Config {
+                max_weight: 1 << 20,
+                ..config(Duration::from_secs(30))
+            },
+            rec.clone(),
+        )
+        .expect("new");
+        // Light items wait for the 30 s delay ...
+        dc.push_weighted(1, 4096);
+        thread::sleep(Duration::from_millis(20));
+        assert_eq!(rec.count(), 0);
+        // ... until the batch weighs 1 MiB: then it goes at once, as one batch.
+        dc.push_weighted(2, 1 << 20);
+        assert!(wait_until(Duration::from_secs(2), || rec.count() == 2));
+        assert_eq!(lock(&rec.batch_sizes).clone(), vec![2]);
     }
 
     #[test]
