@@ -51,10 +51,14 @@ pub struct DeviceSettings {
     pub engine: EngineKind,
     /// How long the deferred worker lets completions accumulate (0: at once).
     pub defer_delay: Duration,
+    /// Bytes to write back at which a batch is taken before its delay (0: never).
+    pub defer_max_bytes: u64,
     /// Under `writeback`: bytes written after which a completion evicts what was written.
     pub page_cache_budget: Option<u64>,
     /// Always wait out the batching delay, even when nothing else is in flight to batch with.
     pub strict_batching: bool,
+    /// How long a queue thread busy-polls its rings after work before sleeping (0: never).
+    pub poll: Duration,
 }
 
 /// State every queue thread of a device reads.
@@ -77,6 +81,8 @@ pub struct DeviceShared {
     pub page_cache_budget: Option<u64>,
     /// Always wait out the batching delay, even when nothing else is in flight to batch with.
     pub strict_batching: bool,
+    /// How long a queue thread busy-polls its rings after work before sleeping (0: never).
+    pub poll: Duration,
 }
 
 /// A virtio-blk device for one vhost-user connection.
@@ -151,6 +157,7 @@ impl BlkDevice {
             mem,
             page_cache_budget: settings.page_cache_budget,
             strict_batching: settings.strict_batching,
+            poll: settings.poll,
         });
 
         let queue_masks: Vec<u64> = (0..num_queues).map(|q| 1u64 << q).collect();
@@ -169,6 +176,12 @@ impl BlkDevice {
                 DeferredCompletions::new(
                     completion::Config {
                         delay: settings.defer_delay,
+                        // Strict batching waits out the delay whatever the batch holds.
+                        max_weight: if settings.strict_batching {
+                            0
+                        } else {
+                            settings.defer_max_bytes
+                        },
                         name: format!("deferred-q{}", queues[0]),
                         ..completion::Config::default()
                     },
@@ -377,8 +390,10 @@ impl VhostUserBackend for BlkDevice {
         let mut thread = lock(thread);
         if usize::from(device_event) < vrings.len() {
             thread.process_queue(usize::from(device_event), vrings);
+            thread.poll(vrings);
         } else if u64::from(device_event) == self.completion_event_id() {
             thread.reap(vrings);
+            thread.poll(vrings);
         } else if u64::from(device_event) == self.pin_event_id() {
             if let Some(pin) = self.pins.get(thread_id) {
                 pin.apply();

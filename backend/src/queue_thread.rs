@@ -15,6 +15,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use completion::DeferredCompletions;
 use disk::{CacheMode, Completion, Engine, Op};
@@ -76,6 +77,8 @@ struct QueueContext {
     needs_signal: bool,
     /// The driver published an impossible available index; logged once.
     ring_broken: bool,
+    /// Notifications (kicks) are off and must be turned back on before the thread sleeps.
+    notify_off: bool,
 }
 
 /// What became of a popped chain.
@@ -113,6 +116,10 @@ pub struct Done {
     pub mem: Arc<GuestMem>,
 }
 
+/// The longest a queue thread polls in one go, however busy its rings, before it goes back to
+/// epoll for its other events.
+const MAX_POLL: Duration = Duration::from_millis(1);
+
 /// Bytes written under `writeback` since the last eviction, for `--page-cache-budget`.
 #[derive(Default)]
 struct Budget {
@@ -131,6 +138,10 @@ pub struct QueueThread {
     budget: Budget,
     /// Requests of this thread's queues that the engine holds.
     in_engine: usize,
+    /// Inside [`QueueThread::poll`]: leave kicks off.
+    polling: bool,
+    /// The next poll's window, shrunk after polls that found nothing (`None`: the full one).
+    poll_window: Option<Duration>,
 }
 
 impl Drop for QueueThread {
@@ -174,6 +185,7 @@ impl QueueThread {
                 bufs: RequestBuffers::new(&shared.limits),
                 needs_signal: false,
                 ring_broken: false,
+                notify_off: false,
             })
             .collect();
         Self {
@@ -184,6 +196,8 @@ impl QueueThread {
             deferred_path,
             budget: Budget::default(),
             in_engine: 0,
+            polling: false,
+            poll_window: None,
         }
     }
 
@@ -227,12 +241,15 @@ impl QueueThread {
                 }
                 break;
             }
-            if event_idx {
-                if let Err(e) = state.disable_notification() {
-                    warn!(
+            // While polling, kicks are not wanted whatever the ring's notification scheme: the
+            // thread will look at the ring again on its own.
+            if event_idx || self.polling {
+                match state.disable_notification() {
+                    Ok(()) => self.queues[local].notify_off = true,
+                    Err(e) => warn!(
                         "queue {}: disabling notifications: {e:?}",
                         self.queues[local].index
-                    );
+                    ),
                 }
             }
             loop {
@@ -254,7 +271,8 @@ impl QueueThread {
                     Started::Ignored => {}
                 }
             }
-            if !event_idx {
+            // A polling thread leaves notifications off until it stops polling.
+            if self.polling || !std::mem::take(&mut self.queues[local].notify_off) {
                 break;
             }
             match state.enable_notification() {
@@ -279,6 +297,65 @@ impl QueueThread {
         // A synchronous engine has finished already, and io_uring may have too: complete what is
         // done without another trip through epoll.
         self.reap(vrings);
+    }
+
+    /// Busy-poll this thread's rings after an event (`--poll-us`): serve new chains and finished
+    /// requests as they appear, without waiting for a kick or the engine's eventfd, until the
+    /// poll window passes with nothing to do, or `MAX_POLL` in all so that the thread's other
+    /// events (exit, re-pin) are not starved. Kicks stay off while polling; notifications are
+    /// re-enabled, and whatever slipped in meanwhile served, before returning to epoll.
+    ///
+    /// Adaptive: a poll that found nothing halves the next window (down to an eighth), so that
+    /// a queue whose requests come far apart stops burning a CPU on them; one that found work
+    /// restores the full window.
+    pub fn poll(&mut self, vrings: &[Vring]) {
+        let full = self.shared.poll;
+        if full.is_zero() {
+            return;
+        }
+        let window = self.poll_window.unwrap_or(full);
+        let mem = self.shared.mem.memory().into_inner();
+        let start = Instant::now();
+        let mut last_work = start;
+        let mut found = false;
+        self.polling = true;
+        loop {
+            let mut worked = false;
+            for (local, vring) in vrings.iter().enumerate().take(self.queues.len()) {
+                if !self.queues[local].ring_broken && has_new_chains(vring, &mem) {
+                    self.process_queue(local, vrings);
+                    worked = true;
+                }
+            }
+            if self.engine.has_completions() {
+                self.reap(vrings);
+                worked = true;
+            }
+            let now = Instant::now();
+            if worked {
+                found = true;
+                last_work = now;
+            } else if now - last_work >= window || now - start >= MAX_POLL {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        self.polling = false;
+        self.poll_window = Some(if found {
+            full
+        } else {
+            (window / 2).max(full / 8)
+        });
+        QueueStats::add(&self.shared.stats.queue(self.queues[0].index).polls, 1);
+        if found {
+            QueueStats::add(&self.shared.stats.queue(self.queues[0].index).poll_hits, 1);
+        }
+        // Kicks back on; serve what arrived between the last look and now.
+        for local in 0..self.queues.len().min(vrings.len()) {
+            if self.queues[local].notify_off {
+                self.process_queue(local, vrings);
+            }
+        }
     }
 
     /// The engine's completion eventfd fired: complete what finished and signal the guest.
@@ -592,7 +669,9 @@ enum OpList {
 
 /// Push a completion marked at submission onto the deferred batch. With nothing else in the
 /// engine (`in_engine == 0`) no completion is coming to share the batch, so it is taken at once:
-/// waiting out the delay would only add latency; `--strict-batching` waits anyway.
+/// waiting out the delay would only add latency; `--strict-batching` waits anyway. Otherwise it
+/// weighs the bytes it has to write back, so that a batch already heavy enough to amortise its
+/// pass (`--defer-max-bytes`) does not wait for more.
 fn defer_at_once_if_alone(
     deferred: &DeferredCompletions<Done>,
     done: Done,
@@ -602,7 +681,10 @@ fn defer_at_once_if_alone(
     if in_engine == 0 && !shared.strict_batching {
         deferred.push_now(done);
     } else {
-        deferred.push(done);
+        let weight = done
+            .evict
+            .map_or(0, |(start, end)| end.saturating_sub(start));
+        deferred.push_weighted(done, weight);
     }
 }
 
@@ -699,6 +781,17 @@ fn count_done(stats: &QueueStats, request_type: RequestType, data_len: u32, stat
         RequestType::Unsupported(_) => return,
     };
     QueueStats::add(counter, 1);
+}
+
+/// Whether the driver has published chains the queue has not popped yet: two loads from the
+/// available ring, what a polling thread checks between passes.
+fn has_new_chains(vring: &Vring, mem: &GuestMem) -> bool {
+    let state = vring.get_ref();
+    let queue = state.get_queue();
+    queue.ready()
+        && queue
+            .avail_idx(mem, Ordering::Acquire)
+            .is_ok_and(|idx| idx.0 != queue.next_avail())
 }
 
 /// Signal the guest for a queue if it asked to be (EVENT_IDX or the NO_INTERRUPT flag).

@@ -76,11 +76,13 @@ pub fn run(args: &BackendArgs) -> Result<()> {
         serial,
         engine: args.io_engine,
         defer_delay: Duration::from_micros(args.defer_delay_us),
+        defer_max_bytes: args.defer_max_bytes,
         page_cache_budget: args.page_cache_budget,
         strict_batching: args.strict_batching,
+        poll: Duration::from_micros(args.poll_us),
     };
     info!(
-        "image {} ({} bytes{}), cache {} (eviction path {}), engine {}, {} queue(s) of {}, deferred completion delay {} us",
+        "image {} ({} bytes{}), cache {} (eviction path {}), engine {}, {} queue(s) of {}, deferred completion delay {} us (at once from {} bytes), polling {} us",
         image.path().display(),
         image.capacity(),
         if args.read_only { ", read-only" } else { "" },
@@ -90,6 +92,8 @@ pub fn run(args: &BackendArgs) -> Result<()> {
         args.num_queues,
         args.queue_size,
         args.defer_delay_us,
+        args.defer_max_bytes,
+        args.poll_us,
     );
     if args.page_cache_budget.is_some() && args.cache != CacheMode::Writeback {
         warn!("--page-cache-budget applies to --cache writeback only; ignored");

@@ -47,6 +47,10 @@ pub struct QueueStats {
     pub in_flight: AtomicU64,
     /// Used-buffer notifications sent to the guest.
     pub signals: AtomicU64,
+    /// Busy-poll sessions of the queue's thread (`--poll-us`).
+    pub polls: AtomicU64,
+    /// Of those, sessions that found a chain or a finished request to serve.
+    pub poll_hits: AtomicU64,
 }
 
 impl QueueStats {
@@ -81,6 +85,8 @@ impl QueueStats {
             bytes_written: get(&self.bytes_written),
             in_flight: get(&self.in_flight),
             signals: get(&self.signals),
+            polls: get(&self.polls),
+            poll_hits: get(&self.poll_hits),
         }
     }
 }
@@ -118,6 +124,10 @@ pub struct QueueStatsSnapshot {
     pub in_flight: u64,
     /// Used-buffer notifications sent.
     pub signals: u64,
+    /// Busy-poll sessions (`--poll-us`).
+    pub polls: u64,
+    /// Busy-poll sessions that found work.
+    pub poll_hits: u64,
 }
 
 /// The deferred worker's batch statistics for one queue, as the control socket reports them.

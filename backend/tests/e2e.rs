@@ -106,10 +106,22 @@ round_trip_tests! {
 /// EVENT_IDX: every one completes with its own data.
 #[test]
 fn many_requests_in_flight_on_every_queue_all_complete() {
+    many_requests_in_flight(&[]);
+}
+
+/// The same with queue polling: the threads serve chains and completions without kicks or
+/// eventfd wake-ups, and every request still completes once, with its own data.
+#[test]
+fn many_requests_in_flight_all_complete_with_polling() {
+    many_requests_in_flight(&["--poll-us", "200"]);
+}
+
+fn many_requests_in_flight(extra_args: &[&str]) {
     for event_idx in [false, true] {
         let b = spawn(BackendOpts {
             num_queues: 4,
             cache: "none",
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             ..BackendOpts::default()
         });
         let mut d = b.connect(&Options {
@@ -841,4 +853,40 @@ fn every_completion_is_signalled() {
     // Collects a signal that may land just after its used entry was read.
     q.expect_no_used(Duration::from_millis(50));
     assert!(q.signals() >= 64, "64 completions, {} signals", q.signals());
+}
+
+/// A polling thread turns kicks back on before it sleeps: requests spaced wider than the poll
+/// window (each arrives after the thread went back to epoll) still complete and are signalled,
+/// with and without EVENT_IDX, and the stats count the polls.
+#[test]
+fn requests_after_a_poll_window_ends_are_served() {
+    for event_idx in [false, true] {
+        let b = spawn(BackendOpts {
+            control: true,
+            extra_args: vec!["--poll-us".into(), "100".into()],
+            ..BackendOpts::default()
+        });
+        let mut d = b.connect(&Options {
+            event_idx,
+            ..Options::default()
+        });
+        let q = d.queue(0);
+        for k in 0..20u64 {
+            let data = pattern(k, 4096);
+            assert_eq!(q.write(k * 8, &data).status, S_OK, "write {k}");
+            // Past the window (and past its adaptive shrinking): the thread is asleep again.
+            std::thread::sleep(Duration::from_millis(3));
+            let c = q.read(k * 8, 4096);
+            assert_eq!(c.status, S_OK, "read {k}");
+            assert!(c.data == data, "read {k} returns write {k}'s data");
+            std::thread::sleep(Duration::from_millis(3));
+        }
+        let stats = b.stats();
+        let queue = &stats["queues"][0];
+        assert_eq!(queue["requests"].as_u64(), Some(40), "{stats}");
+        let polls = queue["polls"].as_u64().unwrap_or(0);
+        let hits = queue["poll_hits"].as_u64().unwrap_or(0);
+        assert!(polls >= 40, "a poll after each kick at least: {stats}");
+        assert!(hits <= polls, "{stats}");
+    }
 }
