@@ -34,7 +34,8 @@ pub struct Args {
     #[arg(long)]
     pub ramp: Option<f64>,
     /// Comma-separated workloads (`randread-4k-qd32-q2`, `write-1m-qd8-q1`,
-    /// ...), `default` or `all`.
+    /// issue 4's `randwrite-4k-qd32-q2,write-1m-qd32-q2`, any
+    /// `(rand)read|write-<bs>-qd<N>-q<N>`), `default` or `all`.
     #[arg(long, default_value = "default")]
     pub workloads: String,
     /// Comma-separated peers, `default` or `all` (see --list).
@@ -299,5 +300,53 @@ mod tests {
         assert_eq!(parse_size("1G").ok(), Some(1 << 30));
         assert_eq!(parse_size("4096").ok(), Some(4096));
         assert!(parse_size("1X").is_err());
+    }
+
+    #[test]
+    fn picks_issue4_workloads_and_new_peers() {
+        let w = pick(
+            "randwrite-4k-qd32-q2,write-1m-qd32-q2",
+            Workload::defaults(),
+            Workload::all(),
+            Workload::name,
+            Workload::parse,
+        )
+        .expect("workloads");
+        let names: Vec<String> = w.iter().map(Workload::name).collect();
+        assert_eq!(names, ["randwrite-4k-qd32-q2", "write-1m-qd32-q2"]);
+        let all = pick(
+            "all",
+            vec![],
+            Workload::all(),
+            Workload::name,
+            Workload::parse,
+        )
+        .expect("all");
+        assert!(all.iter().any(|w| w.name() == "write-1m-qd32-q2"));
+        let peers = pick(
+            "ours-dontcache-uring, ours-dontcache-d0-uring,ours-none-uring-poll",
+            Peer::defaults(false),
+            Peer::all(false),
+            |p| p.name.clone(),
+            |s| bail!("unknown peer {s:?} (see --list)"),
+        )
+        .expect("peers");
+        let names: Vec<&str> = peers.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "ours-dontcache-uring",
+                "ours-dontcache-d0-uring",
+                "ours-none-uring-poll"
+            ]
+        );
+        let bad = pick(
+            "ours-dontcache-d1-uring",
+            vec![],
+            Peer::all(false),
+            |p| p.name.clone(),
+            |s| bail!("unknown peer {s:?} (see --list)"),
+        );
+        assert!(bad.is_err());
     }
 }

@@ -19,6 +19,7 @@ use blkio::{Blkio, Blkioq, Completion, ReqFlags};
 
 use super::error::{bail, Context, Error, Result};
 use super::procstat::{self, HostCpu};
+use super::stats::{query_backend, BackendCounters};
 use super::workload::{Op, Pattern, Workload};
 
 /// The libblkio driver name.
@@ -49,6 +50,9 @@ pub struct RawRun {
     pub others_s: f64,
     /// CPU seconds the hypervisor stole from the host in the window.
     pub steal_s: f64,
+    /// Our backend's counters just before and just after the window (with
+    /// a control socket).
+    pub backend: Option<(BackendCounters, BackendCounters)>,
 }
 
 /// Backend and host CPU counters at one instant.
@@ -75,10 +79,14 @@ impl CpuSnap {
 
 /// Runs `w` against the vhost-user socket at `socket`, served by process
 /// `pid`, for `ramp` (not counted) then `runtime`, sampling CPU counters at
-/// the measured window's edges.
+/// the measured window's edges, and with `control` (our backend's control
+/// socket) its `stats` just outside them: before the CPU sample that opens
+/// the window and after the one that closes it, so neither the query's CPU
+/// nor its time falls inside.
 pub fn run(
     socket: &Path,
     pid: u32,
+    control: Option<&Path>,
     w: &Workload,
     ramp: Duration,
     runtime: Duration,
@@ -136,16 +144,30 @@ pub fn run(
         }
         barrier.wait();
         std::thread::sleep(ramp);
-        let s0 = CpuSnap::take(pid)?;
+        let counters = |c: &Path| query_backend(c).map(|s| BackendCounters::of(&s));
+        let opened = control
+            .map(counters)
+            .transpose()
+            .and_then(|b0| Ok((b0, CpuSnap::take(pid)?)));
+        let (b0, s0) = match opened {
+            Ok(v) => v,
+            Err(e) => {
+                // The client threads would run on; the scope joins them.
+                phase.store(STOP, Ordering::SeqCst);
+                return Err(e);
+            }
+        };
         let t0 = Instant::now();
         phase.store(MEASURE, Ordering::SeqCst);
         std::thread::sleep(runtime);
         phase.store(STOP, Ordering::SeqCst);
         let seconds = t0.elapsed().as_secs_f64();
         let s1 = CpuSnap::take(pid)?;
+        let b1 = control.map(counters).transpose()?;
         let host = s1.host - s0.host;
         let mut run = RawRun {
             seconds,
+            backend: b0.zip(b1),
             backend_cpu_s: s1.backend - s0.backend,
             client_cpu_s: s1.client - s0.client,
             others_s: host.busy - (s1.backend - s0.backend) - (s1.client - s0.client),

@@ -142,6 +142,7 @@ fn parse(v: &Value, w: &Workload) -> Result<FioRun> {
             client_cpu_s: cpu_s,
             others_s: 0.0,
             steal_s: 0.0,
+            backend: None,
         },
         pcts,
     })

@@ -36,6 +36,10 @@ pub enum Kind {
         cache: String,
         /// `--io-engine` value (`io-uring`, `sync`).
         engine: String,
+        /// More backend arguments, passed as they are (`--defer-delay-us 0`,
+        /// `--poll-us 50`).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        extra: Vec<String>,
     },
     /// `qemu-storage-daemon --export type=vhost-user-blk`.
     Qsd {
@@ -82,6 +86,14 @@ pub struct Programs {
 
 impl Peer {
     fn ours(cache: &str, engine: &str) -> Peer {
+        Peer::ours_with(cache, engine, "", &[])
+    }
+
+    /// Our backend with `extra` arguments; `variant` goes into the name:
+    /// after the cache mode with a trailing `-` (`d0-`:
+    /// `ours-dontcache-d0-uring`), after the engine otherwise (`poll`:
+    /// `ours-none-uring-poll`).
+    fn ours_with(cache: &str, engine: &str, variant: &str, extra: &[&str]) -> Peer {
         let mode = match cache {
             "none" => Mode::Direct,
             "writeback" => Mode::Buffered,
@@ -93,11 +105,17 @@ impl Peer {
         } else {
             engine
         };
+        let name = match variant {
+            "" => format!("ours-{cache}-{short}"),
+            v if v.ends_with('-') => format!("ours-{cache}-{v}{short}"),
+            v => format!("ours-{cache}-{short}-{v}"),
+        };
         Peer {
-            name: format!("ours-{cache}-{short}"),
+            name,
             kind: Kind::Ours {
                 cache: cache.into(),
                 engine: engine.into(),
+                extra: extra.iter().map(|a| a.to_string()).collect(),
             },
             mode,
         }
@@ -132,11 +150,32 @@ impl Peer {
     }
 
     /// Every known peer; cloud-hypervisor's only with `with_ch`.
+    ///
+    /// Beside each cache mode on both engines: `ours-dontcache-d0-uring`
+    /// (`--defer-delay-us 0`: the deferred worker fires at once, the
+    /// no-batching baseline of issue 4) and `ours-{none,writeback}-uring-poll`
+    /// (`--poll-us 50`: queue threads busy-poll their rings for 50 µs after
+    /// work before sleeping).
     pub fn all(with_ch: bool) -> Vec<Peer> {
         let mut v = Vec::new();
         for cache in ["none", "writeback", "dontcache"] {
             for engine in ["io-uring", "sync"] {
                 v.push(Peer::ours(cache, engine));
+            }
+            if cache == "dontcache" {
+                v.push(Peer::ours_with(
+                    cache,
+                    "io-uring",
+                    "d0-",
+                    &["--defer-delay-us", "0"],
+                ));
+            } else {
+                v.push(Peer::ours_with(
+                    cache,
+                    "io-uring",
+                    "poll",
+                    &["--poll-us", "50"],
+                ));
             }
         }
         v.push(Peer {
@@ -144,6 +183,7 @@ impl Peer {
             kind: Kind::Ours {
                 cache: "null".into(),
                 engine: "io-uring".into(),
+                extra: Vec::new(),
             },
             mode: Mode::Null,
         });
@@ -162,15 +202,20 @@ impl Peer {
     }
 
     /// The default set: each of our cache modes on io_uring plus the
-    /// synchronous engine where it matters (buffered), our null ceiling,
-    /// qemu-storage-daemon direct and buffered on io_uring and buffered on
-    /// its default thread pool, cloud-hypervisor when given, and fio.
+    /// synchronous engine where it matters (buffered), dontcache without
+    /// batching (`--defer-delay-us 0`), O_DIRECT and buffered with queue
+    /// polling, our null ceiling, qemu-storage-daemon direct and buffered on
+    /// io_uring and buffered on its default thread pool, cloud-hypervisor
+    /// when given, and fio.
     pub fn defaults(with_ch: bool) -> Vec<Peer> {
         let names = [
             "ours-none-uring",
+            "ours-none-uring-poll",
             "ours-writeback-uring",
             "ours-writeback-sync",
+            "ours-writeback-uring-poll",
             "ours-dontcache-uring",
+            "ours-dontcache-d0-uring",
             "ours-null",
             "qsd-direct-uring",
             "qsd-buffered-uring",
@@ -207,12 +252,76 @@ pub struct Server {
     child: Child,
     /// The vhost-user socket it listens on.
     pub socket: PathBuf,
+    /// Our backend's control socket (`--control`), for its `stats`.
+    pub control: Option<PathBuf>,
     log: PathBuf,
+}
+
+/// The command that serves `image` as `peer` on `socket`, with `queues`
+/// queues; our backend also gets `--control <control>`.
+fn command(
+    peer: &Peer,
+    progs: &Programs,
+    image: &Path,
+    image_size: u64,
+    queues: u32,
+    socket: &Path,
+    control: Option<&Path>,
+) -> Result<Command> {
+    let img = image.display().to_string();
+    let sock = socket.display().to_string();
+    Ok(match &peer.kind {
+        Kind::Ours {
+            cache,
+            engine,
+            extra,
+        } => {
+            let mut c = Command::new(&progs.backend);
+            c.arg("--socket-path").arg(socket);
+            c.arg("--num-queues").arg(queues.to_string());
+            c.arg("--queue-size").arg("256");
+            if cache == "null" {
+                c.arg("--blk-file").arg(format!("null:{image_size}"));
+            } else {
+                c.arg("--blk-file").arg(image);
+                c.arg("--cache").arg(cache);
+                c.arg("--io-engine").arg(engine);
+            }
+            if let Some(ctl) = control {
+                c.arg("--control").arg(ctl);
+            }
+            c.args(extra);
+            c
+        }
+        Kind::Qsd { direct, aio } => {
+            let mut c = Command::new(&progs.qsd);
+            c.arg("--blockdev").arg(format!(
+                "driver=file,node-name=f,filename={img},cache.direct={},aio={aio}",
+                if *direct { "on" } else { "off" }
+            ));
+            c.arg("--export").arg(format!(
+                "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={sock},writable=on,num-queues={queues}"
+            ));
+            c
+        }
+        Kind::Ch { direct } => {
+            let Some(ch) = &progs.ch else {
+                bail!("{}: no vhost_user_block binary given (--ch)", peer.name);
+            };
+            let mut c = Command::new(ch);
+            c.arg("--block-backend").arg(format!(
+                "path={img},socket={sock},num_queues={queues},queue_size=256,direct={direct}"
+            ));
+            c
+        }
+        Kind::Fio { .. } => bail!("{}: fio runs without a server", peer.name),
+    })
 }
 
 impl Server {
     /// Starts `peer` serving `image` with `queues` queues on a socket in
-    /// `dir`. fio peers have no server: see [`super::fio`].
+    /// `dir` (ours with its control socket there too). fio peers have no
+    /// server: see [`super::fio`].
     pub fn start(
         peer: &Peer,
         progs: &Programs,
@@ -223,47 +332,21 @@ impl Server {
     ) -> Result<Server> {
         let socket = dir.join(format!("{}.sock", peer.name));
         let log = dir.join(format!("{}.log", peer.name));
-        let _ = std::fs::remove_file(&socket);
-        let img = image.display().to_string();
-        let sock = socket.display().to_string();
-        let mut cmd = match &peer.kind {
-            Kind::Ours { cache, engine } => {
-                let mut c = Command::new(&progs.backend);
-                c.arg("--socket-path").arg(&socket);
-                c.arg("--num-queues").arg(queues.to_string());
-                c.arg("--queue-size").arg("256");
-                if cache == "null" {
-                    c.arg("--blk-file").arg(format!("null:{image_size}"));
-                } else {
-                    c.arg("--blk-file").arg(image);
-                    c.arg("--cache").arg(cache);
-                    c.arg("--io-engine").arg(engine);
-                }
-                c
-            }
-            Kind::Qsd { direct, aio } => {
-                let mut c = Command::new(&progs.qsd);
-                c.arg("--blockdev").arg(format!(
-                    "driver=file,node-name=f,filename={img},cache.direct={},aio={aio}",
-                    if *direct { "on" } else { "off" }
-                ));
-                c.arg("--export").arg(format!(
-                    "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={sock},writable=on,num-queues={queues}"
-                ));
-                c
-            }
-            Kind::Ch { direct } => {
-                let Some(ch) = &progs.ch else {
-                    bail!("{}: no vhost_user_block binary given (--ch)", peer.name);
-                };
-                let mut c = Command::new(ch);
-                c.arg("--block-backend").arg(format!(
-                    "path={img},socket={sock},num_queues={queues},queue_size=256,direct={direct}"
-                ));
-                c
-            }
-            Kind::Fio { .. } => bail!("{}: fio runs without a server", peer.name),
-        };
+        let control = peer
+            .is_ours()
+            .then(|| dir.join(format!("{}.ctl", peer.name)));
+        for p in std::iter::once(&socket).chain(control.iter()) {
+            let _ = std::fs::remove_file(p);
+        }
+        let mut cmd = command(
+            peer,
+            progs,
+            image,
+            image_size,
+            queues,
+            &socket,
+            control.as_deref(),
+        )?;
         let log_file = File::create(&log).ctx(|| format!("create {}", log.display()))?;
         let log_err = log_file
             .try_clone()
@@ -274,7 +357,12 @@ impl Server {
         let child = cmd
             .spawn()
             .ctx(|| format!("{}: spawn {:?}", peer.name, cmd.get_program()))?;
-        let mut server = Server { child, socket, log };
+        let mut server = Server {
+            child,
+            socket,
+            control,
+            log,
+        };
         server.wait_listening(Duration::from_secs(10))?;
         Ok(server)
     }
@@ -286,7 +374,9 @@ impl Server {
 
     fn wait_listening(&mut self, limit: Duration) -> Result<()> {
         let deadline = Instant::now() + limit;
-        while !self.socket.exists() {
+        // Our backend binds its control socket before the vhost-user one;
+        // wait for both all the same.
+        while !self.socket.exists() || self.control.as_ref().is_some_and(|c| !c.exists()) {
             if let Some(status) = self.child.try_wait().ctx(|| "wait for the server")? {
                 bail!(
                     "server exited ({status}) before listening; its log:\n{}",
@@ -295,7 +385,7 @@ impl Server {
             }
             if Instant::now() > deadline {
                 bail!(
-                    "{} did not appear within {limit:?}; server log:\n{}",
+                    "{} (or its control socket) did not appear within {limit:?}; server log:\n{}",
                     self.socket.display(),
                     self.log_tail()
                 );
@@ -336,19 +426,122 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(2);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
-                let _ = std::fs::remove_file(&self.socket);
+                self.remove_sockets();
                 return;
             }
             std::thread::sleep(Duration::from_millis(5));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.remove_sockets();
+    }
+
+    fn remove_sockets(&self) {
         let _ = std::fs::remove_file(&self.socket);
+        if let Some(c) = &self.control {
+            let _ = std::fs::remove_file(c);
+        }
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
         self.terminate();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(name: &str) -> Peer {
+        Peer::all(true)
+            .into_iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no peer {name}"))
+    }
+
+    fn args(p: &Peer, control: Option<&Path>) -> Vec<String> {
+        let progs = Programs {
+            backend: "vhost-user-blk".into(),
+            qsd: "qemu-storage-daemon".into(),
+            fio: "fio".into(),
+            ch: None,
+        };
+        let cmd = command(
+            p,
+            &progs,
+            Path::new("/img"),
+            1 << 30,
+            2,
+            Path::new("/w/p.sock"),
+            control,
+        )
+        .expect("command");
+        cmd.get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn variants_and_their_modes() {
+        let extra = |p: &Peer| match &p.kind {
+            Kind::Ours { extra, .. } => extra.clone(),
+            _ => panic!("{} is not ours", p.name),
+        };
+        let d0 = peer("ours-dontcache-d0-uring");
+        assert_eq!(d0.mode, Mode::Dontcache);
+        assert_eq!(extra(&d0), ["--defer-delay-us", "0"]);
+        let none = peer("ours-none-uring-poll");
+        assert_eq!(none.mode, Mode::Direct);
+        assert_eq!(extra(&none), ["--poll-us", "50"]);
+        let wb = peer("ours-writeback-uring-poll");
+        assert_eq!(wb.mode, Mode::Buffered);
+        assert!(wb.wants_warm_cache() && !none.wants_warm_cache());
+        assert!(extra(&peer("ours-dontcache-uring")).is_empty());
+        // Names are unique.
+        let all = Peer::all(true);
+        for p in &all {
+            assert_eq!(all.iter().filter(|q| q.name == p.name).count(), 1);
+        }
+        let defaults: Vec<String> = Peer::defaults(true).into_iter().map(|p| p.name).collect();
+        for n in [
+            "ours-dontcache-d0-uring",
+            "ours-none-uring-poll",
+            "ours-writeback-uring-poll",
+            "ours-dontcache-uring",
+        ] {
+            assert!(defaults.iter().any(|d| d == n), "{n} not a default");
+        }
+        assert!(!defaults.iter().any(|d| d == "ours-dontcache-sync"));
+    }
+
+    #[test]
+    fn our_command_line() {
+        let a = args(
+            &peer("ours-dontcache-d0-uring"),
+            Some(Path::new("/w/p.ctl")),
+        );
+        let joined = a.join(" ");
+        assert!(
+            joined.contains("--cache dontcache --io-engine io-uring"),
+            "{joined}"
+        );
+        assert!(joined.contains("--control /w/p.ctl"), "{joined}");
+        assert!(joined.ends_with("--defer-delay-us 0"), "{joined}");
+        let poll = args(&peer("ours-writeback-uring-poll"), None).join(" ");
+        assert!(
+            poll.contains("--cache writeback --io-engine io-uring"),
+            "{poll}"
+        );
+        assert!(
+            poll.ends_with("--poll-us 50") && !poll.contains("--control"),
+            "{poll}"
+        );
+        let null = args(&peer("ours-null"), None).join(" ");
+        assert!(null.contains("--blk-file null:1073741824") && !null.contains("--cache"));
+        // Other peers get no control socket even if one is passed.
+        let qsd = args(&peer("qsd-direct-uring"), Some(Path::new("/w/p.ctl"))).join(" ");
+        assert!(!qsd.contains("--control"), "{qsd}");
     }
 }

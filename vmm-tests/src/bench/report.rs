@@ -190,16 +190,16 @@ pub fn markdown(r: &Results) -> String {
         let _ = writeln!(m, "### {w}\n");
         let _ = writeln!(
             m,
-            "| peer | mode | {} | {} | p50 µs | p99 µs | p99.9 µs | backend CPU µs/req | backend cores | client CPU µs/req | noise cores |",
+            "| peer | mode | {} | {} | p50 µs | p99 µs | p99.9 µs | backend CPU µs/req | backend cores | backend signals/req | client CPU µs/req | noise cores |",
             if bw { "MiB/s" } else { "IOPS" },
             if bw { "IOPS" } else { "MiB/s" }
         );
-        let _ = writeln!(m, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+        let _ = writeln!(m, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
         for c in r.cells.iter().filter(|c| &c.workload == w) {
             if c.runs == 0 {
                 let _ = writeln!(
                     m,
-                    "| {} | {} | failed: {} | | | | | | | | |",
+                    "| {} | {} | failed: {} | | | | | | | | | |",
                     c.peer,
                     mode_of(&c.peer),
                     c.error
@@ -234,7 +234,7 @@ pub fn markdown(r: &Results) -> String {
             let fio_note = if c.peer.starts_with("fio") { "¹" } else { "" };
             let _ = writeln!(
                 m,
-                "| {}{} | {} | {} | {} | {} | {} | {} | {}{} | {:.2} | {} | {:.2} |",
+                "| {}{} | {} | {} | {} | {} | {} | {} | {}{} | {:.2} | {} | {} | {:.2} |",
                 c.peer,
                 if c.failed > 0 {
                     format!(" ({} failed)", c.failed)
@@ -250,6 +250,8 @@ pub fn markdown(r: &Results) -> String {
                 us(c.backend_cpu_us.median),
                 fio_note,
                 c.backend_cores.median,
+                c.signals_per_req
+                    .map_or_else(|| "—".to_string(), |x| format!("{:.3}", x.median)),
                 us(c.client_cpu_us.median),
                 c.others_cores.median,
             );
@@ -259,6 +261,8 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(
         m,
         "¹ fio's own CPU (submission and completion in one process); it has no separate backend.\n\n\
+         *backend signals/req*: used-buffer notifications our backend sent per request it \
+         completed over the window, from its own `stats` (`--control`); — for other peers.\n\n\
          *noise cores*: CPU the rest of the host kept busy during the run (median); on this shared \
          2-CPU machine, runs with noise above ~0.3 are suspect.\n"
     );
@@ -278,32 +282,63 @@ fn is_peer(p: &Peer) -> bool {
     !p.is_ours() && !p.name.starts_with("fio")
 }
 
-/// The issue's targets, checked on this run's medians.
-fn targets_table(r: &Results) -> String {
-    let mut m = String::new();
-    let _ = writeln!(m, "| target | ours | reference | ratio | needed | met |");
-    let _ = writeln!(m, "|---|---|---|--:|--:|:-:|");
+/// One row of the targets table.
+#[derive(Clone, Debug, PartialEq)]
+struct Target {
+    /// What is checked.
+    what: String,
+    /// The first side: peer and figure.
+    ours: String,
+    /// The second side: peer and figure.
+    reference: String,
+    /// The measured figure (`1.23×`, `+120 µs`).
+    measured: String,
+    /// What it needs (`≥ 1.10×`), `—` when informational.
+    need: String,
+    /// Whether it is met; none when informational or undefined.
+    met: Option<bool>,
+}
+
+fn times(x: f64) -> String {
+    if x.is_nan() {
+        "—".into()
+    } else if x.is_infinite() {
+        "∞×".into()
+    } else {
+        format!("{x:.2}×")
+    }
+}
+
+/// Our deferred-batching peers (issue 4): dontcache at the default delay
+/// and at `--defer-delay-us 0`.
+const DONTCACHE: &str = "ours-dontcache-uring";
+const DONTCACHE_D0: &str = "ours-dontcache-d0-uring";
+/// Our polling peers (issue 7) and what they are compared with.
+const POLL_PAIRS: [(&str, &str); 2] = [
+    ("ours-none-uring-poll", "ours-none-uring"),
+    ("ours-writeback-uring-poll", "ours-writeback-uring"),
+];
+
+/// The issues' targets, checked on this run's medians, in table order.
+fn targets(r: &Results) -> Vec<Target> {
+    let mut v = Vec::new();
     let mut row =
         |what: String, ours: &Cell, reference: &Cell, ratio: f64, need: f64, higher: bool| {
-            let met = if higher { ratio >= need } else { ratio <= need };
-            let _ = writeln!(
-                m,
-                "| {what} | {} {} | {} {} | {ratio:.2}× | {}{need:.2}× | {} |",
-                ours.peer,
+            let fig = |c: &Cell| {
                 if higher {
-                    k(ours.iops.median)
+                    k(c.iops.median)
                 } else {
-                    format!("{} µs", us(ours.backend_cpu_us.median))
-                },
-                reference.peer,
-                if higher {
-                    k(reference.iops.median)
-                } else {
-                    format!("{} µs", us(reference.backend_cpu_us.median))
-                },
-                if higher { "≥ " } else { "< " },
-                if met { "yes" } else { "**no**" }
-            );
+                    format!("{} µs", us(c.backend_cpu_us.median))
+                }
+            };
+            v.push(Target {
+                what,
+                ours: format!("{} {}", ours.peer, fig(ours)),
+                reference: format!("{} {}", reference.peer, fig(reference)),
+                measured: format!("{ratio:.2}×"),
+                need: format!("{}{need:.2}×", if higher { "≥ " } else { "< " }),
+                met: Some(if higher { ratio >= need } else { ratio <= need }),
+            });
         };
     for (w, need) in [
         ("randread-4k-qd32-q2", 1.1),
@@ -312,6 +347,8 @@ fn targets_table(r: &Results) -> String {
         ("randwrite-4k-qd1-q1", 1.0),
     ] {
         for (mode, label) in [(Mode::Buffered, "buffered"), (Mode::Direct, "O_DIRECT")] {
+            // Every one of our peers in the mode is a candidate (the polling
+            // ones included); the row names the one picked.
             let ours = best(r, w, &|p| p.is_ours() && p.mode == mode);
             let peer = best(r, w, &|p| is_peer(p) && p.mode == mode);
             if let (Some(o), Some(p)) = (ours, peer) {
@@ -368,6 +405,108 @@ fn targets_table(r: &Results) -> String {
             o.iops.median / n.iops.median,
             0.8,
             true,
+        );
+    }
+    v.extend(batching_targets(r));
+    v.extend(polling_targets(r));
+    v
+}
+
+/// Issue 4: what dontcache's deferred batching buys against
+/// `--defer-delay-us 0` (signals per request, ≥ 3× fewer) and what it costs
+/// (client p99, ≤ 1 ms more), on `randwrite-4k-qd32-q2` and every
+/// sequential write workload of the run.
+fn batching_targets(r: &Results) -> Vec<Target> {
+    let mut v = Vec::new();
+    let wanted = |w: &str| {
+        w == "randwrite-4k-qd32-q2" || Workload::parse(w).is_ok_and(|w| w.is_sequential_write())
+    };
+    for w in r.workloads.iter().filter(|w| wanted(w)) {
+        let (Some(d0), Some(def)) = (r.cell(w, DONTCACHE_D0), r.cell(w, DONTCACHE)) else {
+            continue;
+        };
+        if let (Some(a), Some(b)) = (d0.signals_per_req, def.signals_per_req) {
+            let side = |c: &Cell, spr: f64| {
+                format!(
+                    "{} {spr:.3}{}",
+                    c.peer,
+                    c.mean_batch
+                        .map(|b| format!(" (batch {:.1})", b.median))
+                        .unwrap_or_default()
+                )
+            };
+            let ratio = a.median / b.median;
+            v.push(Target {
+                what: format!("{w} dontcache batching: signals/request, delay 0 vs default"),
+                ours: side(d0, a.median),
+                reference: side(def, b.median),
+                measured: times(ratio),
+                need: "≥ 3.00×".into(),
+                met: (!ratio.is_nan()).then_some(ratio >= 3.0),
+            });
+        }
+        let growth = def.p99_us.median - d0.p99_us.median;
+        v.push(Target {
+            what: format!("{w} dontcache batching: client p99 growth vs delay 0"),
+            ours: format!("{} {} µs", def.peer, us(def.p99_us.median)),
+            reference: format!("{} {} µs", d0.peer, us(d0.p99_us.median)),
+            measured: format!("{growth:+.0} µs"),
+            need: "≤ 1000 µs".into(),
+            met: Some(growth <= 1000.0),
+        });
+    }
+    v
+}
+
+/// Issue 7: what queue polling (`--poll-us`) gains in IOPS and costs in
+/// CPU per request, on every workload with both peers; informational.
+fn polling_targets(r: &Results) -> Vec<Target> {
+    let mut v = Vec::new();
+    for w in &r.workloads {
+        for (poll, base) in POLL_PAIRS {
+            let (Some(p), Some(b)) = (r.cell(w, poll), r.cell(w, base)) else {
+                continue;
+            };
+            v.push(Target {
+                what: format!("{w} polling: IOPS gain"),
+                ours: format!("{} {}", p.peer, k(p.iops.median)),
+                reference: format!("{} {}", b.peer, k(b.iops.median)),
+                measured: times(p.iops.median / b.iops.median),
+                need: "—".into(),
+                met: None,
+            });
+            v.push(Target {
+                what: format!("{w} polling: CPU/req cost"),
+                ours: format!("{} {} µs", p.peer, us(p.backend_cpu_us.median)),
+                reference: format!("{} {} µs", b.peer, us(b.backend_cpu_us.median)),
+                measured: times(p.backend_cpu_us.median / b.backend_cpu_us.median),
+                need: "—".into(),
+                met: None,
+            });
+        }
+    }
+    v
+}
+
+/// The targets table.
+fn targets_table(r: &Results) -> String {
+    let mut m = String::new();
+    let _ = writeln!(m, "| target | ours | reference | measured | needed | met |");
+    let _ = writeln!(m, "|---|---|---|--:|--:|:-:|");
+    for t in targets(r) {
+        let _ = writeln!(
+            m,
+            "| {} | {} | {} | {} | {} | {} |",
+            t.what,
+            t.ours,
+            t.reference,
+            t.measured,
+            t.need,
+            match t.met {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "—",
+            }
         );
     }
     m.push('\n');
@@ -522,4 +661,236 @@ fn bars(
             .ctx(|| "value")?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sample of `peer` on `w`: IOPS, client p99 µs, backend CPU µs/req,
+    /// and (ours) signals per request and mean batch.
+    fn sample(
+        w: &str,
+        peer: &str,
+        rep: u32,
+        iops: f64,
+        p99: f64,
+        cpu: f64,
+        backend: Option<(f64, f64)>,
+    ) -> Sample {
+        Sample {
+            peer: peer.into(),
+            workload: w.into(),
+            rep,
+            iops,
+            mib_s: iops / 256.0,
+            lat_us: [p99 / 2.0, p99, p99 * 2.0],
+            backend_cpu_us: cpu,
+            backend_cores: 0.5,
+            client_cpu_us: 1.0,
+            cache_resident: 0.0,
+            others_cores: 0.0,
+            steal_cores: 0.0,
+            signals_per_req: backend.map(|b| b.0),
+            mean_batch: backend.map(|b| b.1),
+            deferred_p99_us: backend.map(|_| 900.0),
+            error: None,
+        }
+    }
+
+    fn results(workloads: &[&str], samples: Vec<Sample>) -> Results {
+        let mut peers: Vec<String> = Vec::new();
+        for s in &samples {
+            if !peers.contains(&s.peer) {
+                peers.push(s.peer.clone());
+            }
+        }
+        let mut r = Results {
+            command: "bench".into(),
+            finished_unix: 0,
+            machine: Machine::default(),
+            reps: 3,
+            ramp_s: 0.5,
+            runtime_s: 4.0,
+            image: "/tmp".into(),
+            image_size: 1 << 30,
+            workloads: workloads.iter().map(|w| w.to_string()).collect(),
+            peers,
+            samples,
+            cells: Vec::new(),
+        };
+        r.summarise();
+        r
+    }
+
+    fn find<'a>(t: &'a [Target], what: &str) -> &'a Target {
+        t.iter()
+            .find(|t| t.what == what)
+            .unwrap_or_else(|| panic!("no row {what:?} in {t:#?}"))
+    }
+
+    #[test]
+    fn batching_rows_from_medians() {
+        let mut v = Vec::new();
+        for w in [
+            "randwrite-4k-qd32-q2",
+            "write-1m-qd32-q2",
+            "randread-4k-qd32-q2",
+        ] {
+            // Medians: d0 0.30 signals/req and p99 2000 µs; default 0.05 and
+            // 2800 µs (random) or 3500 µs (sequential).
+            let slow = if w.starts_with("write") {
+                3500.0
+            } else {
+                2800.0
+            };
+            for (rep, (d0_spr, def_spr, def_p99)) in [
+                (0.30, 0.05, slow),
+                (0.10, 0.04, slow - 100.0),
+                (0.50, 0.06, slow + 100.0),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let rep = rep as u32;
+                v.push(sample(
+                    w,
+                    DONTCACHE,
+                    rep,
+                    1e4,
+                    def_p99,
+                    9.0,
+                    Some((def_spr, 20.0)),
+                ));
+                v.push(sample(
+                    w,
+                    DONTCACHE_D0,
+                    rep,
+                    1e4,
+                    2000.0,
+                    9.0,
+                    Some((d0_spr, 1.5)),
+                ));
+            }
+        }
+        let r = results(
+            &[
+                "randread-4k-qd32-q2",
+                "randwrite-4k-qd32-q2",
+                "write-1m-qd32-q2",
+            ],
+            v,
+        );
+        let t = targets(&r);
+        let spr = find(
+            &t,
+            "randwrite-4k-qd32-q2 dontcache batching: signals/request, delay 0 vs default",
+        );
+        assert_eq!(spr.measured, "6.00×");
+        assert_eq!(spr.need, "≥ 3.00×");
+        assert_eq!(spr.met, Some(true));
+        assert_eq!(spr.ours, "ours-dontcache-d0-uring 0.300 (batch 1.5)");
+        assert_eq!(spr.reference, "ours-dontcache-uring 0.050 (batch 20.0)");
+        let p99 = find(
+            &t,
+            "randwrite-4k-qd32-q2 dontcache batching: client p99 growth vs delay 0",
+        );
+        assert_eq!(p99.measured, "+800 µs");
+        assert_eq!(p99.met, Some(true));
+        assert_eq!(p99.ours, "ours-dontcache-uring 2800 µs");
+        let seq = find(
+            &t,
+            "write-1m-qd32-q2 dontcache batching: client p99 growth vs delay 0",
+        );
+        assert_eq!(seq.measured, "+1500 µs");
+        assert_eq!(seq.met, Some(false));
+        // Not a write workload: no batching rows.
+        assert!(!t
+            .iter()
+            .any(|t| t.what.starts_with("randread-4k-qd32-q2 dontcache")));
+        let md = targets_table(&r);
+        assert!(md.contains("| +1500 µs | ≤ 1000 µs | **no** |"), "{md}");
+    }
+
+    #[test]
+    fn batching_ratio_needs_three() {
+        let w = "randwrite-4k-qd32-q2";
+        let r = results(
+            &[w],
+            vec![
+                sample(w, DONTCACHE, 0, 1e4, 1000.0, 9.0, Some((0.031, 32.0))),
+                sample(w, DONTCACHE_D0, 0, 1e4, 900.0, 9.0, Some((0.034, 20.1))),
+            ],
+        );
+        let t = targets(&r);
+        let spr = &t[0];
+        assert_eq!(spr.measured, "1.10×");
+        assert_eq!(spr.met, Some(false));
+        assert_eq!(t[1].measured, "+100 µs");
+    }
+
+    #[test]
+    fn polling_rows_are_informational_and_poll_peers_compete() {
+        let w = "randread-4k-qd32-q2";
+        let r = results(
+            &[w],
+            vec![
+                sample(w, "ours-none-uring", 0, 50e3, 100.0, 5.0, Some((0.5, 1.0))),
+                sample(
+                    w,
+                    "ours-none-uring-poll",
+                    0,
+                    60e3,
+                    90.0,
+                    6.0,
+                    Some((0.2, 1.0)),
+                ),
+                sample(w, "qsd-direct-uring", 0, 40e3, 120.0, 7.0, None),
+            ],
+        );
+        let t = targets(&r);
+        let gain = find(&t, &format!("{w} polling: IOPS gain"));
+        assert_eq!(gain.measured, "1.20×");
+        assert_eq!((gain.need.as_str(), gain.met), ("—", None));
+        assert_eq!(gain.ours, "ours-none-uring-poll 60.0k");
+        assert_eq!(gain.reference, "ours-none-uring 50.0k");
+        let cost = find(&t, &format!("{w} polling: CPU/req cost"));
+        assert_eq!(cost.measured, "1.20×");
+        assert_eq!(cost.met, None);
+        // The writeback pair is absent: no rows for it.
+        assert!(!t.iter().any(|t| t.ours.starts_with("ours-writeback")));
+        // The best of our O_DIRECT peers is the polling one, and says so.
+        let best = find(&t, &format!("{w} O_DIRECT: IOPS vs best peer"));
+        assert_eq!(best.ours, "ours-none-uring-poll 60.0k");
+        assert_eq!(best.measured, "1.50×");
+        let md = targets_table(&r);
+        assert!(md.contains("| 1.20× | — | — |"), "{md}");
+    }
+
+    #[test]
+    fn signals_column() {
+        let w = "randwrite-4k-qd32-q2";
+        let r = results(
+            &[w],
+            vec![
+                sample(w, DONTCACHE, 0, 1e4, 1000.0, 9.0, Some((0.0312, 32.0))),
+                sample(w, "qsd-direct-uring", 0, 1e4, 1000.0, 9.0, None),
+            ],
+        );
+        let md = markdown(&r);
+        assert!(md.contains("| backend signals/req |"), "{md}");
+        let row = |p: &str| {
+            md.lines()
+                .find(|l| l.starts_with(&format!("| {p} |")))
+                .map(str::to_owned)
+                .unwrap_or_default()
+        };
+        assert!(row(DONTCACHE).contains("| 0.031 |"), "{md}");
+        assert!(row("qsd-direct-uring").contains("| — |"), "{md}");
+        // Same column count in header, rule and rows.
+        let cols = |l: &str| l.matches('|').count();
+        let header = md.lines().find(|l| l.starts_with("| peer |")).unwrap_or("");
+        assert_eq!(cols(header), cols(&row(DONTCACHE)));
+        assert_eq!(cols(header), cols(&row("qsd-direct-uring")));
+    }
 }

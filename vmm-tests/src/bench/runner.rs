@@ -12,7 +12,7 @@ use super::error::{Context, Result};
 use super::fio;
 use super::peers::{Kind, Peer, Programs, Server};
 use super::procstat;
-use super::stats::{percentiles_us, Sample};
+use super::stats::{percentiles_us, BackendFigures, Sample};
 use super::workload::Workload;
 
 /// What to run.
@@ -78,6 +78,9 @@ fn run_one(plan: &Plan, rep: u32, w: &Workload, p: &Peer) -> Sample {
         cache_resident: 0.0,
         others_cores: 0.0,
         steal_cores: 0.0,
+        signals_per_req: None,
+        mean_batch: None,
+        deferred_p99_us: None,
         error: None,
     };
     if let Err(e) = measure(plan, w, p, &mut s) {
@@ -118,7 +121,14 @@ fn measure(plan: &Plan, w: &Workload, p: &Peer, s: &mut Sample) -> Result<()> {
                 w.queues,
                 &plan.work_dir,
             )?;
-            let result = driver::run(&server.socket, server.pid(), w, plan.ramp, plan.runtime);
+            let result = driver::run(
+                &server.socket,
+                server.pid(),
+                server.control.as_deref(),
+                w,
+                plan.ramp,
+                plan.runtime,
+            );
             let mut raw = match result {
                 Ok(raw) => raw,
                 Err(e) => {
@@ -145,6 +155,12 @@ fn measure(plan: &Plan, w: &Workload, p: &Peer, s: &mut Sample) -> Result<()> {
     s.client_cpu_us = raw.client_cpu_s * 1e6 / raw.ios as f64;
     s.others_cores = raw.others_s.max(0.0) / raw.seconds;
     s.steal_cores = raw.steal_s.max(0.0) / raw.seconds;
+    if let Some((start, end)) = &raw.backend {
+        let f = BackendFigures::between(start, end);
+        s.signals_per_req = f.signals_per_req;
+        s.mean_batch = f.mean_batch;
+        s.deferred_p99_us = f.deferred_p99_us;
+    }
     Ok(())
 }
 
@@ -225,12 +241,15 @@ impl Progress {
         let result = match &s.error {
             Some(err) => format!("FAILED: {}", err.lines().next().unwrap_or("")),
             None => format!(
-                "{:>8.1}k IOPS {:>7.1} MiB/s p99 {:>7.1}us cpu {:>5.2}us/req noise {:.2}",
+                "{:>8.1}k IOPS {:>7.1} MiB/s p99 {:>7.1}us cpu {:>5.2}us/req noise {:.2}{}",
                 s.iops / 1000.0,
                 s.mib_s,
                 s.lat_us[1],
                 s.backend_cpu_us,
-                s.others_cores
+                s.others_cores,
+                s.signals_per_req
+                    .map(|x| format!(" sig/req {x:.3}"))
+                    .unwrap_or_default()
             ),
         };
         let mut e = std::io::stderr().lock();

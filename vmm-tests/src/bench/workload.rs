@@ -54,12 +54,18 @@ impl Workload {
 
     /// A 1 MiB sequential workload at iodepth 8 on one queue.
     pub fn seq1m(op: Op) -> Self {
+        Workload::seq1m_at(op, 8, 1)
+    }
+
+    /// A 1 MiB sequential workload at `iodepth` on `queues` queues (each
+    /// queue in its own slice of the image).
+    pub fn seq1m_at(op: Op, iodepth: u32, queues: u32) -> Self {
         Workload {
             op,
             pattern: Pattern::Sequential,
             block_size: 1 << 20,
-            iodepth: 8,
-            queues: 1,
+            iodepth,
+            queues,
         }
     }
 
@@ -135,8 +141,10 @@ impl Workload {
         ]
     }
 
-    /// Every workload the issue names: 4 KiB random read and write at
-    /// iodepth 1 and 32 on 1 and 2 queues, and 1 MiB sequential.
+    /// Every workload the issues name: 4 KiB random read and write at
+    /// iodepth 1 and 32 on 1 and 2 queues, 1 MiB sequential, and issue 4's
+    /// sequential case, 1 MiB writes at iodepth 32 on 2 queues
+    /// (`write-1m-qd32-q2`).
     pub fn all() -> Vec<Workload> {
         let mut v = Vec::new();
         for op in [Op::Read, Op::Write] {
@@ -146,7 +154,14 @@ impl Workload {
         }
         v.push(Workload::seq1m(Op::Read));
         v.push(Workload::seq1m(Op::Write));
+        v.push(Workload::seq1m_at(Op::Write, 32, 2));
         v
+    }
+
+    /// Whether this is a sequential write workload (issue 4's batching
+    /// targets cover those beside `randwrite-4k-qd32-q2`).
+    pub fn is_sequential_write(&self) -> bool {
+        self.op == Op::Write && self.pattern == Pattern::Sequential
     }
 }
 
@@ -161,5 +176,16 @@ mod tests {
         }
         assert!(Workload::parse("randread-4k-qd0-q1").is_err());
         assert!(Workload::parse("trim-4k-qd1-q1").is_err());
+    }
+
+    #[test]
+    fn issue4_sequential_write() {
+        let w = Workload::seq1m_at(Op::Write, 32, 2);
+        assert_eq!(w.name(), "write-1m-qd32-q2");
+        assert!(Workload::all().contains(&w));
+        assert!(!Workload::defaults().contains(&w));
+        assert!(w.is_sequential_write() && w.is_bandwidth());
+        assert!(!Workload::rand4k(Op::Write, 32, 2).is_sequential_write());
+        assert!(!Workload::seq1m(Op::Read).is_sequential_write());
     }
 }
