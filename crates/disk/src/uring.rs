@@ -37,6 +37,12 @@ const IOV_MAX: usize = 1024;
 /// Largest ring we ask for; the kernel's limit is 32768.
 const MAX_ENTRIES: u32 = 32768;
 
+/// Buffered reads this large go straight to io_uring's worker threads (`IOSQE_ASYNC`) rather
+/// than being tried inline: a hot 1 MiB read is ~170 us of page-cache copying, which inline
+/// would serialise on the queue thread, while io-wq spreads a queue's large reads over the
+/// host's CPUs. Small reads stay inline, where a cache hit costs no thread hand-off.
+const ASYNC_READ_MIN: u32 = 256 << 10;
+
 /// A request between submission and reap.
 #[derive(Clone, Copy, Debug)]
 struct Slot {
@@ -366,10 +372,15 @@ impl Engine for UringEngine {
                         .rw_flags(flags)
                         .build())
                 } else {
-                    on_image!(self, |fd| opcode::Readv::new(fd, iovecs, iovcnt as u32)
+                    let entry = on_image!(self, |fd| opcode::Readv::new(fd, iovecs, iovcnt as u32)
                         .offset(offset)
                         .rw_flags(flags)
-                        .build())
+                        .build());
+                    if !self.image.is_direct() && len >= ASYNC_READ_MIN {
+                        entry.flags(squeue::Flags::ASYNC)
+                    } else {
+                        entry
+                    }
                 };
                 let slot = Slot {
                     user_data,
@@ -595,6 +606,28 @@ mod tests {
                 assert_eq!(engine.in_flight(), 0);
             }
         }
+    }
+
+    #[test]
+    fn large_buffered_reads_sent_to_workers_return_the_data() {
+        // 1 MiB: past ASYNC_READ_MIN, so io_uring hands it to io-wq instead of trying inline.
+        let dir = TempDir::new();
+        let img = image(&dir.join("big.img"), CacheMode::Writeback, 4 << 20);
+        let mut engine = new_engine(EngineKind::IoUring, img, 4).unwrap();
+        let mut src = vec![vec![0u8; 1 << 20]];
+        fill_pattern(&mut src[0], 9);
+        let wiov = iovecs(&mut src);
+        assert_eq!(
+            run(&mut *engine, write_op(1 << 20, &wiov)).unwrap(),
+            1 << 20
+        );
+        let mut dst = vec![vec![0u8; 512 << 10], vec![0u8; 512 << 10]];
+        let riov = iovecs(&mut dst);
+        assert_eq!(run(&mut *engine, read_op(1 << 20, &riov)).unwrap(), 1 << 20);
+        assert!(
+            dst.concat() == src[0],
+            "the worker's read returns what was written"
+        );
     }
 
     #[test]
