@@ -7,11 +7,19 @@
 #   /bin/busybox          busybox-static, applets installed at boot
 #   /bin/guest-agent      the static guest agent
 #   /sbin/mkfs.ext4       e2fsprogs' mke2fs with its shared libraries
+#   /usr/bin/fio          with -F only: the host's fio (Debian's package) with
+#                         its shared libraries, copies run through
+#                         `strip --strip-unneeded` (about 90 MB all the same:
+#                         fio links librbd, glusterfs, ICU, ..., and Debian
+#                         ships them stripped already), for the
+#                         agent's `fio` workload; a separate variant, so the
+#                         default initramfs the VM tests boot stays small
 #   /lib/modules/*.ko     the modules named with -m and their dependencies,
 #                         decompressed
 #
-# Usage: build-initramfs.sh -k KERNEL_DIR -a AGENT_BIN -o OUT [-m "virtio_blk xfs"] (default: virtio_blk)
-# KERNEL_DIR is what fetch-guest-kernel.sh prints (usr/lib/modules/<ABI>).
+# Usage: build-initramfs.sh -k KERNEL_DIR -a AGENT_BIN -o OUT [-m "virtio_blk xfs"] [-F]
+# (-m default: virtio_blk). KERNEL_DIR is what fetch-guest-kernel.sh prints
+# (usr/lib/modules/<ABI>).
 
 set -eu
 
@@ -19,17 +27,19 @@ MODULES="virtio_blk"
 KDIR=
 AGENT=
 OUT=
-while getopts k:a:o:m: opt; do
+FIO=
+while getopts k:a:o:m:F opt; do
     case $opt in
     k) KDIR=$OPTARG ;;
     a) AGENT=$OPTARG ;;
     o) OUT=$OPTARG ;;
     m) MODULES=$OPTARG ;;
-    *) echo "usage: $0 -k KERNEL_DIR -a AGENT_BIN -o OUT [-m MODULES]" >&2; exit 2 ;;
+    F) FIO=/usr/bin/fio ;;
+    *) echo "usage: $0 -k KERNEL_DIR -a AGENT_BIN -o OUT [-m MODULES] [-F]" >&2; exit 2 ;;
     esac
 done
 [ -n "$KDIR" ] && [ -n "$AGENT" ] && [ -n "$OUT" ] || {
-    echo "usage: $0 -k KERNEL_DIR -a AGENT_BIN -o OUT [-m MODULES]" >&2
+    echo "usage: $0 -k KERNEL_DIR -a AGENT_BIN -o OUT [-m MODULES] [-F]" >&2
     exit 2
 }
 
@@ -44,6 +54,7 @@ MKE2FS=$(command -v mke2fs || echo /sbin/mke2fs)
 [ -x "$MKE2FS" ] || die "no mke2fs (install e2fsprogs)"
 [ -x "$AGENT" ] || die "no guest agent at $AGENT"
 [ -d "$KDIR/kernel" ] || die "no modules under $KDIR"
+[ -z "$FIO" ] || [ -x "$FIO" ] || die "no $FIO (install fio)"
 
 root=$(mktemp -d "${TMPDIR:-/tmp}/vmm-initramfs.XXXXXX")
 trap 'rm -rf "$root"' EXIT
@@ -55,14 +66,33 @@ cp "$BUSYBOX" "$root/bin/busybox"
 cp "$AGENT" "$root/bin/guest-agent"
 strip --strip-debug "$root/bin/guest-agent" 2>/dev/null || true
 
+# copy_libs BIN [strip]: the shared libraries BIN needs, at the same paths
+# (libraries already there are left alone); with "strip", each copy except
+# the loader goes through `strip --strip-unneeded`.
+copy_libs() {
+    for lib in $(ldd "$1" | awk '/=>/ { print $3 } /^[ \t]*\// { print $1 }'); do
+        [ -f "$lib" ] || continue
+        [ -e "$root$lib" ] && continue
+        mkdir -p "$root$(dirname "$lib")"
+        cp -L "$lib" "$root$lib"
+        if [ "${2:-}" = strip ]; then
+            case "$lib" in
+            */ld-linux*) ;;
+            *) strip --strip-unneeded "$root$lib" ;;
+            esac
+        fi
+    done
+}
+
 # mke2fs and the shared libraries it needs, at the same paths.
 cp "$MKE2FS" "$root/sbin/mke2fs"
 ln -s mke2fs "$root/sbin/mkfs.ext4"
-for lib in $(ldd "$MKE2FS" | awk '/=>/ { print $3 } /^[ \t]*\// { print $1 }'); do
-    [ -f "$lib" ] || continue
-    mkdir -p "$root$(dirname "$lib")"
-    cp -L "$lib" "$root$lib"
-done
+copy_libs "$MKE2FS"
+if [ -n "$FIO" ]; then
+    cp "$FIO" "$root/usr/bin/fio"
+    strip --strip-unneeded "$root/usr/bin/fio"
+    copy_libs "$FIO" strip
+fi
 # The loader is looked up at /lib64 as well as where ldd found it.
 if [ -e /lib64/ld-linux-x86-64.so.2 ] && [ ! -e "$root/lib64/ld-linux-x86-64.so.2" ]; then
     mkdir -p "$root/lib64"
@@ -132,4 +162,4 @@ mknod -m 666 "$root/dev/null" c 1 3 2>/dev/null || true
 mkdir -p "$(dirname "$OUT")"
 (cd "$root" && find . | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) >"$OUT.tmp"
 mv "$OUT.tmp" "$OUT"
-log "ok: $OUT ($(du -h "$OUT" | cut -f1), modules: $(tr '\n' ' ' <"$root/etc/modules-load"))"
+log "ok: $OUT ($(du -h "$OUT" | cut -f1), modules: $(tr '\n' ' ' <"$root/etc/modules-load")${FIO:+, with $FIO})"

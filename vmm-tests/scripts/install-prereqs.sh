@@ -5,8 +5,9 @@
 #   - QEMU 10.0.x (qemu-system-x86, qemu-utils for qemu-storage-daemon)
 #     from bookworm-backports,
 #   - busybox-static (the guest's userland), e2fsprogs (mkfs.ext4 in the
-#     guest, e2fsck/debugfs on the host), cpio (host tooling), fio (later
-#     benchmarks), xz-utils.
+#     guest, e2fsck/debugfs on the host), cpio (host tooling), fio (the
+#     host-driven bench, and the guest's fio: build-initramfs.sh -F copies
+#     /usr/bin/fio), xz-utils.
 #
 # Idempotent: when everything is present it only runs dpkg-query and exits.
 # The backports mirror is derived at run time from the Debian mirror already

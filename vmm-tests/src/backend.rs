@@ -112,6 +112,9 @@ pub struct BackendConfig {
     pub logical_block_size: Option<u32>,
     /// More arguments, passed as they are (our backend only).
     pub extra_args: Vec<String>,
+    /// qemu-storage-daemon's file driver `aio=` (`threads`, `io_uring`, `native`); unset: its
+    /// default, `threads` (qemu-storage-daemon only).
+    pub qsd_aio: Option<String>,
 }
 
 impl BackendConfig {
@@ -130,6 +133,7 @@ impl BackendConfig {
             serial: None,
             logical_block_size: None,
             extra_args: Vec::new(),
+            qsd_aio: None,
         }
     }
 
@@ -255,6 +259,11 @@ impl Backend {
                     "off"
                 };
                 let ro = if cfg.read_only { ",read-only=on" } else { "" };
+                let aio = cfg
+                    .qsd_aio
+                    .as_ref()
+                    .map(|a| format!(",aio={a}"))
+                    .unwrap_or_default();
                 let mut export = format!(
                     "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable={},num-queues={}",
                     cfg.socket.display(),
@@ -267,7 +276,7 @@ impl Backend {
                 let mut c = Command::new(bin);
                 c.arg("--blockdev")
                     .arg(format!(
-                        "driver=file,node-name=f,filename={},cache.direct={direct}{ro}",
+                        "driver=file,node-name=f,filename={},cache.direct={direct}{aio}{ro}",
                         cfg.image.display()
                     ))
                     .arg("--export")

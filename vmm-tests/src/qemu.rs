@@ -262,6 +262,11 @@ impl Qemu {
         })
     }
 
+    /// QEMU's process id (for its CPU time in `/proc/PID/stat`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The accelerator in use.
     pub fn accel(&self) -> Accel {
         self.accel

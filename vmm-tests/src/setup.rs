@@ -219,46 +219,96 @@ pub fn build_agent() -> Result<PathBuf> {
     Ok(dir.join(target).join("release").join("guest-agent"))
 }
 
+/// The fio the `fio` initramfs variant carries (Debian's package on the host).
+pub const FIO_BIN: &str = "/usr/bin/fio";
+
+/// What an initramfs holds besides busybox, the agent, `mke2fs` and the modules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitramfsVariant {
+    /// Nothing more: what the VM tests boot (a few MB, quick to load under TCG).
+    Default,
+    /// Also [`FIO_BIN`] with its shared libraries (`build-initramfs.sh -F`, about 90 MB), for
+    /// the agent's `fio` workload. Cached beside the default one as `initramfs-fio-<hash>.cpio`.
+    Fio,
+}
+
 /// Packs the initramfs for `kernel_dir` and `agent`, cached by content.
 pub fn build_initramfs(kernel_dir: &Path, agent: &Path) -> Result<PathBuf> {
-    let mut h = FNV_OFFSET;
-    for f in [
+    build_initramfs_variant(kernel_dir, agent, InitramfsVariant::Default)
+}
+
+/// Packs the initramfs `variant` for `kernel_dir` and `agent`, cached by content (the agent,
+/// the script, the kernel and its directory, the modules, and for [`InitramfsVariant::Fio`]
+/// the fio binary).
+pub fn build_initramfs_variant(
+    kernel_dir: &Path,
+    agent: &Path,
+    variant: InitramfsVariant,
+) -> Result<PathBuf> {
+    let mut files = vec![
         agent.to_path_buf(),
         script("build-initramfs.sh"),
         kernel_dir.join("vmlinuz"),
-    ] {
-        let data = std::fs::read(&f).ctx(|| format!("read {}", f.display()))?;
+    ];
+    if variant == InitramfsVariant::Fio {
+        files.push(PathBuf::from(FIO_BIN));
+    }
+    let mut h = FNV_OFFSET;
+    for f in &files {
+        let data = std::fs::read(f).ctx(|| format!("read {}", f.display()))?;
         h = fnv1a(&data, h);
     }
     h = fnv1a(kernel_dir.as_os_str().as_encoded_bytes(), h);
     h = fnv1a(INITRAMFS_MODULES.as_bytes(), h);
-    let out = cache_dir()
-        .join("initramfs")
-        .join(format!("initramfs-{h:016x}.cpio"));
+    let name = match variant {
+        InitramfsVariant::Default => format!("initramfs-{h:016x}.cpio"),
+        InitramfsVariant::Fio => format!("initramfs-fio-{h:016x}.cpio"),
+    };
+    let out = cache_dir().join("initramfs").join(name);
     if out.is_file() {
         return Ok(out);
     }
-    process::run(
-        Command::new(script("build-initramfs.sh"))
-            .arg("-k")
-            .arg(kernel_dir)
-            .arg("-a")
-            .arg(agent)
-            .arg("-o")
-            .arg(&out)
-            .arg("-m")
-            .arg(INITRAMFS_MODULES),
-    )?;
+    let mut cmd = Command::new(script("build-initramfs.sh"));
+    cmd.arg("-k")
+        .arg(kernel_dir)
+        .arg("-a")
+        .arg(agent)
+        .arg("-o")
+        .arg(&out)
+        .arg("-m")
+        .arg(INITRAMFS_MODULES);
+    if variant == InitramfsVariant::Fio {
+        cmd.arg("-F");
+    }
+    process::run(&mut cmd)?;
     Ok(out)
 }
 
 static ASSETS: OnceLock<std::result::Result<GuestAssets, String>> = OnceLock::new();
+static FIO_ASSETS: OnceLock<std::result::Result<GuestAssets, String>> = OnceLock::new();
 
 /// Prepares (once per process, under a file lock across processes) and
 /// returns the guest's kernel and initramfs.
 pub fn guest_assets() -> Result<GuestAssets> {
     ASSETS
         .get_or_init(|| prepare().map_err(|e| e.to_string()))
+        .clone()
+        .map_err(Error::NoGuest)
+}
+
+/// The guest's kernel with the fio initramfs ([`InitramfsVariant::Fio`]): [`guest_assets`]
+/// with the other initramfs, packed once per process under the same file lock as the rest.
+pub fn fio_guest_assets() -> Result<GuestAssets> {
+    FIO_ASSETS
+        .get_or_init(|| {
+            let base = guest_assets().map_err(|e| e.to_string())?;
+            let _lock =
+                FileLock::acquire(&cache_dir().join("setup.lock")).map_err(|e| e.to_string())?;
+            let initramfs =
+                build_initramfs_variant(&base.kernel_dir, &base.agent, InitramfsVariant::Fio)
+                    .map_err(|e| e.to_string())?;
+            Ok(GuestAssets { initramfs, ..base })
+        })
         .clone()
         .map_err(Error::NoGuest)
 }

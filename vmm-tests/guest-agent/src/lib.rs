@@ -5,7 +5,10 @@
 //! virtio-blk disk and prints one machine-readable line per workload on the
 //! serial console. The host harness parses those lines with the types in
 //! [`protocol`] and checks data written in the guest with the generator in
-//! [`pattern`], so both sides agree by construction.
+//! [`pattern`], so both sides agree by construction; [`fio`] names the
+//! `fio` workload's jobs, builds fio's command line and reads its JSON for
+//! both sides in the same way.
 
+pub mod fio;
 pub mod pattern;
 pub mod protocol;

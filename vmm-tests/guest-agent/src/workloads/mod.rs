@@ -8,6 +8,7 @@
 mod cpus;
 mod dontcache;
 mod ext4;
+mod fio;
 mod info;
 mod interrupts;
 mod misc;
@@ -43,6 +44,7 @@ const WORKLOADS: &[(&str, Workload)] = &[
     ("idle", misc::idle),
     ("wait_cpus", cpus::wait_cpus),
     ("hotplug_stress", stress::hotplug_stress),
+    ("fio", fio::run),
 ];
 
 /// Runs the workload called `name`; `name#tag` runs `name` with the
