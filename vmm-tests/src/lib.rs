@@ -23,9 +23,12 @@ pub mod console;
 pub mod error;
 pub mod pagecache;
 pub mod process;
+pub mod procstat;
 pub mod qemu;
 pub mod qmp;
 pub mod setup;
+pub mod spread;
+pub mod tool_error;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

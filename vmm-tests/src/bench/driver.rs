@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
 
 use super::error::{bail, Context, Error, Result};
-use super::procstat::{self, HostCpu};
 use super::stats::{query_backend, BackendCounters};
 use super::workload::{Op, Pattern, Workload};
+use vmm_tests::procstat::{self, HostCpu};
 
 /// The libblkio driver name.
 pub const DRIVER: &str = "virtio-blk-vhost-user";

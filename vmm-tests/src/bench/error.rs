@@ -27,6 +27,12 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::msg(e.to_string())
+    }
+}
+
 /// Adds context to a fallible result: `op().ctx(|| format!("open {path}"))`.
 pub trait Context<T> {
     /// Wraps the error as `"{context}: {error}"`.

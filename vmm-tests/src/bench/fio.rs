@@ -10,8 +10,8 @@ use serde_json::Value;
 
 use super::driver::RawRun;
 use super::error::{bail, Context, Result};
-use super::procstat::host_cpu;
 use super::workload::{Op, Pattern, Workload};
+use vmm_tests::procstat::host_cpu;
 
 /// What fio measured, in the driver's terms, plus its percentiles.
 pub struct FioRun {

@@ -17,7 +17,6 @@ pub mod error;
 pub mod fio;
 pub mod machine;
 pub mod peers;
-pub mod procstat;
 pub mod report;
 pub mod runner;
 pub mod stats;

@@ -11,9 +11,9 @@ use super::driver;
 use super::error::{Context, Result};
 use super::fio;
 use super::peers::{Kind, Peer, Programs, Server};
-use super::procstat;
 use super::stats::{percentiles_us, BackendFigures, Sample};
 use super::workload::Workload;
+use vmm_tests::procstat;
 
 /// What to run.
 #[derive(Clone, Debug)]

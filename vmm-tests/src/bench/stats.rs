@@ -59,38 +59,7 @@ pub struct Sample {
     pub error: Option<String>,
 }
 
-/// Median, minimum and maximum of one figure over the repetitions.
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
-pub struct Spread {
-    /// Median (the mean of the middle two for an even count).
-    pub median: f64,
-    /// Smallest.
-    pub min: f64,
-    /// Largest.
-    pub max: f64,
-}
-
-impl Spread {
-    /// The spread of `values`; zeroes for none.
-    pub fn of(values: &[f64]) -> Spread {
-        if values.is_empty() {
-            return Spread::default();
-        }
-        let mut v = values.to_vec();
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        let median = if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        };
-        Spread {
-            median,
-            min: v[0],
-            max: v[n - 1],
-        }
-    }
-}
+pub use vmm_tests::spread::Spread;
 
 /// The summary of one (workload, peer) cell.
 #[derive(Clone, Debug, Serialize, Deserialize)]

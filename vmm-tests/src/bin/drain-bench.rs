@@ -46,75 +46,12 @@ use clap::Parser;
 use serde::Serialize;
 use serde_json::{json, Value};
 use vmm_tests::backend::{backend_bin, BackendKind};
+use vmm_tests::procstat;
+use vmm_tests::tool_error::{Context, ToolError, ToolResult as Result};
 use vmm_tests::{setup, Backend, BackendConfig};
 
 const DRIVER: &str = "virtio-blk-vhost-user";
 const BS: usize = 4096;
-
-/// Why the benchmark failed.
-#[derive(Debug, thiserror::Error)]
-enum DrainError {
-    /// The harness failed (starting the backend).
-    #[error("{what}: {source}")]
-    Harness {
-        /// What the tool was doing.
-        what: String,
-        /// The harness's error.
-        source: vmm_tests::Error,
-    },
-    /// libblkio failed.
-    #[error("{what}: {source}")]
-    Blkio {
-        /// What the tool was doing.
-        what: String,
-        /// libblkio's error.
-        source: blkio::Error,
-    },
-    /// A file, socket or system call failed.
-    #[error("{what}: {source}")]
-    Io {
-        /// What the tool was doing.
-        what: String,
-        /// The underlying error.
-        source: std::io::Error,
-    },
-    /// A check failed: lost or doubled completions, a bad reply.
-    #[error("{0}")]
-    Check(String),
-}
-
-type Result<T> = std::result::Result<T, DrainError>;
-
-trait Context<T> {
-    fn ctx(self, what: impl FnOnce() -> String) -> Result<T>;
-}
-
-impl<T> Context<T> for vmm_tests::Result<T> {
-    fn ctx(self, what: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|source| DrainError::Harness {
-            what: what(),
-            source,
-        })
-    }
-}
-
-impl<T> Context<T> for blkio::Result<T> {
-    fn ctx(self, what: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|source| DrainError::Blkio {
-            what: what(),
-            source,
-        })
-    }
-}
-
-impl<T> Context<T> for std::io::Result<T> {
-    fn ctx(self, what: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|source| DrainError::Io {
-            what: what(),
-            source,
-        })
-    }
-}
 
 /// Drain latency on vCPU unplug (issue 5), host-side through libblkio.
 #[derive(Parser, Debug)]
@@ -246,13 +183,13 @@ fn client(
             got = match q.do_io(&mut completions, 1, Some(&mut timeout), None) {
                 Ok(g) => g,
                 Err(e) if e.errno() == blkio::Errno::TIME => {
-                    return Err(DrainError::Check(format!(
+                    return Err(ToolError::Check(format!(
                         "queue {index}: {} of {n} completions after 5 s: lost",
                         cycle.arrivals.len()
                     )))
                 }
                 Err(e) => {
-                    return Err(DrainError::Blkio {
+                    return Err(ToolError::Blkio {
                         what: format!("queue {index}: do_io"),
                         source: e,
                     })
@@ -276,7 +213,7 @@ fn control(s: &mut BufReader<UnixStream>, req: &Value) -> Result<Value> {
     let mut reply = String::new();
     s.read_line(&mut reply).ctx(|| format!("reply to {req}"))?;
     serde_json::from_str(&reply)
-        .map_err(|e| DrainError::Check(format!("bad reply {reply:?} to {req}: {e}")))
+        .map_err(|e| ToolError::Check(format!("bad reply {reply:?} to {req}: {e}")))
 }
 
 fn deferred_pending(stats: &Value) -> u64 {
@@ -288,40 +225,11 @@ fn deferred_pending(stats: &Value) -> u64 {
         .sum()
 }
 
-/// Host busy CPU seconds, and this process's own plus its reaped children's.
-fn cpu_now() -> Result<(f64, f64)> {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let host = std::fs::read_to_string("/proc/stat").ctx(|| "read /proc/stat".into())?;
-    let v: Vec<f64> = host
-        .lines()
-        .find(|l| l.starts_with("cpu "))
-        .map(|l| {
-            l.split_whitespace()
-                .skip(1)
-                .map(|x| x.parse().unwrap_or(0.0))
-                .collect()
-        })
-        .unwrap_or_default();
-    let get = |i: usize| v.get(i).copied().unwrap_or(0.0);
-    let me = std::fs::read_to_string("/proc/self/stat").ctx(|| "read /proc/self/stat".into())?;
-    let rest = me.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<f64> = rest
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0.0))
-        .collect();
-    let ours = (11..=14)
-        .map(|i| f.get(i).copied().unwrap_or(0.0))
-        .sum::<f64>()
-        / hz;
-    Ok(((get(0) + get(1) + get(2) + get(5) + get(6)) / hz, ours))
-}
-
 fn scenario(args: &Args, kind: &BackendKind, dir: &Path, name: &str) -> Result<Scenario> {
     let (map, vcpu, loaded): (Option<&str>, usize, Vec<usize>) = match name {
         "no-map" => (None, 1, vec![0, 1]),
         "map" => (Some("0=1,1=0"), 1, vec![0]),
-        _ => return Err(DrainError::Check(format!("unknown scenario {name:?}"))),
+        _ => return Err(ToolError::Check(format!("unknown scenario {name:?}"))),
     };
     let image = dir.join("drain.img");
     vmm_tests::create_image(&image, 256 << 20).ctx(|| "create the image".into())?;
@@ -390,7 +298,7 @@ fn scenario(args: &Args, kind: &BackendKind, dir: &Path, name: &str) -> Result<S
                 for &q in &loaded {
                     order_tx[q]
                         .send(Order::Submit(args.pending))
-                        .map_err(|_| DrainError::Check(format!("client {q} is gone")))?;
+                        .map_err(|_| ToolError::Check(format!("client {q} is gone")))?;
                 }
                 let want = args.pending as u64 * loaded.len() as u64;
                 sc.submitted += want;
@@ -402,7 +310,7 @@ fn scenario(args: &Args, kind: &BackendKind, dir: &Path, name: &str) -> Result<S
                         break;
                     }
                     if Instant::now() > deadline {
-                        return Err(DrainError::Check(format!(
+                        return Err(ToolError::Check(format!(
                             "cycle {cycle}: only {} of {want} completions pending after 5 s",
                             deferred_pending(&st)
                         )));
@@ -417,9 +325,9 @@ fn scenario(args: &Args, kind: &BackendKind, dir: &Path, name: &str) -> Result<S
                 for _ in &loaded {
                     let (q, c) = rep_rx
                         .recv_timeout(Duration::from_secs(10))
-                        .map_err(|_| DrainError::Check(format!("cycle {cycle}: no report")))?;
+                        .map_err(|_| ToolError::Check(format!("cycle {cycle}: no report")))?;
                     if c.errors > 0 {
-                        return Err(DrainError::Check(format!(
+                        return Err(ToolError::Check(format!(
                             "cycle {cycle}: queue {q}: {} writes failed",
                             c.errors
                         )));
@@ -438,13 +346,13 @@ fn scenario(args: &Args, kind: &BackendKind, dir: &Path, name: &str) -> Result<S
                     continue;
                 }
                 if drained != Some(want) {
-                    return Err(DrainError::Check(format!(
+                    return Err(ToolError::Check(format!(
                         "cycle {cycle}: the drain completed {drained:?}, {want} were pending ({report})"
                     )));
                 }
                 sc.backend_us
                     .push(report["latency_us"].as_u64().ok_or_else(|| {
-                        DrainError::Check(format!("cycle {cycle}: no latency_us in {report}"))
+                        ToolError::Check(format!("cycle {cycle}: no latency_us in {report}"))
                     })?);
                 sc.client_us
                     .push(last.duration_since(sent).as_micros() as u64);
@@ -456,7 +364,7 @@ fn scenario(args: &Args, kind: &BackendKind, dir: &Path, name: &str) -> Result<S
         }
         for h in handles {
             h.join()
-                .map_err(|_| DrainError::Check("client thread panicked".into()))??;
+                .map_err(|_| ToolError::Check("client thread panicked".into()))??;
         }
         body
     });
@@ -479,7 +387,7 @@ fn scenario(args: &Args, kind: &BackendKind, dir: &Path, name: &str) -> Result<S
     sc.wall_s = t0.elapsed().as_secs_f64();
     sc.noise_cores = (((busy1 - busy0) - (ours1 - ours0)) / sc.wall_s).max(0.0);
     if sc.completed != sc.submitted || sc.backend_writes != sc.submitted {
-        return Err(DrainError::Check(format!(
+        return Err(ToolError::Check(format!(
             "{name}: submitted {}, completed {}, backend wrote {}",
             sc.submitted, sc.completed, sc.backend_writes
         )));
@@ -575,4 +483,11 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Host busy CPU seconds, and this process's own plus its reaped children's.
+fn cpu_now() -> Result<(f64, f64)> {
+    let host = procstat::host_cpu().ctx(|| "host CPU".into())?;
+    let ours = procstat::self_and_children_cpu_seconds().ctx(|| "our CPU".into())?;
+    Ok((host.busy, ours))
 }

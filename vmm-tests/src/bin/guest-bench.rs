@@ -29,8 +29,6 @@
 //! targets as markdown, and writes every run to `--json`.
 
 use std::fmt::Write as _;
-use std::fs::File;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -40,59 +38,13 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use vmm_tests::agent::queue_interrupts;
 use vmm_tests::backend::{backend_bin, BackendKind};
-use vmm_tests::pagecache::Sampler;
+use vmm_tests::pagecache::{self, Sampler};
+use vmm_tests::procstat;
+use vmm_tests::spread::Spread;
+use vmm_tests::tool_error::{Context, ToolError, ToolResult as Result};
 use vmm_tests::{setup, AgentPlan, Backend, BackendConfig, Qemu, VhostUserDisk, VmConfig};
 
 const MIB: u64 = 1 << 20;
-
-/// Why a benchmark run failed.
-#[derive(Debug, thiserror::Error)]
-enum BenchError {
-    /// The VM harness failed (guest, backend, QMP).
-    #[error("{what}: {source}")]
-    Harness {
-        /// What the benchmark was doing.
-        what: String,
-        /// The harness's error.
-        source: vmm_tests::Error,
-    },
-    /// A file or system call failed.
-    #[error("{what}: {source}")]
-    Io {
-        /// What the benchmark was doing.
-        what: String,
-        /// The underlying error.
-        source: std::io::Error,
-    },
-    /// A result is missing or makes no sense.
-    #[error("{0}")]
-    Check(String),
-}
-
-type Result<T> = std::result::Result<T, BenchError>;
-
-/// Adds what the benchmark was doing to a harness or I/O error.
-trait Context<T> {
-    fn ctx(self, what: impl FnOnce() -> String) -> Result<T>;
-}
-
-impl<T> Context<T> for vmm_tests::Result<T> {
-    fn ctx(self, what: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|source| BenchError::Harness {
-            what: what(),
-            source,
-        })
-    }
-}
-
-impl<T> Context<T> for std::io::Result<T> {
-    fn ctx(self, what: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|source| BenchError::Io {
-            what: what(),
-            source,
-        })
-    }
-}
 
 /// Issue 4's figures, measured in a guest (VM harness).
 #[derive(Parser, Debug)]
@@ -150,7 +102,7 @@ impl Config {
         let (cache, delay) = match s {
             "none" | "writeback" | "dontcache" => (s, None),
             "dontcache-d0" => ("dontcache", Some(0)),
-            _ => return Err(BenchError::Check(format!("unknown configuration {s:?}"))),
+            _ => return Err(ToolError::Check(format!("unknown configuration {s:?}"))),
         };
         Ok(Config {
             name: s.to_string(),
@@ -179,7 +131,7 @@ impl Kind {
         match s {
             "seq" => Ok(Kind::Seq),
             "rand" => Ok(Kind::Rand),
-            _ => Err(BenchError::Check(format!("unknown workload {s:?}"))),
+            _ => Err(ToolError::Check(format!("unknown workload {s:?}"))),
         }
     }
 }
@@ -206,77 +158,6 @@ struct Run {
     signals: u64,
     noise_cores: f64,
     wall_s: f64,
-}
-
-/// CPU seconds from `/proc/stat` (the host) and `/proc/self/stat` (this
-/// process and its reaped children: QEMU and the backend).
-fn cpu_now() -> Result<(f64, f64)> {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let host = std::fs::read_to_string("/proc/stat").ctx(|| "read /proc/stat".into())?;
-    let v: Vec<f64> = host
-        .lines()
-        .find(|l| l.starts_with("cpu "))
-        .map(|l| {
-            l.split_whitespace()
-                .skip(1)
-                .map(|x| x.parse().unwrap_or(0.0))
-                .collect()
-        })
-        .unwrap_or_default();
-    let get = |i: usize| v.get(i).copied().unwrap_or(0.0);
-    let busy = (get(0) + get(1) + get(2) + get(5) + get(6)) / hz;
-    let me = std::fs::read_to_string("/proc/self/stat").ctx(|| "read /proc/self/stat".into())?;
-    let rest = me.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<f64> = rest
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0.0))
-        .collect();
-    // After the comm: state is field 3, so utime (14) .. cstime (17) are
-    // at 11..=14 here.
-    let ours = (11..=14)
-        .map(|i| f.get(i).copied().unwrap_or(0.0))
-        .sum::<f64>()
-        / hz;
-    Ok((busy, ours))
-}
-
-/// Writes back and drops every cached page of `path`.
-fn drop_cache(path: &Path) -> Result<()> {
-    let f = File::options()
-        .read(true)
-        .write(true)
-        .open(path)
-        .ctx(|| format!("open {}", path.display()))?;
-    f.sync_data()
-        .ctx(|| format!("fdatasync {}", path.display()))?;
-    // SAFETY: a valid descriptor; the advice only drops clean cached pages.
-    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-    if rc != 0 {
-        return Err(BenchError::Io {
-            what: format!("POSIX_FADV_DONTNEED {}", path.display()),
-            source: std::io::Error::from_raw_os_error(rc),
-        });
-    }
-    Ok(())
-}
-
-/// Creates the image and writes it through once, so every run writes over
-/// allocated blocks (no unwritten-extent conversion in the figures).
-fn prepare_image(path: &Path, size: u64) -> Result<()> {
-    if std::fs::metadata(path).is_ok_and(|m| m.len() == size) {
-        return drop_cache(path);
-    }
-    let f = File::create(path).ctx(|| format!("create {}", path.display()))?;
-    let chunk = vec![0u8; MIB as usize];
-    let mut off = 0;
-    while off < size {
-        std::os::unix::fs::FileExt::write_all_at(&f, &chunk, off)
-            .ctx(|| format!("write {}", path.display()))?;
-        off += MIB;
-    }
-    drop(f);
-    drop_cache(path)
 }
 
 /// The agent's plan for one run.
@@ -316,7 +197,7 @@ fn run_one(
     kind: Kind,
     rep: u32,
 ) -> Result<Run> {
-    drop_cache(image)?;
+    pagecache::drop_cached(image).ctx(|| "reset the page cache".into())?;
     let (busy0, ours0) = cpu_now()?;
     let t0 = Instant::now();
     let mut bcfg = BackendConfig::new(image, dir)
@@ -407,32 +288,18 @@ fn run_one(
         wall_s: wall,
     };
     if r.requests == 0 || r.guest_bytes == 0 {
-        return Err(BenchError::Check(format!(
+        return Err(ToolError::Check(format!(
             "{name}: no requests measured ({r:?})"
         )));
     }
     Ok(r)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 /// Median and range of one figure over the runs of a cell.
 fn cell(runs: &[&Run], f: impl Fn(&Run) -> f64) -> (f64, f64, f64) {
     let v: Vec<f64> = runs.iter().map(|r| f(r)).collect();
-    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    (median(v), lo, hi)
+    let s = Spread::of(&v);
+    (s.median, s.min, s.max)
 }
 
 fn fmt_num(x: f64) -> String {
@@ -582,7 +449,7 @@ fn run(args: &Args) -> Result<()> {
     std::fs::create_dir_all(&dir).ctx(|| format!("mkdir {}", dir.display()))?;
     let span = args.seq_mib.max(args.rand_span_mib);
     let image = dir.join("disk.img");
-    prepare_image(&image, (span + 64) * MIB)?;
+    pagecache::prepare_image(&image, (span + 64) * MIB).ctx(|| "prepare the image".into())?;
     eprintln!(
         "guest-bench: backend {}, kernel {}, image {} ({} MiB), {} configs × {} workloads × {} reps",
         bin.display(),
@@ -642,4 +509,11 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Host busy CPU seconds, and this process's own plus its reaped children's.
+fn cpu_now() -> Result<(f64, f64)> {
+    let host = procstat::host_cpu().ctx(|| "host CPU".into())?;
+    let ours = procstat::self_and_children_cpu_seconds().ctx(|| "our CPU".into())?;
+    Ok((host.busy, ours))
 }

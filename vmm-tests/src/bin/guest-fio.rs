@@ -36,7 +36,6 @@
 //! is a harness guard, killed with its process group when dropped or when this process dies.
 
 use std::fmt::Write as _;
-use std::fs::File;
 use std::io::Write as _;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::io::AsRawFd;
@@ -50,7 +49,11 @@ use guest_agent::protocol::{self, WorkloadResult};
 use serde::Serialize;
 use serde_json::json;
 use vmm_tests::backend::{backend_bin, BackendKind};
+use vmm_tests::pagecache;
+use vmm_tests::procstat;
 use vmm_tests::qemu::qemu_bin;
+use vmm_tests::spread::Spread;
+use vmm_tests::tool_error::{Context, ToolError, ToolResult as Result};
 use vmm_tests::{
     setup, AgentPlan, AgentRun, Backend, BackendConfig, Qemu, VhostUserDisk, VmConfig,
 };
@@ -62,55 +65,6 @@ const DEFAULT_WORKLOADS: &str = "randread-4k-qd32-q2,randwrite-4k-qd32-q2,randre
 
 /// The default peers, in the order they run.
 const DEFAULT_PEERS: &str = "ours-none,ours-writeback,ours-dontcache,qsd-direct,qsd-buffered";
-
-/// Why a benchmark run failed.
-#[derive(Debug, thiserror::Error)]
-enum FioBenchError {
-    /// The VM harness failed (guest, backend).
-    #[error("{what}: {source}")]
-    Harness {
-        /// What the benchmark was doing.
-        what: String,
-        /// The harness's error.
-        source: vmm_tests::Error,
-    },
-    /// A file or system call failed.
-    #[error("{what}: {source}")]
-    Io {
-        /// What the benchmark was doing.
-        what: String,
-        /// The underlying error.
-        source: std::io::Error,
-    },
-    /// An argument, or a result, that makes no sense.
-    #[error("{0}")]
-    Check(String),
-}
-
-type Result<T> = std::result::Result<T, FioBenchError>;
-
-/// Adds what the benchmark was doing to a harness or I/O error.
-trait Context<T> {
-    fn ctx(self, what: impl FnOnce() -> String) -> Result<T>;
-}
-
-impl<T> Context<T> for vmm_tests::Result<T> {
-    fn ctx(self, what: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|source| FioBenchError::Harness {
-            what: what(),
-            source,
-        })
-    }
-}
-
-impl<T> Context<T> for std::io::Result<T> {
-    fn ctx(self, what: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|source| FioBenchError::Io {
-            what: what(),
-            source,
-        })
-    }
-}
 
 /// fio in a guest against this backend and qemu-storage-daemon (VM harness).
 #[derive(Parser, Debug)]
@@ -186,7 +140,7 @@ impl Peer {
             "qsd-direct" => Server::Qsd { direct: true },
             "qsd-buffered" => Server::Qsd { direct: false },
             _ => {
-                return Err(FioBenchError::Check(format!(
+                return Err(ToolError::Check(format!(
                     "unknown peer {s:?} (ours-none, ours-writeback, ours-dontcache, qsd-direct, qsd-buffered)"
                 )))
             }
@@ -256,47 +210,6 @@ struct BootRun {
     workloads: Vec<WorkRun>,
 }
 
-/// CPU seconds (utime + stime) of `pid`, all its threads, from `/proc/PID/stat`.
-fn proc_cpu(pid: u32) -> Result<f64> {
-    let path = format!("/proc/{pid}/stat");
-    let text = std::fs::read_to_string(&path).ctx(|| format!("read {path}"))?;
-    // The command name is in parentheses and may hold anything: fields follow the last ')'.
-    let rest = text.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<f64> = rest
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0.0))
-        .collect();
-    // State is field 3, so utime (14) and stime (15) are at 11 and 12 here.
-    Ok((f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)) / clock_ticks())
-}
-
-fn clock_ticks() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
-    }
-}
-
-/// The host's busy CPU seconds (user + nice + system + irq + softirq, all CPUs).
-fn host_busy() -> Result<f64> {
-    let text = std::fs::read_to_string("/proc/stat").ctx(|| "read /proc/stat".into())?;
-    let v: Vec<f64> = text
-        .lines()
-        .find(|l| l.starts_with("cpu "))
-        .map(|l| {
-            l.split_whitespace()
-                .skip(1)
-                .map(|x| x.parse().unwrap_or(0.0))
-                .collect()
-        })
-        .unwrap_or_default();
-    let get = |i: usize| v.get(i).copied().unwrap_or(0.0);
-    Ok((get(0) + get(1) + get(2) + get(5) + get(6)) / clock_ticks())
-}
-
 /// CPU counters at one instant.
 #[derive(Debug, Clone, Copy)]
 struct Sample {
@@ -310,10 +223,10 @@ struct Sample {
 fn sample(server: u32, qemu: u32) -> Result<Sample> {
     Ok(Sample {
         at: Instant::now(),
-        host: host_busy()?,
-        server: proc_cpu(server)?,
-        qemu: proc_cpu(qemu)?,
-        me: proc_cpu(std::process::id())?,
+        host: procstat::host_cpu().ctx(|| "host CPU".into())?.busy,
+        server: procstat::cpu_seconds(server).ctx(|| "the server's CPU".into())?,
+        qemu: procstat::cpu_seconds(qemu).ctx(|| "QEMU's CPU".into())?,
+        me: procstat::self_cpu_seconds().ctx(|| "our CPU".into())?,
     })
 }
 
@@ -349,48 +262,6 @@ impl Drop for StdoutToStderr {
     }
 }
 
-/// Writes back and drops every cached page of `path`.
-fn drop_cache(path: &Path) -> Result<()> {
-    let f = File::options()
-        .read(true)
-        .write(true)
-        .open(path)
-        .ctx(|| format!("open {}", path.display()))?;
-    f.sync_data()
-        .ctx(|| format!("fdatasync {}", path.display()))?;
-    // SAFETY: a valid descriptor; the advice only drops clean cached pages.
-    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-    if rc != 0 {
-        return Err(FioBenchError::Io {
-            what: format!("POSIX_FADV_DONTNEED {}", path.display()),
-            source: std::io::Error::from_raw_os_error(rc),
-        });
-    }
-    Ok(())
-}
-
-/// Creates the image and writes it through once (so reads hit allocated blocks and writes
-/// overwrite them), unless it is already there at that size.
-fn prepare_image(path: &Path, size: u64) -> Result<()> {
-    if std::fs::metadata(path).is_ok_and(|m| m.len() == size) {
-        return drop_cache(path);
-    }
-    let f = File::create(path).ctx(|| format!("create {}", path.display()))?;
-    let mut chunk = vec![0u8; MIB as usize];
-    let mut off = 0;
-    while off < size {
-        // Not zeros: a recognisable pattern per MiB.
-        for (i, b) in chunk.iter_mut().enumerate() {
-            *b = (i as u64 ^ (off >> 20)).wrapping_mul(0x9E37_79B9) as u8;
-        }
-        std::os::unix::fs::FileExt::write_all_at(&f, &chunk, off)
-            .ctx(|| format!("write {}", path.display()))?;
-        off += MIB;
-    }
-    drop(f);
-    drop_cache(path)
-}
-
 /// The console line's workload instance, if it is a ready or result line of `instance`.
 fn line_of(line: &str, instance: &str) -> Option<bool> {
     let tag = format!("\"workload\":\"{instance}\"");
@@ -416,7 +287,7 @@ fn work_run(
     s1: &Sample,
 ) -> Result<WorkRun> {
     if !result.ok {
-        return Err(FioBenchError::Check(format!(
+        return Err(ToolError::Check(format!(
             "{} {}: {}",
             peer.name,
             result.workload,
@@ -424,7 +295,7 @@ fn work_run(
         )));
     }
     let summary: FioSummary = serde_json::from_value(result.data["summary"].clone())
-        .map_err(|e| FioBenchError::Check(format!("{}: bad summary: {e}", result.workload)))?;
+        .map_err(|e| ToolError::Check(format!("{}: bad summary: {e}", result.workload)))?;
     let disk_requests = result.data["disk"]["requests"].as_u64().unwrap_or(0);
     let window = s1.at.duration_since(s0.at).as_secs_f64();
     let server = s1.server - s0.server;
@@ -491,7 +362,7 @@ fn finish(q: &mut Qemu, from: usize, timeout: Duration) -> Result<AgentRun> {
 /// One boot: a fresh server for `peer`, one guest running every workload.
 fn run_boot(st: &Setup, peer: &Peer, rep: u32) -> Result<BootRun> {
     let args = st.args;
-    drop_cache(&st.image)?;
+    pagecache::drop_cached(&st.image).ctx(|| "reset the page cache".into())?;
     let t0 = Instant::now();
     let queues = args.cpus as u16;
     let mut bcfg = BackendConfig::new(&st.image, &st.dir).queues(queues);
@@ -547,7 +418,7 @@ fn run_boot(st: &Setup, peer: &Peer, rep: u32) -> Result<BootRun> {
             let s1 = sample(backend.pid(), q.pid())?;
             from = j + 1;
             let result: WorkloadResult = protocol::parse_line(protocol::RESULT_PREFIX, &line)
-                .ok_or_else(|| FioBenchError::Check(format!("{name}: bad result line {line}")))?;
+                .ok_or_else(|| ToolError::Check(format!("{name}: bad result line {line}")))?;
             let w = work_run(peer, rep, job, &result, &s0, &s1)?;
             eprintln!(
                 "    {} rep {rep} {}: {:.0} IOPS, {:.1} MiB/s, p50 {:.0} µs, p99 {:.0} µs, fio CPU {:.0}+{:.0} %, backend {:.1} µs/req, noise {:.2}",
@@ -605,25 +476,11 @@ fn run_boot(st: &Setup, peer: &Peer, rep: u32) -> Result<BootRun> {
     })
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 /// Median and range of one figure over the runs of a cell.
 fn cell(runs: &[&WorkRun], f: impl Fn(&WorkRun) -> f64) -> (f64, f64, f64) {
     let v: Vec<f64> = runs.iter().map(|r| f(r)).collect();
-    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    (median(v), lo, hi)
+    let s = Spread::of(&v);
+    (s.median, s.min, s.max)
 }
 
 fn fmt_num(x: f64) -> String {
@@ -807,12 +664,12 @@ fn run(args: &Args) -> Result<()> {
         .filter(|s| !s.is_empty())
         .map(|w| {
             FioJob::parse_name(w)
-                .map_err(|e| FioBenchError::Check(e.to_string()))
+                .map_err(|e| ToolError::Check(e.to_string()))
                 .and_then(|j| {
                     if j.name() == w {
                         Ok(j)
                     } else {
-                        Err(FioBenchError::Check(format!(
+                        Err(ToolError::Check(format!(
                             "workload {w:?}: write it {:?}",
                             j.name()
                         )))
@@ -821,12 +678,12 @@ fn run(args: &Args) -> Result<()> {
         })
         .collect::<Result<_>>()?;
     if peers.is_empty() || jobs.is_empty() || args.reps == 0 {
-        return Err(FioBenchError::Check(
+        return Err(ToolError::Check(
             "nothing to run: give peers, workloads and at least one repetition".into(),
         ));
     }
     if !(args.runtime > 0.0 && args.ramp >= 0.0) {
-        return Err(FioBenchError::Check(
+        return Err(ToolError::Check(
             "--runtime must be positive and --ramp not negative".into(),
         ));
     }
@@ -844,7 +701,7 @@ fn run(args: &Args) -> Result<()> {
         .unwrap_or_else(|| setup::work_root().join("guest-fio"));
     std::fs::create_dir_all(&dir).ctx(|| format!("mkdir {}", dir.display()))?;
     let image = dir.join("disk.img");
-    prepare_image(&image, args.image_mib * MIB)?;
+    pagecache::prepare_image(&image, args.image_mib * MIB).ctx(|| "prepare the image".into())?;
     let initramfs_mib = std::fs::metadata(&assets.initramfs).map_or(0, |m| m.len()) / MIB;
     let total = peers.len() * args.reps as usize;
     eprintln!(
@@ -990,8 +847,6 @@ mod tests {
 
     #[test]
     fn medians_and_words() {
-        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
         assert_eq!(fmt_num(72_100.0), "72.1k");
         assert_eq!(fmt_num(805_000.0), "805k");
         assert_eq!(shell_word("--reps"), "--reps");

@@ -1,20 +1,38 @@
 //! CPU time of a process from `/proc/PID/stat` (all its threads, user and
-//! system), and of the whole host from `/proc/stat`, in seconds.
+//! system), and of the whole host from `/proc/stat`, in seconds: what the
+//! measuring tools (`bench`, `guest-bench`, `guest-fio`, `drain-bench`)
+//! charge to each process and call noise.
 
-use super::error::{Context, Result};
+use std::io::{Error, ErrorKind, Result};
+
+fn read(path: &str) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| Error::new(e.kind(), format!("read {path}: {e}")))
+}
+
+fn unparsable(path: &str, text: &str) -> Error {
+    Error::new(ErrorKind::InvalidData, format!("parse {path}: {text:?}"))
+}
 
 /// The user + system CPU time `pid` has used so far, in seconds
 /// (`utime + stime`, fields 14 and 15 of `/proc/PID/stat`; the resolution is
 /// one clock tick, 10 ms on Linux).
 pub fn cpu_seconds(pid: u32) -> Result<f64> {
     let path = format!("/proc/{pid}/stat");
-    let text = std::fs::read_to_string(&path).ctx(|| format!("read {path}"))?;
-    parse_stat(&text).ctx(|| format!("parse {path}: {text:?}"))
+    let text = read(&path)?;
+    parse_stat(&text, false).ok_or_else(|| unparsable(&path, &text))
 }
 
 /// The CPU time of this process, in seconds.
 pub fn self_cpu_seconds() -> Result<f64> {
     cpu_seconds(std::process::id())
+}
+
+/// The CPU time of this process and of its children that it has waited for (`cutime +
+/// cstime` too: a backend or QEMU it started and reaped), in seconds.
+pub fn self_and_children_cpu_seconds() -> Result<f64> {
+    let path = "/proc/self/stat";
+    let text = read(path)?;
+    parse_stat(&text, true).ok_or_else(|| unparsable(path, &text))
 }
 
 /// Host-wide CPU seconds so far, summed over CPUs.
@@ -38,8 +56,8 @@ impl std::ops::Sub for HostCpu {
 
 /// The host's CPU time so far (the `cpu` line of `/proc/stat`).
 pub fn host_cpu() -> Result<HostCpu> {
-    let text = std::fs::read_to_string("/proc/stat").ctx(|| "read /proc/stat")?;
-    parse_host(&text).ctx(|| "parse /proc/stat")
+    let text = read("/proc/stat")?;
+    parse_host(&text).ok_or_else(|| unparsable("/proc/stat", "its cpu line"))
 }
 
 fn parse_host(text: &str) -> Option<HostCpu> {
@@ -57,7 +75,7 @@ fn parse_host(text: &str) -> Option<HostCpu> {
     })
 }
 
-fn parse_stat(text: &str) -> Option<f64> {
+fn parse_stat(text: &str, children: bool) -> Option<f64> {
     // The command name (field 2) is in parentheses and may hold spaces and
     // parentheses: the fields that follow start after the last ')'.
     let rest = &text[text.rfind(')')? + 1..];
@@ -66,7 +84,14 @@ fn parse_stat(text: &str) -> Option<f64> {
     // the 13th.
     let utime: u64 = fields.nth(11)?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
-    Some((utime + stime) as f64 / clock_ticks())
+    let mut ticks = utime + stime;
+    if children {
+        // cutime (16) and cstime (17) follow.
+        let cutime: u64 = fields.next()?.parse().ok()?;
+        let cstime: u64 = fields.next()?.parse().ok()?;
+        ticks += cutime + cstime;
+    }
+    Some(ticks as f64 / clock_ticks())
 }
 
 fn clock_ticks() -> f64 {
@@ -85,9 +110,12 @@ mod tests {
 
     #[test]
     fn parses_a_stat_line_with_a_tricky_name() {
-        let line = "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 1 2 3";
-        let s = parse_stat(line).expect("parse");
+        let line = "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 7 13 20 0 3 0 1 2 3";
+        let s = parse_stat(line, false).expect("parse");
         assert!((s - 300.0 / clock_ticks()).abs() < 1e-9);
+        // With the reaped children's 7 + 13 ticks.
+        let s = parse_stat(line, true).expect("parse");
+        assert!((s - 320.0 / clock_ticks()).abs() < 1e-9);
     }
 
     #[test]
@@ -99,6 +127,9 @@ mod tests {
 
     #[test]
     fn reads_our_own_stat() {
-        assert!(self_cpu_seconds().is_ok_and(|s| s >= 0.0));
+        let own = self_cpu_seconds().expect("own");
+        assert!(own >= 0.0);
+        assert!(self_and_children_cpu_seconds().expect("with children") >= own);
+        assert!(cpu_seconds(u32::MAX).is_err(), "no such process");
     }
 }
