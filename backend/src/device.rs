@@ -59,6 +59,8 @@ pub struct DeviceSettings {
     pub strict_batching: bool,
     /// How long a queue thread busy-polls its rings after work before sleeping (0: never).
     pub poll: Duration,
+    /// Keep polling while requests are at the device.
+    pub poll_device: bool,
 }
 
 /// State every queue thread of a device reads.
@@ -83,6 +85,8 @@ pub struct DeviceShared {
     pub strict_batching: bool,
     /// How long a queue thread busy-polls its rings after work before sleeping (0: never).
     pub poll: Duration,
+    /// Keep polling while requests are at the device.
+    pub poll_device: bool,
 }
 
 /// A virtio-blk device for one vhost-user connection.
@@ -158,6 +162,7 @@ impl BlkDevice {
             page_cache_budget: settings.page_cache_budget,
             strict_batching: settings.strict_batching,
             poll: settings.poll,
+            poll_device: settings.poll_device,
         });
 
         let queue_masks: Vec<u64> = (0..num_queues).map(|q| 1u64 << q).collect();

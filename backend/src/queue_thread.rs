@@ -308,7 +308,8 @@ impl QueueThread {
     /// It polls for the driver, not for the disk: once nothing is left to serve and requests
     /// are at the device, it sleeps, since their completions are device latencies away and
     /// their eventfd wakes the thread anyway; spinning through them would only take the CPU
-    /// from the vCPU (or client) whose next request it waits for.
+    /// from the vCPU (or client) whose next request it waits for. `--poll-device` spins through
+    /// them anyway, for hosts with a core to spare per queue thread.
     ///
     /// Adaptive: a poll that found nothing halves the next window (down to an eighth), so that
     /// a queue whose requests come far apart stops burning a CPU on them; one that found work
@@ -340,9 +341,13 @@ impl QueueThread {
             if worked {
                 found = true;
                 last_work = now;
-            } else if self.in_engine > 0 || now - last_work >= window || now - start >= MAX_POLL {
+            } else if (self.in_engine > 0 && !self.shared.poll_device)
+                || now - last_work >= window
+                || now - start >= MAX_POLL
+            {
                 // With requests at the device, the next event is most likely their completion,
-                // tens of microseconds away and announced by the engine's eventfd: sleep.
+                // tens of microseconds away and announced by the engine's eventfd: sleep, unless
+                // told to spin through device latencies (`--poll-device`).
                 break;
             }
             std::hint::spin_loop();

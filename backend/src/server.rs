@@ -80,9 +80,10 @@ pub fn run(args: &BackendArgs) -> Result<()> {
         page_cache_budget: args.page_cache_budget,
         strict_batching: args.strict_batching,
         poll: Duration::from_micros(args.poll_us),
+        poll_device: args.poll_device,
     };
     info!(
-        "image {} ({} bytes{}), cache {} (eviction path {}), engine {}, {} queue(s) of {}, deferred completion delay {} us (at once from {} bytes), polling {} us",
+        "image {} ({} bytes{}), cache {} (eviction path {}), engine {}, {} queue(s) of {}, deferred completion delay {} us (at once from {} bytes), polling {} us{}",
         image.path().display(),
         image.capacity(),
         if args.read_only { ", read-only" } else { "" },
@@ -94,6 +95,7 @@ pub fn run(args: &BackendArgs) -> Result<()> {
         args.defer_delay_us,
         args.defer_max_bytes,
         args.poll_us,
+        if args.poll_device { " through the device" } else { "" },
     );
     if args.page_cache_budget.is_some() && args.cache != CacheMode::Writeback {
         warn!("--page-cache-budget applies to --cache writeback only; ignored");

@@ -114,6 +114,7 @@ fn many_requests_in_flight_on_every_queue_all_complete() {
 #[test]
 fn many_requests_in_flight_all_complete_with_polling() {
     many_requests_in_flight(&["--poll-us", "200"]);
+    many_requests_in_flight(&["--poll-us", "200", "--poll-device"]);
 }
 
 fn many_requests_in_flight(extra_args: &[&str]) {

@@ -155,7 +155,8 @@ impl Peer {
     /// (`--defer-delay-us 0`: the deferred worker fires at once, the
     /// no-batching baseline of issue 4) and `ours-{none,writeback}-uring-poll`
     /// (`--poll-us 50`: queue threads busy-poll their rings for 50 µs after
-    /// work before sleeping).
+    /// work before sleeping), and `ours-none-uring-polldev` (`--poll-us 1000
+    /// --poll-device`: polling through device latencies too; not a default).
     pub fn all(with_ch: bool) -> Vec<Peer> {
         let mut v = Vec::new();
         for cache in ["none", "writeback", "dontcache"] {
@@ -175,6 +176,14 @@ impl Peer {
                     "io-uring",
                     "poll",
                     &["--poll-us", "50"],
+                ));
+            }
+            if cache == "none" {
+                v.push(Peer::ours_with(
+                    cache,
+                    "io-uring",
+                    "polldev",
+                    &["--poll-us", "1000", "--poll-device"],
                 ));
             }
         }
@@ -495,6 +504,9 @@ mod tests {
         let none = peer("ours-none-uring-poll");
         assert_eq!(none.mode, Mode::Direct);
         assert_eq!(extra(&none), ["--poll-us", "50"]);
+        let dev = peer("ours-none-uring-polldev");
+        assert_eq!(dev.mode, Mode::Direct);
+        assert_eq!(extra(&dev), ["--poll-us", "1000", "--poll-device"]);
         let wb = peer("ours-writeback-uring-poll");
         assert_eq!(wb.mode, Mode::Buffered);
         assert!(wb.wants_warm_cache() && !none.wants_warm_cache());
@@ -514,6 +526,7 @@ mod tests {
             assert!(defaults.iter().any(|d| d == n), "{n} not a default");
         }
         assert!(!defaults.iter().any(|d| d == "ours-dontcache-sync"));
+        assert!(!defaults.iter().any(|d| d == "ours-none-uring-polldev"));
     }
 
     #[test]
