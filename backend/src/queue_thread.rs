@@ -358,9 +358,13 @@ impl QueueThread {
         } else {
             (window / 2).max(full / 8)
         });
-        QueueStats::add(&self.shared.stats.queue(self.queues[0].index).polls, 1);
-        if found {
-            QueueStats::add(&self.shared.stats.queue(self.queues[0].index).poll_hits, 1);
+        // Counted on the thread's first queue (each thread serves one queue here).
+        if let Some(first) = self.queues.first() {
+            let stats = self.shared.stats.queue(first.index);
+            QueueStats::add(&stats.polls, 1);
+            if found {
+                QueueStats::add(&stats.poll_hits, 1);
+            }
         }
         // Kicks back on; serve what arrived between the last look and now.
         for local in 0..self.queues.len().min(vrings.len()) {
