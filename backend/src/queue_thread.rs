@@ -341,9 +341,14 @@ impl QueueThread {
             if worked {
                 found = true;
                 last_work = now;
-            } else if (self.in_engine > 0 && !self.shared.poll_device)
-                || now - last_work >= window
-                || now - start >= MAX_POLL
+            }
+            // However busy the rings, back to epoll after MAX_POLL: its exit and re-pin events
+            // must get in (the rings' own events are re-armed below, so nothing is lost).
+            if now - start >= MAX_POLL {
+                break;
+            }
+            if !worked
+                && ((self.in_engine > 0 && !self.shared.poll_device) || now - last_work >= window)
             {
                 // With requests at the device, the next event is most likely their completion,
                 // tens of microseconds away and announced by the engine's eventfd: sleep, unless

@@ -476,3 +476,96 @@ fn sigterm_with_writes_in_flight(control: bool) {
         b.log_text()
     );
 }
+
+/// A queue thread that polls (`--poll-us --poll-device`) while its driver never lets it idle
+/// still goes back to its epoll loop at least every millisecond, so a re-pin (a vCPU's new host
+/// CPUs) reaches it under load instead of waiting for the load to stop.
+#[test]
+fn a_polling_queue_thread_under_constant_load_still_takes_a_re_pin() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 {
+        eprintln!("skipped: a re-pin needs two CPUs to move between");
+        return;
+    }
+    let b = spawn(
+        "repin-poll",
+        &[
+            "--cache",
+            "writeback",
+            "--poll-us",
+            "1000",
+            "--poll-device",
+            "--queue-map",
+            "0=0,1=0",
+        ],
+        &[],
+    );
+    let mut d = b.connect(&Options {
+        num_queues: Some(1),
+        ..Options::default()
+    });
+    let pin = |cpus: &str| {
+        let r = b.control(&serde_json::json!({"cmd": "set-cpu-affinity", "vcpu": 0, "cpus": cpus}));
+        assert_eq!(r["ok"], true, "set-cpu-affinity {cpus}: {r}");
+    };
+    pin("0");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let q = d.queue(0);
+        let stop = &stop;
+        let client = s.spawn(move || {
+            let mut served = 0u64;
+            // One read at a time, resubmitted at once: the polling thread always has the next
+            // one within its window.
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = q.submit(&Transfer::blk(T_IN, 8 * (served % 64), &[], 4096));
+                assert_eq!(q.complete(t).status, S_OK);
+                served += 1;
+            }
+            served
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        pin("1");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let moved = loop {
+            let lists = worker_cpu_lists(b.pid());
+            if lists.iter().any(|l| l == "1") {
+                break true;
+            }
+            if Instant::now() > deadline {
+                eprintln!("vring_worker CPUs: {lists:?}");
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let served = client.join().expect("the client thread");
+        assert!(
+            moved,
+            "the polling queue thread took the re-pin to CPU 1 within 5 s"
+        );
+        assert!(
+            served >= 100,
+            "the client kept the queue busy: {served} reads"
+        );
+    });
+}
+
+/// `Cpus_allowed_list` of each of `pid`'s `vring_worker` threads (the queue threads).
+fn worker_cpu_lists(pid: u32) -> Vec<String> {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter(|t| {
+            fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "vring_worker")
+        })
+        .filter_map(|t| fs::read_to_string(t.path().join("status")).ok())
+        .filter_map(|st| {
+            st.lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .map(|v| v.trim().to_string())
+        })
+        .collect()
+}

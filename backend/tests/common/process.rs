@@ -241,6 +241,11 @@ impl Backend {
             .is_none()
     }
 
+    /// The backend's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends one control-socket command line and returns the one-line JSON answer.
     pub fn control(&self, command: &serde_json::Value) -> serde_json::Value {
         let path = self
