@@ -1,27 +1,28 @@
-//! A small QMP client: capabilities negotiation, commands, events.
+//! QMP for the harness: a thin layer over [`vcpu::QmpClient`], the workspace's one QMP
+//! implementation (the backend's QMP adapter speaks through it too). It adds what the tests
+//! need around it: retrying the connection while QEMU starts, and events handed out as the JSON
+//! objects QEMU sent (`{"event": ..., "data": ...}`), with a wait for the first one a predicate
+//! accepts that keeps the others for later.
 
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::error::{Context, Error, Result};
+use crate::error::{Error, Result};
 
 /// A QMP connection in command mode.
 pub struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-    events: VecDeque<Value>,
-    /// Default timeout of a command.
-    pub timeout: Duration,
+    client: vcpu::QmpClient,
+    /// Events handed to [`Qmp::wait_event`]'s predicate and not taken, oldest first.
+    skipped: VecDeque<Value>,
 }
 
 impl Qmp {
-    /// Connects to the QMP socket at `path` (retrying until `timeout`),
-    /// reads the greeting and negotiates capabilities.
+    /// Connects to the QMP socket at `path` (retrying until `timeout`, while QEMU creates it),
+    /// reads the greeting and negotiates capabilities; `timeout` also bounds each command.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Self> {
         let start = Instant::now();
         let stream = loop {
@@ -34,124 +35,71 @@ impl Qmp {
                 Err(e) => return Err(Error::io(format!("connect QMP {}", path.display()), e)),
             }
         };
-        let writer = stream.try_clone().ctx(|| "clone QMP socket".into())?;
-        let mut qmp = Qmp {
-            reader: BufReader::new(stream),
-            writer,
-            events: VecDeque::new(),
-            timeout,
-        };
-        let greeting = qmp.read_message(timeout)?;
-        if greeting.get("QMP").is_none() {
-            return Err(Error::Qmp(format!("unexpected greeting {greeting}")));
-        }
-        qmp.execute("qmp_capabilities", None)?;
-        Ok(qmp)
+        let client = vcpu::QmpClient::from_stream(stream, timeout)
+            .map_err(|e| Error::Qmp(format!("{}: {e}", path.display())))?;
+        Ok(Qmp {
+            client,
+            skipped: VecDeque::new(),
+        })
     }
 
-    fn read_message(&mut self, timeout: Duration) -> Result<Value> {
-        self.reader
-            .get_ref()
-            .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))
-            .ctx(|| "set QMP read timeout".into())?;
-        let mut line = String::new();
-        match self.reader.read_line(&mut line) {
-            Ok(0) => Err(Error::Qmp("connection closed".into())),
-            Ok(_) => Ok(serde_json::from_str(&line)?),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                Err(Error::Timeout {
-                    what: "a QMP message".into(),
-                    timeout,
-                    log: None,
-                })
-            }
-            Err(e) => Err(Error::io("read QMP", e)),
-        }
-    }
-
-    /// Runs `command` with `arguments`; returns its `return` value. Events
-    /// that arrive meanwhile are queued for [`Qmp::events`].
+    /// Runs `command` with `arguments` and returns its `return` member.
     pub fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value> {
-        let mut msg = json!({ "execute": command });
-        if let Some(a) = arguments {
-            msg["arguments"] = a;
+        self.client
+            .execute(command, arguments)
+            .map_err(|e| Error::Qmp(format!("{command}: {e}")))
+    }
+
+    /// The next event within `timeout` (a kept one first); `None` if none came.
+    fn next(&mut self, timeout: Duration) -> Result<Option<Value>> {
+        match self.skipped.pop_front() {
+            Some(event) => Ok(Some(event)),
+            None => self.next_from_qemu(timeout),
         }
-        let mut text = msg.to_string();
-        text.push('\n');
-        self.writer
-            .write_all(text.as_bytes())
-            .ctx(|| format!("send QMP {command}"))?;
-        let start = Instant::now();
-        loop {
-            let left = self.timeout.saturating_sub(start.elapsed());
-            if left.is_zero() {
-                return Err(Error::Timeout {
-                    what: format!("the reply to QMP {command}"),
-                    timeout: self.timeout,
-                    log: None,
-                });
-            }
-            let m = self.read_message(left)?;
-            if m.get("event").is_some() {
-                self.events.push_back(m);
-            } else if let Some(r) = m.get("return") {
-                return Ok(r.clone());
-            } else if let Some(e) = m.get("error") {
-                return Err(Error::Qmp(format!("{command}: {e}")));
-            }
-        }
+    }
+
+    /// The next event QEMU sends within `timeout`, as the JSON object it sent.
+    fn next_from_qemu(&mut self, timeout: Duration) -> Result<Option<Value>> {
+        let event = self
+            .client
+            .next_event(timeout)
+            .map_err(|e| Error::Qmp(format!("waiting for an event: {e}")))?;
+        Ok(event.map(|e| json!({ "event": e.name, "data": e.data })))
     }
 
     /// Takes the queued events, and any that arrive within `wait`.
     pub fn events(&mut self, wait: Duration) -> Result<Vec<Value>> {
-        let start = Instant::now();
-        loop {
-            let left = wait.saturating_sub(start.elapsed());
-            if left.is_zero() {
-                break;
-            }
-            match self.read_message(left) {
-                Ok(m) => self.events.push_back(m),
-                Err(Error::Timeout { .. }) => break,
-                Err(e) => return Err(e),
-            }
+        let deadline = Instant::now() + wait;
+        let mut events = Vec::new();
+        while let Some(event) = self.next(deadline.saturating_duration_since(Instant::now()))? {
+            events.push(event);
         }
-        Ok(self.events.drain(..).collect())
+        Ok(events)
     }
 
-    /// Waits for an event for which `pred` holds; earlier events that do
-    /// not match stay queued.
+    /// Waits for an event for which `pred` holds; earlier events that do not match stay queued.
     pub fn wait_event(
         &mut self,
         timeout: Duration,
         mut pred: impl FnMut(&Value) -> bool,
     ) -> Result<Value> {
-        if let Some(i) = self.events.iter().position(&mut pred) {
+        if let Some(i) = self.skipped.iter().position(&mut pred) {
             return self
-                .events
+                .skipped
                 .remove(i)
                 .ok_or_else(|| Error::Qmp("event queue changed".into()));
         }
-        let start = Instant::now();
-        let mut skipped = Vec::new();
+        let deadline = Instant::now() + timeout;
+        let mut passed = Vec::new();
         let found = loop {
-            let left = timeout.saturating_sub(start.elapsed());
-            if left.is_zero() {
-                break None;
-            }
-            match self.read_message(left) {
-                Ok(m) if m.get("event").is_some() && pred(&m) => break Some(m),
-                Ok(m) => skipped.push(m),
-                Err(Error::Timeout { .. }) => break None,
-                Err(e) => return Err(e),
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next_from_qemu(left)? {
+                Some(e) if pred(&e) => break Some(e),
+                Some(e) => passed.push(e),
+                None => break None,
             }
         };
-        self.events.extend(skipped);
+        self.skipped.extend(passed);
         found.ok_or_else(|| Error::Timeout {
             what: "a QMP event".into(),
             timeout,
