@@ -17,7 +17,7 @@ use std::time::Instant;
 use guest_agent::pattern;
 use serde_json::{json, Value};
 
-use super::{mb_per_s, DISK};
+use super::{mb_per_s, verify_pattern, DISK};
 use crate::cmdline::Params;
 use crate::error::{Context, Error, Result};
 use crate::sys::{self, AlignedBuf};
@@ -107,14 +107,7 @@ pub fn write_job(job: &WriteJob) -> Result<Value> {
             let chunk = &mut buf[..n as usize];
             r.read_exact_at(chunk, off)
                 .ctx(|| format!("read {name} at {off}"))?;
-            if let Some(b) = pattern::check(job.seed, off, chunk) {
-                let at = off + b * pattern::BLOCK as u64;
-                return Err(Error::Mismatch {
-                    target: name,
-                    offset: at,
-                    block: at / pattern::BLOCK as u64,
-                });
-            }
+            verify_pattern(&name, job.seed, off, chunk)?;
             done += n;
         }
         verified = true;

@@ -16,6 +16,7 @@ mod parallel;
 mod stress;
 mod uring;
 
+use guest_agent::pattern;
 use serde_json::Value;
 
 use crate::cmdline::Params;
@@ -23,6 +24,22 @@ use crate::error::{Error, Result};
 
 /// The path of the disk under test.
 pub const DISK: &str = "/dev/vda";
+
+/// Checks that `buf`, read from `target` at byte `offset`, holds the pattern of `seed`; a
+/// [`Error::Mismatch`] naming the first bad block otherwise.
+fn verify_pattern(target: &str, seed: u64, offset: u64, buf: &[u8]) -> Result<()> {
+    match pattern::check(seed, offset, buf) {
+        None => Ok(()),
+        Some(b) => {
+            let at = offset + b * pattern::BLOCK as u64;
+            Err(Error::Mismatch {
+                target: target.into(),
+                offset: at,
+                block: at / pattern::BLOCK as u64,
+            })
+        }
+    }
+}
 
 /// A workload's entry point.
 type Workload = fn(&Params) -> Result<Value>;

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use guest_agent::pattern;
 use serde_json::{json, Value};
 
-use super::{mb_per_s, DISK};
+use super::{mb_per_s, verify_pattern, DISK};
 use crate::cmdline::Params;
 use crate::error::{Context, Error, Result};
 use crate::sys::{self, AlignedBuf};
@@ -115,14 +115,7 @@ pub fn verify(p: &Params) -> Result<Value> {
             let off = offset + c * bs;
             f.read_exact_at(&mut buf, off)
                 .ctx(|| format!("read {DISK} at {off}"))?;
-            if let Some(b) = pattern::check(seed, off, &buf) {
-                let at = off + b * pattern::BLOCK as u64;
-                return Err(Error::Mismatch {
-                    target: DISK.into(),
-                    offset: at,
-                    block: at / pattern::BLOCK as u64,
-                });
-            }
+            verify_pattern(DISK, seed, off, &buf)?;
             n += 1;
         }
         Ok(json!({"cpu": cpu, "chunks": n}))
@@ -206,14 +199,7 @@ pub fn randio(p: &Params) -> Result<Value> {
         let off = offset + slot * bs;
         f.read_exact_at(&mut buf, off)
             .ctx(|| format!("read {DISK} at {off}"))?;
-        if let Some(b) = pattern::check(seed, off, &buf) {
-            let at = off + b * pattern::BLOCK as u64;
-            return Err(Error::Mismatch {
-                target: DISK.into(),
-                offset: at,
-                block: at / pattern::BLOCK as u64,
-            });
-        }
+        verify_pattern(DISK, seed, off, &buf)?;
     }
     let ops: u64 = threads.iter().map(|t| t.1 + t.2).sum();
     Ok(json!({

@@ -32,7 +32,7 @@ use guest_agent::pattern;
 use serde_json::{json, Value};
 
 use super::cpus::online_present;
-use super::DISK;
+use super::{verify_pattern, DISK};
 use crate::cmdline::Params;
 use crate::error::{Context, Error, Result};
 use crate::sys::{self, AlignedBuf};
@@ -111,14 +111,7 @@ fn load(
         f.read_exact_at(&mut buf, off)
             .ctx(|| format!("read {DISK} at {off}"))?;
         out.reads += 1;
-        if let Some(b) = pattern::check(s, off, &buf) {
-            let at = off + b * pattern::BLOCK as u64;
-            return Err(Error::Mismatch {
-                target: DISK.into(),
-                offset: at,
-                block: at / pattern::BLOCK as u64,
-            });
-        }
+        verify_pattern(DISK, s, off, &buf)?;
     }
     Ok(out)
 }
@@ -191,14 +184,7 @@ pub fn hotplug_stress(p: &Params) -> Result<Value> {
             let off = base + slot as u64 * bs;
             f.read_exact_at(&mut buf, off)
                 .ctx(|| format!("read {DISK} at {off}"))?;
-            if let Some(b) = pattern::check(s, off, &buf) {
-                let at = off + b * pattern::BLOCK as u64;
-                return Err(Error::Mismatch {
-                    target: DISK.into(),
-                    offset: at,
-                    block: at / pattern::BLOCK as u64,
-                });
-            }
+            verify_pattern(DISK, s, off, &buf)?;
             verified += 1;
         }
     }
