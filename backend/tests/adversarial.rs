@@ -27,8 +27,8 @@ use common::blk::{
 };
 use common::ring::{link, Desc, Queue, WaitError};
 use common::{
-    Backend, BackendOpts, Device, Options, RegionSpec, Segment, Transfer, SECTOR_SIZE, S_IOERR,
-    S_OK, S_UNSUPP,
+    pattern, Backend, BackendOpts, Device, Options, RegionSpec, Segment, Transfer, SECTOR_SIZE,
+    S_IOERR, S_OK, S_UNSUPP,
 };
 
 /// How long a hostile chain may take to come back.
@@ -43,19 +43,6 @@ const HUGE: u32 = 0xffff_fff0;
 const DROP_LOG: &str = "it has no usable status byte";
 /// Bytes at each end of the image filled with a known pattern before each test.
 const WATCHED_IMAGE: usize = 1 << 20;
-
-/// Deterministic bytes that differ per `seed` and per position (xorshift64).
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 /// What the backend must answer a hostile chain with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

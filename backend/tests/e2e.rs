@@ -9,23 +9,10 @@ use std::time::Duration;
 
 use common::blk::{self, feature, T_FLUSH, T_GET_ID, T_IN, T_OUT};
 use common::{
-    Backend, BackendOpts, Layout, MemoryMessages, Options, RegionSpec, Segment, Transfer,
+    pattern, Backend, BackendOpts, Layout, MemoryMessages, Options, RegionSpec, Segment, Transfer,
     SECTOR_SIZE, S_IOERR, S_OK, S_UNSUPP,
 };
 use vhost::vhost_user::VhostUserProtocolFeatures;
-
-/// Deterministic bytes that differ per `seed` and per position (xorshift64).
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 fn spawn(opts: BackendOpts) -> Backend {
     Backend::spawn(&opts)

@@ -19,40 +19,15 @@ use std::time::{Duration, Instant};
 
 use common::blk::{T_IN, T_OUT};
 use common::ring::{Ticket, UNWRITTEN_BYTE};
-use common::{Backend, Device, Options, Segment, TempDir, Transfer, SECTOR_SIZE, S_IOERR, S_OK};
+use common::{
+    pattern, socket_path, Backend, Device, Options, Segment, TempDir, Transfer, SECTOR_SIZE,
+    S_IOERR, S_OK,
+};
 
 /// The failing sectors: 4 KiB, 2 MiB into the disk.
 const FAIL_START: u64 = 4096;
 const FAIL_END: u64 = 4104;
 const IMAGE_SIZE: u64 = 64 << 20;
-
-/// Deterministic bytes that differ per `seed` and per position (xorshift64).
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-/// `name` in `dir`, or in the system temporary directory if the path would not fit a
-/// `sockaddr_un`.
-fn socket_in(dir: &TempDir, name: &str) -> PathBuf {
-    let p = dir.path().join(name);
-    if p.as_os_str().len() < 100 {
-        return p;
-    }
-    let tag = dir
-        .path()
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    std::env::temp_dir().join(format!("{tag}-{name}"))
-}
 
 /// Paths of one backend run.
 struct Paths {
@@ -67,8 +42,8 @@ struct Paths {
 fn command(tag: &str, control: bool, args: &[&str], env: &[(&str, &str)]) -> (Command, Paths) {
     let dir = TempDir::new(tag);
     let image = dir.path().join("disk.img");
-    let socket = socket_in(&dir, "vhost.sock");
-    let control_path = socket_in(&dir, "control.sock");
+    let socket = socket_path(&dir, "vhost.sock");
+    let control_path = socket_path(&dir, "control.sock");
     File::create(&image)
         .and_then(|f| f.set_len(IMAGE_SIZE))
         .expect("creating the image");

@@ -26,6 +26,20 @@ pub use frontend::{Device, MemoryMessages, Options};
 #[allow(unused_imports)]
 pub use memory::RegionSpec;
 #[allow(unused_imports)]
-pub use process::{Backend, BackendOpts, TempDir};
+pub use process::{socket_path, Backend, BackendOpts, TempDir};
 #[allow(unused_imports)]
 pub use ring::{Completion, Desc, Layout, Queue, Transfer, Used, WaitError};
+
+/// Deterministic bytes that differ per `seed` and per position (xorshift64): what the tests
+/// write, to recognise it when they read it back or look at the image.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}

@@ -322,7 +322,7 @@ impl Drop for Backend {
 
 /// `name` in `dir`, or in the system temporary directory if that path would not fit a
 /// `sockaddr_un` (108 bytes).
-fn socket_path(dir: &TempDir, name: &str) -> PathBuf {
+pub fn socket_path(dir: &TempDir, name: &str) -> PathBuf {
     let p = dir.path().join(name);
     if p.as_os_str().len() < 100 {
         return p;
