@@ -363,19 +363,18 @@ fn rule(conditions: Vec<SeccompCondition>) -> Result<SeccompRule> {
     SeccompRule::new(conditions).map_err(|e| seccomp_error("building a filter rule", e))
 }
 
+/// A rule that allows the call when each listed 32-bit argument equals its value.
+fn args_eq(args: &[(u8, u64)]) -> Result<SeccompRule> {
+    rule(
+        args.iter()
+            .map(|&(arg, value)| cond(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value))
+            .collect::<Result<_>>()?,
+    )
+}
+
 /// Rules that allow the call when the 32-bit argument `arg` is one of `values`.
 fn arg_in(arg: u8, values: &[u64]) -> Result<Vec<SeccompRule>> {
-    values
-        .iter()
-        .map(|&v| {
-            rule(vec![cond(
-                arg,
-                SeccompCmpArgLen::Dword,
-                SeccompCmpOp::Eq,
-                v,
-            )?])
-        })
-        .collect()
+    values.iter().map(|&v| args_eq(&[(arg, v)])).collect()
 }
 
 /// A rule that allows the call when none of the `bits` is set in the 32-bit argument `arg`.
@@ -490,36 +489,10 @@ pub fn allowed_syscalls() -> Result<BTreeMap<i64, Vec<SeccompRule>>> {
         (libc::SYS_connect, any()),
         (
             libc::SYS_setsockopt,
-            vec![
-                rule(vec![
-                    cond(
-                        1,
-                        SeccompCmpArgLen::Dword,
-                        SeccompCmpOp::Eq,
-                        libc::SOL_SOCKET as u64,
-                    )?,
-                    cond(
-                        2,
-                        SeccompCmpArgLen::Dword,
-                        SeccompCmpOp::Eq,
-                        libc::SO_RCVTIMEO as u64,
-                    )?,
-                ])?,
-                rule(vec![
-                    cond(
-                        1,
-                        SeccompCmpArgLen::Dword,
-                        SeccompCmpOp::Eq,
-                        libc::SOL_SOCKET as u64,
-                    )?,
-                    cond(
-                        2,
-                        SeccompCmpArgLen::Dword,
-                        SeccompCmpOp::Eq,
-                        libc::SO_SNDTIMEO as u64,
-                    )?,
-                ])?,
-            ],
+            [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO]
+                .iter()
+                .map(|&opt| args_eq(&[(1, libc::SOL_SOCKET as u64), (2, opt as u64)]))
+                .collect::<Result<_>>()?,
         ),
         // Pinning: queue threads and deferred workers pin themselves (pid 0); the QMP adapter
         // reads the vCPU threads' affinity; glibc reads a new thread's own.
