@@ -35,6 +35,12 @@ pub fn self_and_children_cpu_seconds() -> Result<f64> {
     parse_stat(&text, true).ok_or_else(|| unparsable(path, &text))
 }
 
+/// The host's busy CPU seconds and this process's own plus its reaped children's: what a VM
+/// tool samples at the edges of a run to charge itself, QEMU and the backend it started.
+pub fn host_busy_and_ours() -> Result<(f64, f64)> {
+    Ok((host_cpu()?.busy, self_and_children_cpu_seconds()?))
+}
+
 /// Host-wide CPU seconds so far, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct HostCpu {

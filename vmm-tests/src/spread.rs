@@ -1,5 +1,5 @@
-//! Median, minimum and maximum of one figure over repeated runs: how every
-//! measuring tool of the harness summarises its repetitions.
+//! Median, minimum and maximum of one figure over repeated runs, and percentiles of a
+//! sample: how the harness's measuring tools and tests summarise what they measured.
 
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +36,16 @@ impl Spread {
     }
 }
 
+/// The `p` quantile (0..=1) of `values`, the nearest rank rounded; 0 for none.
+pub fn percentile(values: &[u64], p: f64) -> u64 {
+    let mut v = values.to_vec();
+    v.sort_unstable();
+    if v.is_empty() {
+        return 0;
+    }
+    v[(((v.len() - 1) as f64) * p).round() as usize]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -46,5 +56,14 @@ mod tests {
         assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
         assert_eq!(Spread::of(&[4.0, 1.0, 2.0, 3.0]).median, 2.5);
         assert_eq!(Spread::of(&[]).median, 0.0);
+    }
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        let v: Vec<u64> = (1..=101).rev().collect();
+        assert_eq!(percentile(&v, 0.5), 51);
+        assert_eq!(percentile(&v, 0.99), 100);
+        assert_eq!(percentile(&v, 1.0), 101);
+        assert_eq!(percentile(&[], 0.99), 0);
     }
 }

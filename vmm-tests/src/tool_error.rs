@@ -36,6 +36,17 @@ pub enum ToolError {
 /// A tool's result.
 pub type ToolResult<T> = std::result::Result<T, ToolError>;
 
+/// A tool's exit: success, or its error on stderr after the tool's name, and failure.
+pub fn exit_code(tool: &str, result: ToolResult<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{tool}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Adds what the tool was doing to a harness, libblkio or I/O error.
 pub trait Context<T> {
     /// The error, if any, with `what` the tool was doing.

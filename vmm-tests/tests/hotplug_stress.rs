@@ -33,16 +33,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use vmm_tests::agent::{format_queue_map, guest_queue_map};
+use vmm_tests::spread::percentile;
 use vmm_tests::{vm_test, AgentPlan, Error, VhostUserDisk, VmConfig};
-
-fn pct(v: &[u64], p: f64) -> u64 {
-    let mut s = v.to_vec();
-    s.sort_unstable();
-    if s.is_empty() {
-        return 0;
-    }
-    s[(((s.len() - 1) as f64) * p).round() as usize]
-}
 
 #[test]
 #[ignore = "slow (about a minute under TCG): cargo test -p vmm-tests --test hotplug_stress -- --ignored"]
@@ -120,7 +112,7 @@ fn hundred_unplug_plug_cycles_under_load() {
                 println!(
                     "cycle {k}/{cycles}: {:.0} s, drain p50 {} µs, {} completions drained so far",
                     started.elapsed().as_secs_f64(),
-                    pct(&drains, 0.5),
+                    percentile(&drains, 0.5),
                     drained
                 );
             }
@@ -206,10 +198,10 @@ fn hundred_unplug_plug_cycles_under_load() {
              drain (event to last signal) p50 {} µs, p99 {} µs, max {} µs; {drained} completions \
              drained; guest cycle median {} ms",
             started.elapsed().as_secs_f64(),
-            pct(&offline_ms, 0.5),
-            pct(&offline_ms, 0.99),
-            pct(&drains, 0.5),
-            pct(&drains, 0.99),
+            percentile(&offline_ms, 0.5),
+            percentile(&offline_ms, 0.99),
+            percentile(&drains, 0.5),
+            percentile(&drains, 0.99),
             drains.iter().max().copied().unwrap_or(0),
             data["cycle_ms"]["median"],
         );

@@ -47,7 +47,8 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use vmm_tests::backend::{backend_bin, BackendKind};
 use vmm_tests::procstat;
-use vmm_tests::tool_error::{Context, ToolError, ToolResult as Result};
+use vmm_tests::spread::percentile;
+use vmm_tests::tool_error::{self, Context, ToolError, ToolResult as Result};
 use vmm_tests::{setup, Backend, BackendConfig};
 
 const DRIVER: &str = "virtio-blk-vhost-user";
@@ -245,7 +246,7 @@ fn scenario(args: &Args, kind: &BackendKind, dir: &Path, name: &str) -> Result<S
         cfg.extra_args.push("--queue-map".into());
         cfg.extra_args.push(m.into());
     }
-    let (busy0, ours0) = cpu_now()?;
+    let (busy0, ours0) = procstat::host_busy_and_ours().ctx(|| "CPU time".into())?;
     let t0 = Instant::now();
     let mut backend = Backend::start(kind, &cfg).ctx(|| "start the backend".into())?;
     let ctl_path = cfg.control.clone().unwrap_or_default();
@@ -383,7 +384,7 @@ fn scenario(args: &Args, kind: &BackendKind, dir: &Path, name: &str) -> Result<S
     backend
         .terminate(Duration::from_secs(10))
         .ctx(|| "stop the backend".into())?;
-    let (busy1, ours1) = cpu_now()?;
+    let (busy1, ours1) = procstat::host_busy_and_ours().ctx(|| "CPU time".into())?;
     sc.wall_s = t0.elapsed().as_secs_f64();
     sc.noise_cores = (((busy1 - busy0) - (ours1 - ours0)) / sc.wall_s).max(0.0);
     if sc.completed != sc.submitted || sc.backend_writes != sc.submitted {
@@ -393,15 +394,6 @@ fn scenario(args: &Args, kind: &BackendKind, dir: &Path, name: &str) -> Result<S
         )));
     }
     Ok(sc)
-}
-
-fn pct(v: &[u64], p: f64) -> u64 {
-    let mut s = v.to_vec();
-    s.sort_unstable();
-    if s.is_empty() {
-        return 0;
-    }
-    s[(((s.len() - 1) as f64) * p).round() as usize]
 }
 
 fn run(args: &Args) -> Result<()> {
@@ -422,10 +414,10 @@ fn run(args: &Args) -> Result<()> {
             "drain-bench: {name}: {} cycles counted, {} left out (timer first), backend p50 {} p99 {} µs, client p50 {} p99 {} µs, noise {:.2}",
             sc.backend_us.len(),
             sc.timer_first,
-            pct(&sc.backend_us, 0.5),
-            pct(&sc.backend_us, 0.99),
-            pct(&sc.client_us, 0.5),
-            pct(&sc.client_us, 0.99),
+            percentile(&sc.backend_us, 0.5),
+            percentile(&sc.backend_us, 0.99),
+            percentile(&sc.client_us, 0.5),
+            percentile(&sc.client_us, 0.99),
             sc.noise_cores
         );
         out.push(sc);
@@ -435,8 +427,8 @@ fn run(args: &Args) -> Result<()> {
     );
     println!("|---|--:|--:|--:|--:|---|---|--:|");
     for sc in &out {
-        let b99 = pct(&sc.backend_us, 0.99);
-        let c99 = pct(&sc.client_us, 0.99);
+        let b99 = percentile(&sc.backend_us, 0.99);
+        let c99 = percentile(&sc.client_us, 0.99);
         println!(
             "| {}{} | {} ({}) | {} on queue(s) {:?} | {} / **{}** / {} | {} / **{}** / {} | {} | {} = {} = {} | {:.2} |",
             sc.name,
@@ -448,10 +440,10 @@ fn run(args: &Args) -> Result<()> {
             sc.timer_first,
             args.pending as usize * sc.loaded_queues.len(),
             sc.loaded_queues,
-            pct(&sc.backend_us, 0.5),
+            percentile(&sc.backend_us, 0.5),
             b99,
             sc.backend_us.iter().max().copied().unwrap_or(0),
-            pct(&sc.client_us, 0.5),
+            percentile(&sc.client_us, 0.5),
             c99,
             sc.client_us.iter().max().copied().unwrap_or(0),
             if b99.max(c99) <= 2000 { "met" } else { "**missed**" },
@@ -475,19 +467,5 @@ fn run(args: &Args) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    match run(&args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("drain-bench: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// Host busy CPU seconds, and this process's own plus its reaped children's.
-fn cpu_now() -> Result<(f64, f64)> {
-    let host = procstat::host_cpu().ctx(|| "host CPU".into())?;
-    let ours = procstat::self_and_children_cpu_seconds().ctx(|| "our CPU".into())?;
-    Ok((host.busy, ours))
+    tool_error::exit_code("drain-bench", run(&Args::parse()))
 }

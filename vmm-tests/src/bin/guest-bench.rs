@@ -41,7 +41,7 @@ use vmm_tests::backend::{backend_bin, BackendKind};
 use vmm_tests::pagecache::{self, Sampler};
 use vmm_tests::procstat;
 use vmm_tests::spread::Spread;
-use vmm_tests::tool_error::{Context, ToolError, ToolResult as Result};
+use vmm_tests::tool_error::{self, Context, ToolError, ToolResult as Result};
 use vmm_tests::{setup, AgentPlan, Backend, BackendConfig, Qemu, VhostUserDisk, VmConfig};
 
 const MIB: u64 = 1 << 20;
@@ -198,7 +198,7 @@ fn run_one(
     rep: u32,
 ) -> Result<Run> {
     pagecache::drop_cached(image).ctx(|| "reset the page cache".into())?;
-    let (busy0, ours0) = cpu_now()?;
+    let (busy0, ours0) = procstat::host_busy_and_ours().ctx(|| "CPU time".into())?;
     let t0 = Instant::now();
     let mut bcfg = BackendConfig::new(image, dir)
         .queues(args.cpus as u16)
@@ -224,7 +224,7 @@ fn run_one(
         .terminate(Duration::from_secs(10))
         .ctx(|| "stop the backend".into())?;
     let wall = t0.elapsed().as_secs_f64();
-    let (busy1, ours1) = cpu_now()?;
+    let (busy1, ours1) = procstat::host_busy_and_ours().ctx(|| "CPU time".into())?;
 
     let u = run.ok("uring").ctx(|| "uring result".into())?;
     let before = run
@@ -501,19 +501,5 @@ fn run(args: &Args) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    match run(&args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("guest-bench: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// Host busy CPU seconds, and this process's own plus its reaped children's.
-fn cpu_now() -> Result<(f64, f64)> {
-    let host = procstat::host_cpu().ctx(|| "host CPU".into())?;
-    let ours = procstat::self_and_children_cpu_seconds().ctx(|| "our CPU".into())?;
-    Ok((host.busy, ours))
+    tool_error::exit_code("guest-bench", run(&Args::parse()))
 }

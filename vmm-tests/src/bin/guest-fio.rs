@@ -53,7 +53,7 @@ use vmm_tests::pagecache;
 use vmm_tests::procstat;
 use vmm_tests::qemu::qemu_bin;
 use vmm_tests::spread::Spread;
-use vmm_tests::tool_error::{Context, ToolError, ToolResult as Result};
+use vmm_tests::tool_error::{self, Context, ToolError, ToolResult as Result};
 use vmm_tests::{
     setup, AgentPlan, AgentRun, Backend, BackendConfig, Qemu, VhostUserDisk, VmConfig,
 };
@@ -797,14 +797,7 @@ fn run(args: &Args) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    match run(&args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("guest-fio: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    tool_error::exit_code("guest-fio", run(&Args::parse()))
 }
 
 #[cfg(test)]
