@@ -3,7 +3,7 @@
 //!
 //! [`Error::status`] maps each to the virtio-blk status byte the guest sees (virtio 1.2 §5.2.6).
 
-use crate::request::{RequestType, STATUS_IOERR, STATUS_UNSUPP};
+use crate::protocol::{RequestType, STATUS_IOERR, STATUS_UNSUPP};
 
 /// Errors of the virtio-blk protocol layer.
 #[derive(Debug, thiserror::Error)]

@@ -7,6 +7,8 @@
 //!
 //! - [`config`]: the 96-byte `virtio_blk_config` space and GET_CONFIG/SET_CONFIG.
 //! - [`features`]: the device feature bits we offer.
+//! - [`protocol`]: the wire vocabulary (sector size, status bytes, request types), a leaf that
+//!   the other modules share.
 //! - [`request`]: request parsing and validation, status and device-ID writing.
 //!
 //! Everything a guest controls is validated here, once, before it reaches an I/O engine: a
@@ -15,13 +17,16 @@
 pub mod config;
 pub mod error;
 pub mod features;
+pub mod protocol;
 pub mod request;
 
 pub use config::{BlkConfig, CONFIG_SPACE_SIZE, WRITEBACK_OFFSET};
 pub use error::{Error, Result};
 pub use features::{device_features, FeatureOptions};
+pub use protocol::{
+    RequestType, DEVICE_ID_LEN, SECTOR_SHIFT, SECTOR_SIZE, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
+};
 pub use request::{
     device_id, write_device_id, write_status, DataSegment, DiscardRange, Limits, ParseError,
-    Request, RequestBuffers, RequestType, DEVICE_ID_LEN, SECTOR_SHIFT, SECTOR_SIZE, STATUS_IOERR,
-    STATUS_OK, STATUS_UNSUPP,
+    Request, RequestBuffers,
 };

@@ -26,31 +26,18 @@
 
 use std::ops::Deref;
 
-use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
-    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
-    VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
-};
+use virtio_bindings::virtio_blk::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
 use crate::config::BlkConfig;
 use crate::error::{Error, Result};
-
-/// log2 of the protocol's sector size.
-pub const SECTOR_SHIFT: u32 = 9;
-/// The protocol's sector size: always 512 bytes, whatever `blk_size` says.
-pub const SECTOR_SIZE: u64 = 1 << SECTOR_SHIFT;
-/// Length of the GET_ID device ID string.
-pub const DEVICE_ID_LEN: usize = VIRTIO_BLK_ID_BYTES as usize;
-
-/// Status byte: success.
-pub const STATUS_OK: u8 = VIRTIO_BLK_S_OK as u8;
-/// Status byte: device or driver error.
-pub const STATUS_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
-/// Status byte: request not supported.
-pub const STATUS_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+// The wire constants and request types live in the leaf module `protocol`, which `error` can
+// use without depending on the parser; they stay reachable under `request::` as before.
+pub use crate::protocol::{
+    RequestType, DEVICE_ID_LEN, SECTOR_SHIFT, SECTOR_SIZE, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
+};
 
 /// Length of the request header: `le32 type, le32 reserved, le64 sector`.
 const HEADER_LEN: u32 = 16;
@@ -58,49 +45,6 @@ const HEADER_LEN: u32 = 16;
 const RANGE_LEN: u32 = 16;
 /// Largest sector whose byte offset fits in u64.
 const MAX_SECTORS: u64 = u64::MAX >> SECTOR_SHIFT;
-
-/// The type of a request, from the header's `type` field.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RequestType {
-    /// `VIRTIO_BLK_T_IN`: read sectors into the device-writable data.
-    In,
-    /// `VIRTIO_BLK_T_OUT`: write the device-readable data to sectors.
-    Out,
-    /// `VIRTIO_BLK_T_FLUSH`: make completed writes stable.
-    Flush,
-    /// `VIRTIO_BLK_T_GET_ID`: write the device ID string into the data.
-    GetId,
-    /// `VIRTIO_BLK_T_DISCARD`: deallocate the ranges in the data.
-    Discard,
-    /// `VIRTIO_BLK_T_WRITE_ZEROES`: zero the ranges in the data.
-    WriteZeroes,
-    /// Any other type; answered with `VIRTIO_BLK_S_UNSUPP`.
-    Unsupported(u32),
-}
-
-impl From<u32> for RequestType {
-    fn from(value: u32) -> Self {
-        match value {
-            VIRTIO_BLK_T_IN => RequestType::In,
-            VIRTIO_BLK_T_OUT => RequestType::Out,
-            VIRTIO_BLK_T_FLUSH => RequestType::Flush,
-            VIRTIO_BLK_T_GET_ID => RequestType::GetId,
-            VIRTIO_BLK_T_DISCARD => RequestType::Discard,
-            VIRTIO_BLK_T_WRITE_ZEROES => RequestType::WriteZeroes,
-            other => RequestType::Unsupported(other),
-        }
-    }
-}
-
-impl RequestType {
-    /// Whether the request changes the disk (refused on a read-only device).
-    pub fn is_write(self) -> bool {
-        matches!(
-            self,
-            RequestType::Out | RequestType::Discard | RequestType::WriteZeroes
-        )
-    }
-}
 
 /// What the device advertised, and so what a request may ask for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -725,6 +669,10 @@ pub fn device_id(serial: &[u8]) -> [u8; DEVICE_ID_LEN] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use virtio_bindings::virtio_blk::{
+        VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+        VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+    };
     use virtio_bindings::virtio_ring::{
         VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
     };
@@ -1967,17 +1915,6 @@ mod tests {
         write_header(&mem, HDR, 99, 0);
         let (parsed, bufs) = parse(&mem, &[r(HDR, 16), r(DATA, 512)]);
         dropped(parsed, &bufs);
-    }
-
-    #[test]
-    fn request_type_maps_the_spec_values() {
-        assert_eq!(RequestType::from(0), RequestType::In);
-        assert_eq!(RequestType::from(1), RequestType::Out);
-        assert_eq!(RequestType::from(4), RequestType::Flush);
-        assert_eq!(RequestType::from(8), RequestType::GetId);
-        assert_eq!(RequestType::from(11), RequestType::Discard);
-        assert_eq!(RequestType::from(13), RequestType::WriteZeroes);
-        assert_eq!(RequestType::from(5), RequestType::Unsupported(5));
     }
 
     // ---- broken chains ----
