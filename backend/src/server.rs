@@ -30,7 +30,7 @@ use crate::hotplug::Hotplug;
 use crate::sandbox::{self, FileAccess};
 use crate::stats::DeviceStats;
 use crate::{Error, Result};
-use vcpu::{AdapterEvent, QmpAdapter};
+use qemu_qmp::{AdapterEvent, QmpAdapter};
 
 /// How long in-flight requests get to finish when a connection ends.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);

@@ -1,4 +1,4 @@
-//! QMP for the harness: a thin layer over [`vcpu::QmpClient`], the workspace's one QMP
+//! QMP for the harness: a thin layer over [`qemu_qmp::QmpClient`], the workspace's one QMP
 //! implementation (the backend's QMP adapter speaks through it too). It adds what the tests
 //! need around it: retrying the connection while QEMU starts, and events handed out as the JSON
 //! objects QEMU sent (`{"event": ..., "data": ...}`), with a wait for the first one a predicate
@@ -9,13 +9,14 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use qemu_qmp::QmpClient;
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 
 /// A QMP connection in command mode.
 pub struct Qmp {
-    client: vcpu::QmpClient,
+    client: QmpClient,
     /// Events handed to [`Qmp::wait_event`]'s predicate and not taken, oldest first.
     skipped: VecDeque<Value>,
 }
@@ -35,7 +36,7 @@ impl Qmp {
                 Err(e) => return Err(Error::io(format!("connect QMP {}", path.display()), e)),
             }
         };
-        let client = vcpu::QmpClient::from_stream(stream, timeout)
+        let client = QmpClient::from_stream(stream, timeout)
             .map_err(|e| Error::Qmp(format!("{}: {e}", path.display())))?;
         Ok(Qmp {
             client,

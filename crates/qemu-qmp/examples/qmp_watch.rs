@@ -1,5 +1,5 @@
 //! Watches a QEMU's vCPUs over QMP, for trying the adapter against a real VM by hand:
-//! `cargo run -p vcpu --example qmp_watch -- /path/to/qmp.sock [SECONDS]`.
+//! `cargo run -p qemu-qmp --example qmp_watch -- /path/to/qmp.sock [SECONDS]`.
 //!
 //! Prints the greeting and `query-cpus-fast` with each vCPU thread's affinity, then runs a
 //! [`QmpAdapter`] for SECONDS (default 10) and prints its events with their time since start.
@@ -8,7 +8,8 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use vcpu::{format_cpu_list, thread_affinity, QmpAdapter, QmpClient};
+use qemu_qmp::{QmpAdapter, QmpClient};
+use vcpu::{format_cpu_list, thread_affinity};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);

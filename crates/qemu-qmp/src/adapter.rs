@@ -23,10 +23,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::cpus::{format_cpu_list, thread_affinity, CpuList};
+use vcpu::{format_cpu_list, thread_affinity, CpuList};
+
+use crate::error::{Error, Result};
 use crate::hotplug::{classify, is_cpu_ost, HotplugEvent};
 use crate::qmp::{QmpClient, VcpuInfo};
-use crate::{Error, Result};
 
 /// How long to wait between connection attempts.
 const RETRY: Duration = Duration::from_millis(100);
@@ -436,8 +437,8 @@ fn deliver(out: &mut Vec<AdapterEvent>, on_event: &dyn Fn(AdapterEvent), shared:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpus::{current_thread_affinity, set_current_thread_affinity};
     use crate::fake_qmp::{vcpu, FakeQmp};
+    use ::vcpu::{current_thread_affinity, set_current_thread_affinity};
     use serde_json::json;
     use std::sync::mpsc::{self, Receiver, Sender};
 
@@ -591,7 +592,10 @@ mod tests {
         let t0 = VcpuThread::start(a);
         let fake = FakeQmp::start().unwrap();
         fake.set_vcpus(vec![vcpu(0, t0.tid), vcpu(1, t0.tid)]);
-        fake.events_before_next_reply(vec![crate::QmpEvent::new("ACPI_DEVICE_OST", ost(132, "1"))]);
+        fake.events_before_next_reply(vec![crate::qmp::QmpEvent::new(
+            "ACPI_DEVICE_OST",
+            ost(132, "1"),
+        )]);
         let (on_event, rx) = collector();
         let adapter = QmpAdapter::spawn(fake.path().into(), WAIT, on_event).unwrap();
         // The event came before the reply to query-cpus-fast; it is handled right after.

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// Longest QMP message accepted (`query-qmp-schema` is a few hundred KiB).
 const MAX_MESSAGE: usize = 16 << 20;
