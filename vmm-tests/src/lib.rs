@@ -15,6 +15,9 @@
 //! Tests use [`vm_test`], which serialises VMs, prepares the assets, gives
 //! a work directory that is kept when the test fails, and turns errors into
 //! failures: a VM test fails, never skips, when no guest boots.
+//!
+//! The benchmark tools built on this library live in their own package,
+//! `vmm-bench` (`vmm-tests/bench`).
 
 pub mod agent;
 pub mod backend;
@@ -23,12 +26,10 @@ pub mod console;
 pub mod error;
 pub mod pagecache;
 pub mod process;
-pub mod procstat;
 pub mod qemu;
 pub mod qmp;
 pub mod setup;
 pub mod spread;
-pub mod tool_error;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

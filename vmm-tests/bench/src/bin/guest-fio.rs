@@ -2,7 +2,7 @@
 //! in-guest driver, beside the host-driven `bench`).
 //!
 //! ```text
-//! cargo run --release -p vmm-tests --bin guest-fio -- [--reps 3] [--runtime 5] [--ramp 1]
+//! cargo run --release -p vmm-bench --bin guest-fio -- [--reps 3] [--runtime 5] [--ramp 1]
 //!     [--workloads randread-4k-qd32-q2,...] [--peers ours-none,qsd-direct,...]
 //!     [--backend PATH] [--json PATH]
 //! ```
@@ -48,12 +48,12 @@ use guest_agent::fio::{FioJob, FioSummary};
 use guest_agent::protocol::{self, WorkloadResult};
 use serde::Serialize;
 use serde_json::json;
+use vmm_bench::procstat;
+use vmm_bench::tool_error::{self, Context, ToolError, ToolResult as Result};
 use vmm_tests::backend::{backend_bin, BackendKind};
 use vmm_tests::pagecache;
-use vmm_tests::procstat;
 use vmm_tests::qemu::qemu_bin;
 use vmm_tests::spread::Spread;
-use vmm_tests::tool_error::{self, Context, ToolError, ToolResult as Result};
 use vmm_tests::{
     setup, AgentPlan, AgentRun, Backend, BackendConfig, Qemu, VhostUserDisk, VmConfig,
 };
@@ -570,7 +570,7 @@ fn report(args: &Args, m: &Machine, peers: &[Peer], jobs: &[FioJob], boots: &[Bo
     let _ = writeln!(s, "### Run\n");
     let _ = writeln!(
         s,
-        "- Regenerate: `cargo run --release -p vmm-tests --bin guest-fio --{}{}`",
+        "- Regenerate: `cargo run --release -p vmm-bench --bin guest-fio --{}{}`",
         if cmd.is_empty() { "" } else { " " },
         cmd.join(" ")
     );

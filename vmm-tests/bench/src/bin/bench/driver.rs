@@ -20,7 +20,7 @@ use blkio::{Blkio, Blkioq, Completion, ReqFlags};
 use super::error::{bail, Context, Error, Result};
 use super::stats::{query_backend, BackendCounters};
 use super::workload::{Op, Pattern, Workload};
-use vmm_tests::procstat::{self, HostCpu};
+use vmm_bench::procstat::{self, HostCpu};
 
 /// The libblkio driver name.
 pub const DRIVER: &str = "virtio-blk-vhost-user";

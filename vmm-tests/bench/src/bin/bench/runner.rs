@@ -13,7 +13,7 @@ use super::fio;
 use super::peers::{Kind, Peer, Programs, Server};
 use super::stats::{percentiles_us, BackendFigures, Sample};
 use super::workload::Workload;
-use vmm_tests::procstat;
+use vmm_bench::procstat;
 
 /// What to run.
 #[derive(Clone, Debug)]

@@ -1,7 +1,7 @@
 //! The command line: the plan a run follows, the `--quick` smoke mode, and
 //! re-rendering the docs from a results file.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -78,10 +78,9 @@ pub struct Args {
     pub from_json: Option<PathBuf>,
 }
 
-/// The workspace root (this crate's parent).
+/// The workspace root, where the harness finds it.
 pub fn workspace() -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().unwrap_or(manifest).to_path_buf()
+    vmm_tests::setup::workspace_dir()
 }
 
 fn parse_size(s: &str) -> Result<u64> {
@@ -283,7 +282,7 @@ pub fn main() -> Result<()> {
 
 fn command_line() -> String {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut s = String::from("cargo run --release -p vmm-tests --bin bench");
+    let mut s = String::from("cargo run --release -p vmm-bench --bin bench");
     if !args.is_empty() {
         s.push_str(" -- ");
         s.push_str(&args.join(" "));

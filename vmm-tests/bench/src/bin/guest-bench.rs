@@ -1,7 +1,7 @@
 //! `guest-bench`: the figures of issue 4, measured inside a guest.
 //!
 //! ```text
-//! cargo run --release -p vmm-tests --bin guest-bench -- [--reps 3] [--backend PATH]
+//! cargo run --release -p vmm-bench --bin guest-bench -- [--reps 3] [--backend PATH]
 //! ```
 //!
 //! For each cache configuration of the backend (`--cache none`,
@@ -36,12 +36,12 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use serde::Serialize;
 use serde_json::{json, Value};
+use vmm_bench::procstat;
+use vmm_bench::tool_error::{self, Context, ToolError, ToolResult as Result};
 use vmm_tests::agent::queue_interrupts;
 use vmm_tests::backend::{backend_bin, BackendKind};
 use vmm_tests::pagecache::{self, Sampler};
-use vmm_tests::procstat;
 use vmm_tests::spread::Spread;
-use vmm_tests::tool_error::{self, Context, ToolError, ToolResult as Result};
 use vmm_tests::{setup, AgentPlan, Backend, BackendConfig, Qemu, VhostUserDisk, VmConfig};
 
 const MIB: u64 = 1 << 20;

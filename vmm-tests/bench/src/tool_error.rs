@@ -10,7 +10,7 @@ pub enum ToolError {
         /// What the tool was doing.
         what: String,
         /// The harness's error.
-        source: crate::Error,
+        source: vmm_tests::Error,
     },
     /// libblkio failed.
     #[error("{what}: {source}")]
@@ -53,7 +53,7 @@ pub trait Context<T> {
     fn ctx(self, what: impl FnOnce() -> String) -> ToolResult<T>;
 }
 
-impl<T> Context<T> for crate::Result<T> {
+impl<T> Context<T> for vmm_tests::Result<T> {
     fn ctx(self, what: impl FnOnce() -> String) -> ToolResult<T> {
         self.map_err(|source| ToolError::Harness {
             what: what(),

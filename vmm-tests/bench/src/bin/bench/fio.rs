@@ -11,7 +11,7 @@ use serde_json::Value;
 use super::driver::RawRun;
 use super::error::{bail, Context, Result};
 use super::workload::{Op, Pattern, Workload};
-use vmm_tests::procstat::host_cpu;
+use vmm_bench::procstat::host_cpu;
 
 /// What fio measured, in the driver's terms, plus its percentiles.
 pub struct FioRun {

@@ -1,7 +1,7 @@
 //! `drain-bench`: the drain latency of issue 5, host-side, without a VM.
 //!
 //! ```text
-//! cargo run --release -p vmm-tests --bin drain-bench -- [--cycles 200] [--backend PATH]
+//! cargo run --release -p vmm-bench --bin drain-bench -- [--cycles 200] [--backend PATH]
 //! ```
 //!
 //! It starts the backend with `--cache dontcache` (every write is deferred
@@ -45,10 +45,10 @@ use blkio::{Blkio, Blkioq, Completion, ReqFlags};
 use clap::Parser;
 use serde::Serialize;
 use serde_json::{json, Value};
+use vmm_bench::procstat;
+use vmm_bench::tool_error::{self, Context, ToolError, ToolResult as Result};
 use vmm_tests::backend::{backend_bin, BackendKind};
-use vmm_tests::procstat;
 use vmm_tests::spread::percentile;
-use vmm_tests::tool_error::{self, Context, ToolError, ToolResult as Result};
 use vmm_tests::{setup, Backend, BackendConfig};
 
 const DRIVER: &str = "virtio-blk-vhost-user";

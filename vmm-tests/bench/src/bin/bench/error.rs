@@ -54,7 +54,7 @@ impl<T> Context<T> for Option<T> {
 /// Returns early with a formatted [`Error`].
 macro_rules! bail {
     ($($arg:tt)*) => {
-        return Err($crate::bench::error::Error::msg(format!($($arg)*)))
+        return Err($crate::error::Error::msg(format!($($arg)*)))
     };
 }
 pub(crate) use bail;
