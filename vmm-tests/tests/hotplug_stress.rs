@@ -1,5 +1,5 @@
-//! The stress variant of issue 5: 100 vCPU unplug/plug cycles under
-//! write-verify load, in a TCG guest. Ignored by default (about a
+//! The stress variant of the vCPU unplug drain (`hotplug_drain`): 100 vCPU
+//! unplug/plug cycles under write-verify load, in a TCG guest. Ignored by default (about a
 //! minute here, longer on a busy host); run it with
 //!
 //! ```text

@@ -1,4 +1,4 @@
-//! `drain-bench`: the drain latency of issue 5, host-side, without a VM.
+//! `drain-bench`: how long a vCPU unplug's drain takes, host-side, without a VM.
 //!
 //! ```text
 //! cargo run --release -p vmm-bench --bin drain-bench -- [--cycles 200] [--backend PATH]
@@ -54,7 +54,7 @@ use vmm_tests::{setup, Backend, BackendConfig};
 const DRIVER: &str = "virtio-blk-vhost-user";
 const BS: usize = 4096;
 
-/// Drain latency on vCPU unplug (issue 5), host-side through libblkio.
+/// Drain latency on vCPU unplug, host-side through libblkio.
 #[derive(Parser, Debug)]
 #[command(name = "drain-bench")]
 struct Args {

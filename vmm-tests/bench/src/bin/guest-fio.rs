@@ -1,5 +1,5 @@
-//! `guest-fio`: fio inside a guest, against this backend and qemu-storage-daemon (issue 7's
-//! in-guest driver, beside the host-driven `bench`).
+//! `guest-fio`: fio inside a guest, against this backend and qemu-storage-daemon (the in-guest
+//! counterpart of the host-driven `bench`).
 //!
 //! ```text
 //! cargo run --release -p vmm-bench --bin guest-fio -- [--reps 3] [--runtime 5] [--ramp 1]

@@ -34,7 +34,7 @@ pub struct Args {
     #[arg(long)]
     pub ramp: Option<f64>,
     /// Comma-separated workloads (`randread-4k-qd32-q2`, `write-1m-qd8-q1`,
-    /// issue 4's `randwrite-4k-qd32-q2,write-1m-qd32-q2`, any
+    /// the batching targets' `randwrite-4k-qd32-q2,write-1m-qd32-q2`, any
     /// `(rand)read|write-<bs>-qd<N>-q<N>`), `default` or `all`.
     #[arg(long, default_value = "default")]
     pub workloads: String,
@@ -302,7 +302,7 @@ mod tests {
     }
 
     #[test]
-    fn picks_issue4_workloads_and_new_peers() {
+    fn picks_batching_workloads_and_new_peers() {
         let w = pick(
             "randwrite-4k-qd32-q2,write-1m-qd32-q2",
             Workload::defaults(),

@@ -153,7 +153,7 @@ impl Peer {
     ///
     /// Beside each cache mode on both engines: `ours-dontcache-d0-uring`
     /// (`--defer-delay-us 0`: the deferred worker fires at once, the
-    /// no-batching baseline of issue 4) and `ours-{none,writeback}-uring-poll`
+    /// no-batching baseline the batching targets compare with) and `ours-{none,writeback}-uring-poll`
     /// (`--poll-us 50`: queue threads busy-poll their rings for 50 µs after
     /// work before sleeping), and `ours-none-uring-polldev` (`--poll-us 1000
     /// --poll-device`: polling through device latencies too; not a default).

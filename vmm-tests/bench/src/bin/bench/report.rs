@@ -309,17 +309,20 @@ fn times(x: f64) -> String {
     }
 }
 
-/// Our deferred-batching peers (issue 4): dontcache at the default delay
+/// Our deferred-batching peers: dontcache at the default delay
 /// and at `--defer-delay-us 0`.
 const DONTCACHE: &str = "ours-dontcache-uring";
 const DONTCACHE_D0: &str = "ours-dontcache-d0-uring";
-/// Our polling peers (issue 7) and what they are compared with.
+/// Our polling peers (`--poll-us`) and what they are compared with.
 const POLL_PAIRS: [(&str, &str); 2] = [
     ("ours-none-uring-poll", "ours-none-uring"),
     ("ours-writeback-uring-poll", "ours-writeback-uring"),
 ];
 
-/// The issues' targets, checked on this run's medians, in table order.
+/// The targets, checked on this run's medians, in table order: IOPS
+/// against the best peer and CPU per request against the cheapest one,
+/// O_DIRECT against fio on the host, hot-page-cache reads against our null
+/// image, then deferred batching and polling.
 fn targets(r: &Results) -> Vec<Target> {
     let mut v = Vec::new();
     let mut row =
@@ -412,7 +415,7 @@ fn targets(r: &Results) -> Vec<Target> {
     v
 }
 
-/// Issue 4: what dontcache's deferred batching buys against
+/// What dontcache's deferred batching buys against
 /// `--defer-delay-us 0` (signals per request, ≥ 3× fewer) and what it costs
 /// (client p99, ≤ 1 ms more), on `randwrite-4k-qd32-q2` and every
 /// sequential write workload of the run.
@@ -458,7 +461,7 @@ fn batching_targets(r: &Results) -> Vec<Target> {
     v
 }
 
-/// Issue 7: what queue polling (`--poll-us`) gains in IOPS and costs in
+/// What queue polling (`--poll-us`) gains in IOPS and costs in
 /// CPU per request, on every workload with both peers; informational.
 fn polling_targets(r: &Results) -> Vec<Target> {
     let mut v = Vec::new();

@@ -127,9 +127,9 @@ impl Workload {
         }
     }
 
-    /// The default matrix: the issue's targets (4 KiB random read and write
-    /// at iodepth 32 on 2 queues and at iodepth 1 on 1 queue) and 1 MiB
-    /// sequential read and write.
+    /// The default matrix: the workloads the targets are set on (4 KiB
+    /// random read and write at iodepth 32 on 2 queues and at iodepth 1 on 1
+    /// queue) and 1 MiB sequential read and write.
     pub fn defaults() -> Vec<Workload> {
         vec![
             Workload::rand4k(Op::Read, 32, 2),
@@ -141,9 +141,9 @@ impl Workload {
         ]
     }
 
-    /// Every workload the issues name: 4 KiB random read and write at
-    /// iodepth 1 and 32 on 1 and 2 queues, 1 MiB sequential, and issue 4's
-    /// sequential case, 1 MiB writes at iodepth 32 on 2 queues
+    /// Every known workload: 4 KiB random read and write at iodepth 1 and
+    /// 32 on 1 and 2 queues, 1 MiB sequential, and the sequential case of the
+    /// deferred-batching targets, 1 MiB writes at iodepth 32 on 2 queues
     /// (`write-1m-qd32-q2`).
     pub fn all() -> Vec<Workload> {
         let mut v = Vec::new();
@@ -158,7 +158,7 @@ impl Workload {
         v
     }
 
-    /// Whether this is a sequential write workload (issue 4's batching
+    /// Whether this is a sequential write workload (the deferred-batching
     /// targets cover those beside `randwrite-4k-qd32-q2`).
     pub fn is_sequential_write(&self) -> bool {
         self.op == Op::Write && self.pattern == Pattern::Sequential
@@ -179,7 +179,7 @@ mod tests {
     }
 
     #[test]
-    fn issue4_sequential_write() {
+    fn batching_sequential_write_is_in_all_only() {
         let w = Workload::seq1m_at(Op::Write, 32, 2);
         assert_eq!(w.name(), "write-1m-qd32-q2");
         assert!(Workload::all().contains(&w));
