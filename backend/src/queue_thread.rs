@@ -5,7 +5,9 @@
 //! worker owns one [`QueueThread`]: the I/O engine (one io_uring per thread), and for each of its
 //! virtqueues a table of request slots indexed by descriptor head, preallocated at connection time
 //! so that no request allocates. A kick pops every available chain, parses it into a validated
-//! [`Request`], and submits its data as iovecs that point straight into guest memory. The engine's
+//! [`Request`], and submits its data as iovecs that point straight into guest memory; the engine
+//! owns them, with a guard that keeps that memory mapped, until it hands them back at completion
+//! (the slot's iovec storage moves into the engine and back, never copied). The engine's
 //! completion eventfd is registered in the same epoll loop; a plain completion writes the status
 //! byte, adds the used entry, and the guest is signalled once per pass (EVENT_IDX honoured). A
 //! completion that must sleep — a `dontcache` write waiting for eviction, a flush, a writethrough
@@ -18,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use completion::DeferredCompletions;
-use disk::{CacheMode, Completion, Engine, Op};
+use disk::{CacheMode, Completion, Engine, IoBuffers, MemoryGuard, Op};
 use log::{debug, error, warn};
 use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_blk::{
@@ -41,14 +43,6 @@ pub type GuestMemAtomic = GuestMemoryAtomic<GuestMem>;
 /// The vring type this backend uses.
 pub type Vring = VringRwLock<GuestMemAtomic>;
 
-/// The iovecs of one request, pointing into guest memory.
-struct IoVecs(Vec<libc::iovec>);
-
-// SAFETY: the pointers target guest memory that the owning slot keeps mapped (it holds an
-// `Arc` of the memory snapshot until the request completes), and only the queue thread that
-// owns the slot, or the kernel on its behalf, touches it.
-unsafe impl Send for IoVecs {}
-
 /// State of one request from submission to completion, indexed by its descriptor head.
 struct Slot {
     /// Engine operations still outstanding; 0 means the slot is free.
@@ -62,9 +56,11 @@ struct Slot {
     offset: u64,
     /// Completes on the deferred path whatever its outcome (the static form).
     defer: bool,
-    /// Preallocated to the most iovecs a request may need; never grows while in flight.
-    iovecs: IoVecs,
-    /// Keeps the guest memory that `iovecs` point into mapped until completion.
+    /// The iovec storage, preallocated to the most iovecs a request may need and never grown:
+    /// empty while the slot is idle, lent to the engine (with a guard on the guest memory the
+    /// iovecs point into) from submission until the engine hands it back at completion.
+    bufs: IoBuffers,
+    /// Keeps the guest memory of the status byte mapped until completion.
     mem: Option<Arc<GuestMem>>,
 }
 
@@ -178,7 +174,7 @@ impl QueueThread {
                         data_len: 0,
                         offset: 0,
                         defer: false,
-                        iovecs: IoVecs(Vec::with_capacity(iovec_capacity)),
+                        bufs: IoBuffers::with_capacity(iovec_capacity),
                         mem: None,
                     })
                     .collect(),
@@ -406,6 +402,12 @@ impl QueueThread {
                 error!("queue {}: completion for unknown head {head}", queue.index);
                 return;
             };
+            if let Some(mut bufs) = c.bufs {
+                // The iovec storage comes home for the next request on this head; the guard on
+                // guest memory goes.
+                bufs.clear();
+                slot.bufs = bufs;
+            }
             if slot.pending == 0 {
                 error!("queue {}: completion for idle head {head}", queue.index);
                 return;
@@ -566,7 +568,6 @@ impl QueueThread {
         slot.request_type = request.request_type;
         slot.status_addr = request.status_addr;
         slot.data_len = request.data_len;
-        slot.iovecs.0.clear();
         let offset = request.sector << SECTOR_SHIFT;
         slot.offset = offset;
         slot.defer = defer_at_submission(
@@ -578,24 +579,23 @@ impl QueueThread {
 
         let ops = match request.request_type {
             RequestType::In | RequestType::Out => {
-                if let Err(reason) = fill_iovecs(mem, &queue.bufs, &mut slot.iovecs.0) {
+                let (mut iovecs, _) = std::mem::take(&mut slot.bufs).into_parts();
+                iovecs.clear();
+                let filled = fill_iovecs(mem, &queue.bufs, &mut iovecs);
+                let guard: MemoryGuard = Arc::<GuestMem>::clone(mem);
+                // SAFETY: every iovec `fill_iovecs` makes is a slice that `get_slices` returned
+                // from a region of `mem`, and the guard is `mem`, which keeps its regions mapped.
+                let bufs = unsafe { IoBuffers::new(iovecs, Some(guard)) };
+                if let Err(reason) = filled {
+                    slot.bufs = bufs;
+                    slot.bufs.clear();
                     warn!("queue {}: head {head}: {reason}", queue.index);
                     return complete_now(mem, slot, stats, STATUS_IOERR, 1);
                 }
-                let iovecs = slot.iovecs.0.as_ptr();
-                let iovcnt = slot.iovecs.0.len();
                 if request.request_type == RequestType::In {
-                    OpList::One(Op::Read {
-                        offset,
-                        iovecs,
-                        iovcnt,
-                    })
+                    OpList::One(Op::Read { offset, bufs })
                 } else {
-                    OpList::One(Op::Write {
-                        offset,
-                        iovecs,
-                        iovcnt,
-                    })
+                    OpList::One(Op::Write { offset, bufs })
                 }
             }
             RequestType::Flush => {
@@ -636,15 +636,15 @@ impl QueueThread {
         slot.mem = Some(Arc::clone(mem));
         let mut submitted = 0u32;
         let mut failed = false;
-        let mut submit = |engine: &mut Box<dyn Engine>, op: Op| {
-            // SAFETY: the iovec array lives in the slot, which is not reused while `pending` is
-            // non-zero, and the buffers it points to are guest memory kept mapped by `slot.mem`
-            // until the completion is reaped.
-            match unsafe { engine.submit(op, user_data) } {
-                Ok(()) => submitted += 1,
-                Err(e) => {
-                    warn!("head {head}: submitting to the engine: {e}");
-                    failed = true;
+        let slot_bufs = &mut slot.bufs;
+        let mut submit = |engine: &mut Box<dyn Engine>, op: Op| match engine.submit(op, user_data) {
+            Ok(()) => submitted += 1,
+            Err(e) => {
+                warn!("head {head}: submitting to the engine: {e}");
+                failed = true;
+                if let Some(mut bufs) = e.bufs {
+                    bufs.clear();
+                    *slot_bufs = bufs;
                 }
             }
         };

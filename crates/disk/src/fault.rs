@@ -70,7 +70,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::{new_engine, EngineKind, Image, ImageOptions, Op};
+    use crate::{new_engine, EngineKind, Image, ImageOptions, IoBuffers, Op};
 
     #[test]
     fn hits_only_overlapping_sectors() {
@@ -93,21 +93,18 @@ mod tests {
             let image = Arc::new(Image::open(&ImageOptions::new("null:1M")).unwrap());
             image.set_fail_sectors(Some(0..1));
             let mut engine = new_engine(kind, Arc::clone(&image), 4).unwrap();
-            let mut buf = [0u8; 512];
-            let iov = [libc::iovec {
-                iov_base: buf.as_mut_ptr().cast(),
-                iov_len: buf.len(),
-            }];
-            let read = |offset| Op::Read {
-                offset,
-                iovecs: iov.as_ptr(),
-                iovcnt: 1,
+            let read = |offset| {
+                let mut buf = vec![0u8; 512];
+                let iov = vec![libc::iovec {
+                    iov_base: buf.as_mut_ptr().cast(),
+                    iov_len: buf.len(),
+                }];
+                // SAFETY: the iovec covers the heap bytes of `buf`, which the guard owns.
+                let bufs = unsafe { IoBuffers::new(iov, Some(Arc::new(buf))) };
+                Op::Read { offset, bufs }
             };
-            // SAFETY: `buf` and `iov` outlive the reap below.
-            unsafe {
-                engine.submit(read(0), 1).unwrap();
-                engine.submit(read(512), 2).unwrap();
-            }
+            engine.submit(read(0), 1).unwrap();
+            engine.submit(read(512), 2).unwrap();
             engine.commit().unwrap();
             let mut done = Vec::new();
             engine.reap(&mut |c| done.push(c)).unwrap();
@@ -115,6 +112,10 @@ mod tests {
             let err = done[0].result.as_ref().unwrap_err();
             assert_eq!(err.raw_os_error(), Some(libc::EIO), "{kind}");
             assert_eq!(done[1].result.as_ref().unwrap(), &512, "{kind}");
+            assert!(
+                done.iter().all(|c| c.bufs.is_some()),
+                "{kind}: failed or not"
+            );
             assert!(image.discard(0, 512).is_err());
         }
     }

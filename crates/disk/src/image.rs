@@ -470,42 +470,23 @@ impl Image {
         Ok(())
     }
 
-    /// Run `op` to the end on the calling thread.
-    ///
-    /// # Safety
-    ///
-    /// As [`crate::Engine::submit`]: for reads and writes, the iovecs and their buffers stay
-    /// valid and unaliased for the duration of the call.
-    pub(crate) unsafe fn execute(&self, op: Op) -> io::Result<u32> {
+    /// Run `op` to the end on the calling thread. The buffers of a read or write are `op`'s, and
+    /// their guard keeps them mapped, for the whole call.
+    pub(crate) fn execute(&self, op: &Op) -> io::Result<u32> {
         match op {
-            Op::Read {
-                offset,
-                iovecs,
-                iovcnt,
-            } => {
-                // SAFETY: the caller guarantees the iovec array.
-                let iov = unsafe { iov::as_slice(iovecs, iovcnt) };
+            Op::Read { offset, bufs } | Op::Write { offset, bufs } => {
+                let write = matches!(op, Op::Write { .. });
+                let iov = bufs.iovecs();
                 let len = iov::total_len(iov)?;
-                self.check_fault(offset, len.into())?;
-                // SAFETY: the caller guarantees the buffers.
-                unsafe { self.rw_sync(false, iov, offset, 0, self.rw_flags()) }
-            }
-            Op::Write {
-                offset,
-                iovecs,
-                iovcnt,
-            } => {
-                // SAFETY: the caller guarantees the iovec array.
-                let iov = unsafe { iov::as_slice(iovecs, iovcnt) };
-                let len = iov::total_len(iov)?;
-                self.check_fault(offset, len.into())?;
-                // SAFETY: the caller guarantees the buffers.
-                unsafe { self.rw_sync(true, iov, offset, 0, self.rw_flags()) }
+                self.check_fault(*offset, len.into())?;
+                // SAFETY: `IoBuffers::new` promised the buffers valid while their guard lives,
+                // and `op` holds the guard across the call.
+                unsafe { self.rw_sync(write, iov, *offset, 0, self.rw_flags()) }
             }
             Op::Flush => self.flush_io().map(|()| 0),
-            Op::Discard { offset, len } => self.discard_io(offset, len).map(|()| 0),
+            Op::Discard { offset, len } => self.discard_io(*offset, *len).map(|()| 0),
             Op::WriteZeroes { offset, len, unmap } => {
-                self.write_zeroes_io(offset, len, unmap).map(|()| 0)
+                self.write_zeroes_io(*offset, *len, *unmap).map(|()| 0)
             }
         }
     }
@@ -1219,13 +1200,13 @@ mod tests {
                 },
                 Op::Flush,
             ];
+            let n = ops.len();
             for (i, op) in ops.into_iter().enumerate() {
-                // SAFETY: none of these operations has buffers.
-                unsafe { engine.submit(op, i as u64) }.unwrap();
+                engine.submit(op, i as u64).unwrap();
             }
             engine.commit().unwrap();
             let mut done = 0;
-            while done < ops.len() {
+            while done < n {
                 engine
                     .reap(&mut |c| {
                         assert!(c.result.is_ok(), "{cache}: {c:?}");

@@ -1,25 +1,10 @@
-//! Helpers over the iovec arrays of [`crate::Op::Read`] and [`crate::Op::Write`].
+//! Helpers over the iovecs of [`crate::IoBuffers`].
 //!
 //! The arrays point into guest memory; these helpers compute lengths and alignment, find where a
 //! partial transfer stopped, and zero-fill the tail of a read that met the end of a file. None of
 //! them allocates.
 
 use std::io;
-
-/// View `cnt` iovecs at `iovecs` as a slice (empty when `cnt` is 0, whatever the pointer).
-///
-/// # Safety
-///
-/// When `cnt > 0`, `iovecs` must point at `cnt` initialised iovecs that stay valid and unmodified
-/// for `'a`.
-pub(crate) unsafe fn as_slice<'a>(iovecs: *const libc::iovec, cnt: usize) -> &'a [libc::iovec] {
-    if cnt == 0 || iovecs.is_null() {
-        &[]
-    } else {
-        // SAFETY: the caller guarantees `cnt` valid iovecs at `iovecs` for 'a.
-        unsafe { std::slice::from_raw_parts(iovecs, cnt) }
-    }
-}
 
 /// Total length of `iov`; a request must fit the `u32` of a completion.
 pub(crate) fn total_len(iov: &[libc::iovec]) -> io::Result<u32> {

@@ -1,10 +1,10 @@
 //! Disk images, cache modes and I/O engines for the vhost-user-blk backend.
 //!
 //! This crate sits under the queue threads in the data flow: a queue thread parses a request
-//! (`virtio-blk`), turns it into an [`Op`] whose iovecs point straight into guest memory, hands it
-//! to its own [`Engine`] with [`Engine::submit`], pushes the batch to the kernel with
-//! [`Engine::commit`] and, when [`Engine::completion_fd`] becomes readable in its epoll loop,
-//! collects the results with [`Engine::reap`].
+//! (`virtio-blk`), turns it into an [`Op`] whose [`IoBuffers`] point straight into guest memory
+//! and keep it mapped, hands it to its own [`Engine`] with [`Engine::submit`], pushes the batch
+//! to the kernel with [`Engine::commit`] and, when [`Engine::completion_fd`] becomes readable in
+//! its epoll loop, collects the results, buffers handed back, with [`Engine::reap`].
 //!
 //! - [`Image`] is the disk: a regular file (created sparse when missing), a block device, or a
 //!   null image for measuring the virtqueue path alone. It is shared as `Arc<Image>` by every queue
@@ -28,6 +28,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 
+mod buffers;
 #[cfg(feature = "fault-injection")]
 mod fault;
 mod image;
@@ -38,6 +39,7 @@ mod sys;
 mod testutil;
 mod uring;
 
+pub use buffers::{IoBuffers, MemoryGuard};
 pub use image::{parse_size, resident_bytes_of, EvictionPath, Image, ImageOptions};
 pub use sync_engine::SyncEngine;
 pub use uring::UringEngine;
@@ -246,27 +248,23 @@ impl fmt::Display for EngineKind {
 
 /// One request for an [`Engine`]. Offsets and lengths are in bytes.
 ///
-/// The iovec pointers of `Read` and `Write` are raw because they point into guest memory that
-/// the engine does not own; see [`Engine::submit`] for the contract.
-#[derive(Clone, Copy, Debug)]
+/// `Read` and `Write` own their buffers: the engine keeps them, and the memory their guard keeps
+/// mapped, until it hands them back in the request's [`Completion`].
+#[derive(Debug)]
 pub enum Op {
-    /// Read into the buffers of `iovecs[..iovcnt]` from `offset`.
+    /// Read into `bufs` from `offset`.
     Read {
         /// Byte offset in the image.
         offset: u64,
-        /// The first of `iovcnt` iovecs.
-        iovecs: *const libc::iovec,
-        /// Number of iovecs.
-        iovcnt: usize,
+        /// Where the data goes.
+        bufs: IoBuffers,
     },
-    /// Write the buffers of `iovecs[..iovcnt]` at `offset`.
+    /// Write `bufs` at `offset`.
     Write {
         /// Byte offset in the image.
         offset: u64,
-        /// The first of `iovcnt` iovecs.
-        iovecs: *const libc::iovec,
-        /// Number of iovecs.
-        iovcnt: usize,
+        /// The data.
+        bufs: IoBuffers,
     },
     /// `fdatasync` the image.
     Flush,
@@ -288,6 +286,16 @@ pub enum Op {
     },
 }
 
+impl Op {
+    /// The buffers of a `Read` or `Write`; `None` for the other operations.
+    pub fn into_buffers(self) -> Option<IoBuffers> {
+        match self {
+            Op::Read { bufs, .. } | Op::Write { bufs, .. } => Some(bufs),
+            _ => None,
+        }
+    }
+}
+
 /// A finished request, handed to the callback of [`Engine::reap`].
 #[derive(Debug)]
 pub struct Completion {
@@ -296,22 +304,33 @@ pub struct Completion {
     /// Bytes transferred for `Read` and `Write` (always the full length on success); 0 for the
     /// other operations. An error is this request's alone: the engine keeps serving.
     pub result: std::result::Result<u32, io::Error>,
+    /// The buffers of a `Read` or `Write`, handed back: the engine and the kernel are done with
+    /// them. `None` for the other operations.
+    pub bufs: Option<IoBuffers>,
+}
+
+/// [`Engine::submit`] could not take a request; its buffers come back with the reason.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct SubmitError {
+    /// Why: the engine failed (the ring could not be entered), not the request.
+    pub error: Error,
+    /// The request's buffers, untouched by the kernel.
+    pub bufs: Option<IoBuffers>,
 }
 
 /// An I/O engine: one per queue thread, never shared.
+///
+/// The engine owns the buffers of every request it holds: it drops them (and their guard) only
+/// after the kernel is done with them, when it hands them back at completion, and its drop waits
+/// for the kernel too.
 pub trait Engine: Send {
     /// Queue `op`; it may execute at once (the sync engine does). When the submission ring is
     /// full, what is queued is submitted first to make room: a request is never dropped.
     ///
-    /// Errors returned here concern the engine (the ring could not be entered), not the request;
-    /// a request's own failure is reported in its [`Completion`].
-    ///
-    /// # Safety
-    ///
-    /// For `Op::Read` and `Op::Write`, the iovec array and every buffer it points to must stay
-    /// valid, and must not be accessed by anyone else, until this `user_data` has been reaped
-    /// (or the engine dropped: dropping waits for the kernel to finish with them).
-    unsafe fn submit(&mut self, op: Op, user_data: u64) -> Result<()>;
+    /// An error concerns the engine (the ring could not be entered), not the request, and gives
+    /// the request's buffers back; a request's own failure is reported in its [`Completion`].
+    fn submit(&mut self, op: Op, user_data: u64) -> std::result::Result<(), SubmitError>;
 
     /// Push everything queued to the kernel: one `io_uring_enter` per pass of the queue thread.
     fn commit(&mut self) -> Result<()>;

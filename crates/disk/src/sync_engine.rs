@@ -2,8 +2,9 @@
 //!
 //! [`Engine::submit`] runs the request to the end on the queue thread (`preadv2`/`pwritev2` with
 //! `RWF_DONTCACHE` under `dontcache`, `fdatasync`, `fallocate`, block-device ioctls) and keeps its
-//! completion until [`Engine::reap`]. The eventfd is written when the first completion of a pass
-//! is kept, so the queue thread's epoll loop sees the same signal as with io_uring.
+//! completion, buffers included, until [`Engine::reap`]. The eventfd is written when the first
+//! completion of a pass is kept, so the queue thread's epoll loop sees the same signal as with
+//! io_uring.
 
 use std::collections::VecDeque;
 use std::os::unix::io::{AsRawFd, RawFd};
@@ -11,7 +12,7 @@ use std::sync::Arc;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::{Completion, Engine, EngineKind, Error, Image, Op, Result};
+use crate::{Completion, Engine, EngineKind, Error, Image, Op, Result, SubmitError};
 
 /// Runs each request at submission; see the module documentation.
 pub struct SyncEngine {
@@ -33,11 +34,14 @@ impl SyncEngine {
 }
 
 impl Engine for SyncEngine {
-    unsafe fn submit(&mut self, op: Op, user_data: u64) -> Result<()> {
-        // SAFETY: the caller upholds `execute`'s contract, which is `submit`'s.
-        let result = unsafe { self.image.execute(op) };
+    fn submit(&mut self, op: Op, user_data: u64) -> std::result::Result<(), SubmitError> {
+        let result = self.image.execute(&op);
         let was_empty = self.done.is_empty();
-        self.done.push_back(Completion { user_data, result });
+        self.done.push_back(Completion {
+            user_data,
+            result,
+            bufs: op.into_buffers(),
+        });
         if was_empty {
             // The counter saturates only after 2^64 - 2 writes; a failure here would leave the
             // completion to the next reap, so it is not an error of this request.

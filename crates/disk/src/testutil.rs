@@ -55,15 +55,13 @@ impl AlignedBuf {
         assert!(!ptr.is_null(), "allocation failed");
         AlignedBuf { ptr, layout }
     }
-
-    /// The buffer as an iovec.
-    pub(crate) fn iovec(&mut self) -> libc::iovec {
-        libc::iovec {
-            iov_base: self.ptr.cast(),
-            iov_len: self.layout.size(),
-        }
-    }
 }
+
+// SAFETY: an `AlignedBuf` owns its allocation as a `Box<[u8]>` would, and gives access to it
+// only through `&self`/`&mut self`; it can move to, and be shared with, another thread.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: as above: `&AlignedBuf` only reads.
+unsafe impl Sync for AlignedBuf {}
 
 impl AsRef<[u8]> for AlignedBuf {
     fn as_ref(&self) -> &[u8] {

@@ -17,7 +17,10 @@
 //! fallback (`RWF_DONTCACHE` refused, `ZERO_RANGE` unsupported, `O_DIRECT` refused) get it.
 //!
 //! Each request occupies a slot, preallocated for the queue depth, whose index is the SQE's
-//! `user_data`; nothing is allocated per request while the depth is respected.
+//! `user_data`; nothing is allocated per request while the depth is respected. The slot owns the
+//! request's [`IoBuffers`] (and so the guard that keeps their memory mapped) from submission
+//! until the CQE is reaped, when they go back to the submitter in the [`Completion`]; dropping
+//! the engine waits for the kernel before the slots, guards included, are dropped.
 
 use std::collections::VecDeque;
 use std::io;
@@ -29,7 +32,10 @@ use log::{debug, warn};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::image::zeroes_mode;
-use crate::{iov, Completion, Engine, EngineKind, Error, Image, Op, Result, RWF_DONTCACHE};
+use crate::{
+    iov, Completion, Engine, EngineKind, Error, Image, IoBuffers, Op, Result, SubmitError,
+    RWF_DONTCACHE,
+};
 
 /// Most iovecs one `READV`/`WRITEV` takes (`UIO_MAXIOV`).
 const IOV_MAX: usize = 1024;
@@ -43,10 +49,11 @@ const MAX_ENTRIES: u32 = 32768;
 /// host's CPUs. Small reads stay inline, where a cache hit costs no thread hand-off.
 const ASYNC_READ_MIN: u32 = 256 << 10;
 
-/// A request between submission and reap.
-#[derive(Clone, Copy, Debug)]
+/// A request between submission and reap; it owns the request's buffers meanwhile.
+#[derive(Debug)]
 struct Slot {
     user_data: u64,
+    /// The request, with its buffers: the iovec array and the memory an SQE points to.
     op: Op,
     /// Bytes a read or write must move.
     len: u32,
@@ -61,6 +68,16 @@ impl Slot {
         len: 0,
         flags: 0,
     };
+
+    /// The slot of an operation without data.
+    fn new(user_data: u64, op: Op) -> Slot {
+        Slot {
+            user_data,
+            op,
+            len: 0,
+            flags: 0,
+        }
+    }
 }
 
 /// The io_uring engine; see the module documentation.
@@ -83,11 +100,6 @@ pub struct UringEngine {
     /// Completion queue size: `in_ring` never exceeds it, so the CQ never overflows.
     cq_entries: usize,
 }
-
-// SAFETY: the only non-Send parts are the raw iovec pointers kept in `slots`. They point into
-// memory the submitter guarantees valid and unaliased until reaped (the contract of
-// `Engine::submit`), whichever thread the engine runs on, and only this engine uses them.
-unsafe impl Send for UringEngine {}
 
 impl UringEngine {
     /// A ring of at least `queue_depth` entries over `image`.
@@ -113,7 +125,7 @@ impl UringEngine {
             ring,
             eventfd,
             fixed,
-            slots: vec![Slot::EMPTY; depth as usize],
+            slots: (0..depth).map(|_| Slot::EMPTY).collect(),
             free: (0..depth).rev().collect(),
             ready: VecDeque::with_capacity(depth as usize),
             stash: VecDeque::with_capacity(cq_entries),
@@ -123,26 +135,24 @@ impl UringEngine {
         })
     }
 
-    /// Complete a request now; [`Engine::reap`] reports it.
-    fn complete_now(&mut self, user_data: u64, result: io::Result<u32>) {
+    /// Complete a request now, handing its buffers back; [`Engine::reap`] reports it.
+    fn complete_now(&mut self, user_data: u64, result: io::Result<u32>, bufs: Option<IoBuffers>) {
         if self.ready.is_empty() {
             // Make the completion fd readable for this completion; a failing write only delays
             // the report until the next reap.
             let _ = self.eventfd.write(1);
         }
-        self.ready.push_back(Completion { user_data, result });
+        self.ready.push_back(Completion {
+            user_data,
+            result,
+            bufs,
+        });
     }
 
     /// Run `op` on this thread and complete it now.
-    ///
-    /// # Safety
-    ///
-    /// As [`Engine::submit`].
-    unsafe fn run_now(&mut self, op: Op, user_data: u64) -> Result<()> {
-        // SAFETY: `execute` has `submit`'s contract, which our caller upholds.
-        let result = unsafe { self.image.execute(op) };
-        self.complete_now(user_data, result);
-        Ok(())
+    fn run_now(&mut self, op: Op, user_data: u64) {
+        let result = self.image.execute(&op);
+        self.complete_now(user_data, result, op.into_buffers());
     }
 
     fn alloc_slot(&mut self, slot: Slot) -> u32 {
@@ -159,24 +169,36 @@ impl UringEngine {
         }
     }
 
-    /// Queue `entry` for `slot`, submitting what is queued when the ring is full.
-    fn push(&mut self, entry: squeue::Entry, slot: Slot) -> Result<()> {
+    /// Free slot `idx` and take its request out.
+    fn release_slot(&mut self, idx: u32) -> Slot {
+        self.free.push(idx);
+        std::mem::replace(&mut self.slots[idx as usize], Slot::EMPTY)
+    }
+
+    /// Queue `entry` for `slot`, submitting what is queued when the ring is full. On failure the
+    /// request's buffers come back in the error; the kernel never saw them.
+    fn push(&mut self, entry: squeue::Entry, slot: Slot) -> std::result::Result<(), SubmitError> {
         while self.in_ring >= self.cq_entries {
-            self.make_room()?;
+            if let Err(error) = self.make_room() {
+                let bufs = slot.op.into_buffers();
+                return Err(SubmitError { error, bufs });
+            }
         }
         let idx = self.alloc_slot(slot);
         let entry = entry.user_data(idx.into());
         loop {
-            // SAFETY: the entry's buffers (iovecs and what they point to) stay valid until the
-            // CQE is reaped, by the contract of `Engine::submit`; fallocate and fsync entries
-            // point at nothing.
+            // SAFETY: a read or write entry points at the iovec array of the `IoBuffers` now in
+            // slot `idx` (moving the `Vec` into the slot did not move the array) and at the
+            // buffers it describes, which its guard keeps mapped. The slot keeps both until the
+            // CQE is reaped, and dropping the engine waits for the kernel first. Fallocate and
+            // fsync entries point at nothing.
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
                 self.in_ring += 1;
                 return Ok(());
             }
-            if let Err(e) = self.submit_queued() {
-                self.free.push(idx);
-                return Err(e);
+            if let Err(error) = self.submit_queued() {
+                let bufs = self.release_slot(idx).op.into_buffers();
+                return Err(SubmitError { error, bufs });
             }
         }
     }
@@ -242,65 +264,62 @@ impl UringEngine {
     /// Turn the CQE of slot `idx` into a completion, finishing short transfers and applying
     /// fallbacks.
     fn finish(&mut self, idx: u64, res: i32) -> Completion {
-        let slot = self.slots[idx as usize];
-        self.free.push(idx as u32);
-        let result = match slot.op {
-            Op::Read {
-                offset,
-                iovecs,
-                iovcnt,
-            } => self.finish_rw(false, &slot, offset, iovecs, iovcnt, res),
-            Op::Write {
-                offset,
-                iovecs,
-                iovcnt,
-            } => self.finish_rw(true, &slot, offset, iovecs, iovcnt, res),
+        let Slot {
+            user_data,
+            op,
+            len,
+            flags,
+        } = self.release_slot(idx as u32);
+        let result = match &op {
+            Op::Read { offset, bufs } => self.finish_rw(false, bufs, *offset, len, flags, res),
+            Op::Write { offset, bufs } => self.finish_rw(true, bufs, *offset, len, flags, res),
             Op::Flush => errno_result(res),
             Op::Discard { .. } if res == -libc::EOPNOTSUPP => Ok(0),
             Op::Discard { .. } => errno_result(res),
-            Op::WriteZeroes { offset, len, .. } if res == -libc::EOPNOTSUPP => {
-                self.image.write_zeroes_by_writing(offset, len).map(|()| 0)
-            }
+            Op::WriteZeroes { offset, len, .. } if res == -libc::EOPNOTSUPP => self
+                .image
+                .write_zeroes_by_writing(*offset, *len)
+                .map(|()| 0),
             Op::WriteZeroes { .. } => errno_result(res),
         };
         Completion {
-            user_data: slot.user_data,
+            user_data,
             result,
+            bufs: op.into_buffers(),
         }
     }
 
+    /// The result of a read or write whose CQE said `res`, finishing a short transfer or
+    /// retrying with a fallback here.
     fn finish_rw(
         &self,
         write: bool,
-        slot: &Slot,
+        bufs: &IoBuffers,
         offset: u64,
-        iovecs: *const libc::iovec,
-        iovcnt: usize,
+        len: u32,
+        flags: i32,
         res: i32,
     ) -> io::Result<u32> {
-        // SAFETY: the iovecs stay valid until this request is reaped, which is after this call.
-        let iov = unsafe { iov::as_slice(iovecs, iovcnt) };
+        let iov = bufs.iovecs();
         if res >= 0 {
             let done = res.unsigned_abs();
-            if done >= slot.len {
-                return Ok(slot.len);
+            if done >= len {
+                return Ok(len);
             }
             // Short: finish the rest here (zero-filling past the end of the file).
-            // SAFETY: the buffers are still the engine's until reaped.
-            return unsafe {
-                self.image
-                    .rw_sync(write, iov, offset, done as usize, slot.flags)
-            };
+            // SAFETY: the kernel is done with the buffers (their CQE is in), and `bufs`, still
+            // the engine's, holds the guard that keeps them mapped.
+            return unsafe { self.image.rw_sync(write, iov, offset, done as usize, flags) };
         }
         let errno = -res;
         let flags = match errno {
-            libc::EOPNOTSUPP if slot.flags & RWF_DONTCACHE != 0 => {
+            libc::EOPNOTSUPP if flags & RWF_DONTCACHE != 0 => {
                 self.image.dontcache_refused();
-                slot.flags & !RWF_DONTCACHE
+                flags & !RWF_DONTCACHE
             }
             // O_DIRECT refused the buffers: `rw_sync` retries through the buffered descriptor.
-            libc::EINVAL if self.image.is_direct() => slot.flags,
-            libc::EAGAIN | libc::EINTR => slot.flags,
+            libc::EINVAL if self.image.is_direct() => flags,
+            libc::EAGAIN | libc::EINTR => flags,
             _ => return Err(io::Error::from_raw_os_error(errno)),
         };
         // SAFETY: as above.
@@ -330,49 +349,41 @@ fn errno_result(res: i32) -> io::Result<u32> {
 }
 
 impl Engine for UringEngine {
-    unsafe fn submit(&mut self, op: Op, user_data: u64) -> Result<()> {
+    fn submit(&mut self, op: Op, user_data: u64) -> std::result::Result<(), SubmitError> {
         self.in_flight += 1;
         if self.image.is_null() {
-            // SAFETY: our caller upholds `submit`'s contract, which is `run_now`'s.
-            return unsafe { self.run_now(op, user_data) };
+            self.run_now(op, user_data);
+            return Ok(());
         }
-        let pushed = match op {
-            Op::Read {
-                offset,
-                iovecs,
-                iovcnt,
-            }
-            | Op::Write {
-                offset,
-                iovecs,
-                iovcnt,
-            } => {
+        let pushed = match &op {
+            Op::Read { offset, bufs } | Op::Write { offset, bufs } => {
+                let offset = *offset;
                 let write = matches!(op, Op::Write { .. });
-                // SAFETY: the caller guarantees the iovec array until reaped.
-                let iov = unsafe { iov::as_slice(iovecs, iovcnt) };
+                let iov = bufs.iovecs();
                 let len = match iov::total_len(iov) {
                     Ok(len) => len,
                     Err(e) => {
-                        self.complete_now(user_data, Err(e));
+                        self.complete_now(user_data, Err(e), op.into_buffers());
                         return Ok(());
                     }
                 };
-                if iovcnt > IOV_MAX
+                if iov.len() > IOV_MAX
                     || self.image.check_fault(offset, len.into()).is_err()
                     || !self.image.dio_aligned(iov, offset)
                     || (write && !self.image.is_direct())
                 {
-                    // SAFETY: as above.
-                    return unsafe { self.run_now(op, user_data) };
+                    self.run_now(op, user_data);
+                    return Ok(());
                 }
+                let (iovecs, iovcnt) = (iov.as_ptr(), iov.len() as u32);
                 let flags = self.image.rw_flags();
                 let entry = if write {
-                    on_image!(self, |fd| opcode::Writev::new(fd, iovecs, iovcnt as u32)
+                    on_image!(self, |fd| opcode::Writev::new(fd, iovecs, iovcnt)
                         .offset(offset)
                         .rw_flags(flags)
                         .build())
                 } else {
-                    let entry = on_image!(self, |fd| opcode::Readv::new(fd, iovecs, iovcnt as u32)
+                    let entry = on_image!(self, |fd| opcode::Readv::new(fd, iovecs, iovcnt)
                         .offset(offset)
                         .rw_flags(flags)
                         .build());
@@ -394,22 +405,15 @@ impl Engine for UringEngine {
                 let entry = on_image!(self, |fd| opcode::Fsync::new(fd)
                     .flags(types::FsyncFlags::DATASYNC)
                     .build());
-                self.push(
-                    entry,
-                    Slot {
-                        user_data,
-                        op,
-                        ..Slot::EMPTY
-                    },
-                )
+                self.push(entry, Slot::new(user_data, op))
             }
-            Op::Discard { offset, len } | Op::WriteZeroes { offset, len, .. } => {
+            &Op::Discard { offset, len } | &Op::WriteZeroes { offset, len, .. } => {
                 if len == 0
                     || self.image.is_block_device()
                     || self.image.check_fault(offset, len).is_err()
                 {
-                    // SAFETY: no buffers are involved.
-                    return unsafe { self.run_now(op, user_data) };
+                    self.run_now(op, user_data);
+                    return Ok(());
                 }
                 let mode = match op {
                     Op::WriteZeroes { unmap, .. } => zeroes_mode(unmap),
@@ -419,14 +423,7 @@ impl Engine for UringEngine {
                     .offset(offset)
                     .mode(mode)
                     .build());
-                self.push(
-                    entry,
-                    Slot {
-                        user_data,
-                        op,
-                        ..Slot::EMPTY
-                    },
-                )
+                self.push(entry, Slot::new(user_data, op))
             }
         };
         if pushed.is_err() {
@@ -481,8 +478,8 @@ impl Engine for UringEngine {
 }
 
 impl Drop for UringEngine {
-    /// Wait for the kernel to finish with every buffer it was given: the guest memory they point
-    /// to may be unmapped as soon as the engine is gone.
+    /// Wait for the kernel to finish with every buffer it was given before the slots, and the
+    /// guards that keep those buffers mapped, are dropped (after this function returns).
     fn drop(&mut self) {
         if self.in_ring == 0 {
             return;
@@ -497,7 +494,12 @@ impl Drop for UringEngine {
                 Ok(_) => {}
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {}
                 Err(e) => {
-                    warn!("io_uring: waiting for in-flight requests failed: {e}");
+                    warn!(
+                        "io_uring: waiting for in-flight requests failed: {e}; leaking their \
+                         buffers, which the kernel may still use"
+                    );
+                    // Their guards must not go: the memory they keep mapped stays mapped.
+                    std::mem::forget(std::mem::take(&mut self.slots));
                     return;
                 }
             }
@@ -509,6 +511,7 @@ impl Drop for UringEngine {
 
 #[cfg(test)]
 mod tests {
+    use std::any::Any;
     use std::os::unix::fs::MetadataExt;
     use std::path::Path;
 
@@ -548,39 +551,67 @@ mod tests {
         out
     }
 
-    fn run(engine: &mut dyn Engine, op: Op) -> io::Result<u32> {
-        // SAFETY: the tests keep every buffer alive and untouched until the reap below.
-        unsafe { engine.submit(op, 42) }.unwrap();
+    /// Submit `op` and wait for it: its result and the buffers handed back.
+    fn run_back(engine: &mut dyn Engine, op: Op) -> (io::Result<u32>, Option<IoBuffers>) {
+        engine.submit(op, 42).unwrap();
         engine.commit().unwrap();
-        let mut c = reap_n(engine, 1);
-        let c = c.remove(0);
+        let c = reap_n(engine, 1).remove(0);
         assert_eq!(c.user_data, 42);
-        c.result
+        (c.result, c.bufs)
     }
 
-    fn iovecs(bufs: &mut [Vec<u8>]) -> Vec<libc::iovec> {
-        bufs.iter_mut()
-            .map(|b| libc::iovec {
-                iov_base: b.as_mut_ptr().cast(),
-                iov_len: b.len(),
+    fn run(engine: &mut dyn Engine, op: Op) -> io::Result<u32> {
+        run_back(engine, op).0
+    }
+
+    /// Test buffers as a request's: one iovec per buffer, the buffers owned by the guard.
+    fn owned<T: AsMut<[u8]> + Any + Send + Sync>(mut bufs: Vec<T>) -> IoBuffers {
+        let iov = bufs
+            .iter_mut()
+            .map(|b| {
+                let b = b.as_mut();
+                libc::iovec {
+                    iov_base: b.as_mut_ptr().cast(),
+                    iov_len: b.len(),
+                }
             })
-            .collect()
+            .collect();
+        // SAFETY: each iovec covers the heap bytes of one buffer the guard owns; moving the
+        // buffers into the guard moves none of those bytes.
+        unsafe { IoBuffers::new(iov, Some(Arc::new(bufs))) }
     }
 
-    fn write_op(offset: u64, iov: &[libc::iovec]) -> Op {
+    /// The buffers given to [`owned`], back from a completion. Fails unless the engine handed
+    /// them back and kept no reference to them.
+    fn back<T: Any + Send + Sync>(bufs: Option<IoBuffers>) -> Vec<T> {
+        let guard = bufs.expect("buffers handed back").into_parts().1;
+        let bufs = guard.expect("guard handed back").downcast::<Vec<T>>();
+        let bufs = bufs.unwrap_or_else(|_| panic!("not the test's own buffers"));
+        Arc::try_unwrap(bufs).unwrap_or_else(|_| panic!("the engine kept a reference"))
+    }
+
+    fn write_op<T: AsMut<[u8]> + Any + Send + Sync>(offset: u64, bufs: Vec<T>) -> Op {
         Op::Write {
             offset,
-            iovecs: iov.as_ptr(),
-            iovcnt: iov.len(),
+            bufs: owned(bufs),
         }
     }
 
-    fn read_op(offset: u64, iov: &[libc::iovec]) -> Op {
+    fn read_op<T: AsMut<[u8]> + Any + Send + Sync>(offset: u64, bufs: Vec<T>) -> Op {
         Op::Read {
             offset,
-            iovecs: iov.as_ptr(),
-            iovcnt: iov.len(),
+            bufs: owned(bufs),
         }
+    }
+
+    /// Read into `bufs` at `offset`: the result and the buffers back, filled.
+    fn read<T: AsMut<[u8]> + Any + Send + Sync>(
+        engine: &mut dyn Engine,
+        offset: u64,
+        bufs: Vec<T>,
+    ) -> (io::Result<u32>, Vec<T>) {
+        let (result, bufs) = run_back(engine, read_op(offset, bufs));
+        (result, back(bufs))
     }
 
     #[test]
@@ -595,16 +626,51 @@ mod tests {
                 for (i, b) in src.iter_mut().enumerate() {
                     fill_pattern(b, i as u8 + 1);
                 }
-                let wiov = iovecs(&mut src);
-                assert_eq!(run(&mut *engine, write_op(8192, &wiov)).unwrap(), 6144);
+                let (n, wbufs) = run_back(&mut *engine, write_op(8192, src.clone()));
+                assert_eq!(n.unwrap(), 6144);
+                assert!(back::<Vec<u8>>(wbufs) == src, "a write leaves its buffers");
                 assert_eq!(run(&mut *engine, Op::Flush).unwrap(), 0);
                 // Read back with a different split.
-                let mut dst = vec![vec![0u8; 1000], vec![0u8; 5144]];
-                let riov = iovecs(&mut dst);
-                assert_eq!(run(&mut *engine, read_op(8192, &riov)).unwrap(), 6144);
+                let dst = vec![vec![0u8; 1000], vec![0u8; 5144]];
+                let (n, dst) = read(&mut *engine, 8192, dst);
+                assert_eq!(n.unwrap(), 6144);
                 assert!(src.concat() == dst.concat(), "{kind} {cache}");
                 assert_eq!(engine.in_flight(), 0);
             }
+        }
+    }
+
+    #[test]
+    fn both_engines_hand_the_same_iovec_storage_back() {
+        for kind in KINDS {
+            let dir = TempDir::new();
+            let img = image(&dir.join("own.img"), CacheMode::Writeback, 1 << 20);
+            let mut engine = new_engine(kind, img, 4).unwrap();
+            let bufs = owned(vec![vec![0u8; 4096]]);
+            let storage = bufs.iovecs().as_ptr();
+            let guard = Arc::clone(bufs.guard().unwrap());
+            engine.submit(Op::Read { offset: 0, bufs }, 3).unwrap();
+            engine.commit().unwrap();
+            assert!(
+                Arc::strong_count(&guard) >= 2,
+                "{kind}: the engine holds the guard"
+            );
+            let c = reap_n(&mut *engine, 1).remove(0);
+            assert_eq!(c.result.unwrap(), 4096);
+            let (iovecs, g) = c.bufs.unwrap().into_parts();
+            assert_eq!(iovecs.as_ptr(), storage, "{kind}: moved, not copied");
+            assert!(Arc::ptr_eq(&g.unwrap(), &guard));
+            assert_eq!(
+                Arc::strong_count(&guard),
+                1,
+                "{kind}: the engine keeps no copy"
+            );
+            let c = {
+                engine.submit(Op::Flush, 4).unwrap();
+                engine.commit().unwrap();
+                reap_n(&mut *engine, 1).remove(0)
+            };
+            assert!(c.bufs.is_none(), "{kind}: a flush has no buffers");
         }
     }
 
@@ -614,18 +680,20 @@ mod tests {
         let dir = TempDir::new();
         let img = image(&dir.join("big.img"), CacheMode::Writeback, 4 << 20);
         let mut engine = new_engine(EngineKind::IoUring, img, 4).unwrap();
-        let mut src = vec![vec![0u8; 1 << 20]];
-        fill_pattern(&mut src[0], 9);
-        let wiov = iovecs(&mut src);
+        let mut src = vec![0u8; 1 << 20];
+        fill_pattern(&mut src, 9);
         assert_eq!(
-            run(&mut *engine, write_op(1 << 20, &wiov)).unwrap(),
+            run(&mut *engine, write_op(1 << 20, vec![src.clone()])).unwrap(),
             1 << 20
         );
-        let mut dst = vec![vec![0u8; 512 << 10], vec![0u8; 512 << 10]];
-        let riov = iovecs(&mut dst);
-        assert_eq!(run(&mut *engine, read_op(1 << 20, &riov)).unwrap(), 1 << 20);
+        let (n, dst) = read(
+            &mut *engine,
+            1 << 20,
+            vec![vec![0u8; 512 << 10], vec![0u8; 512 << 10]],
+        );
+        assert_eq!(n.unwrap(), 1 << 20);
         assert!(
-            dst.concat() == src[0],
+            dst.concat() == src,
             "the worker's read returns what was written"
         );
     }
@@ -637,10 +705,7 @@ mod tests {
             let img = image(&dir.join("poll.img"), CacheMode::Writeback, 1 << 20);
             let mut engine = new_engine(kind, img, 4).unwrap();
             assert!(!engine.has_completions(), "{kind:?}: nothing submitted yet");
-            let mut bufs = vec![vec![0u8; 4096]];
-            let iov = iovecs(&mut bufs);
-            // SAFETY: `bufs` outlives the reap below and nothing else touches it.
-            unsafe { engine.submit(read_op(0, &iov), 7) }.unwrap();
+            engine.submit(read_op(0, vec![vec![0u8; 4096]]), 7).unwrap();
             engine.commit().unwrap();
             // What a polling queue thread does: spin on the rings, never on the eventfd.
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -668,23 +733,33 @@ mod tests {
             let mut b = AlignedBuf::new(8192);
             fill_pattern(a.as_mut(), 1);
             fill_pattern(b.as_mut(), 2);
-            let wiov = [a.iovec(), b.iovec()];
-            assert_eq!(run(&mut *engine, write_op(65536, &wiov)).unwrap(), 12288);
-            let mut c = AlignedBuf::new(12288);
-            let riov = [c.iovec()];
-            assert_eq!(run(&mut *engine, read_op(65536, &riov)).unwrap(), 12288);
-            assert!(c.as_ref()[..4096] == *a.as_ref());
-            assert!(c.as_ref()[4096..] == *b.as_ref());
+            let (n, wbufs) = run_back(&mut *engine, write_op(65536, vec![a, b]));
+            assert_eq!(n.unwrap(), 12288);
+            let src: Vec<AlignedBuf> = back(wbufs);
+            let (n, c) = read(&mut *engine, 65536, vec![AlignedBuf::new(12288)]);
+            assert_eq!(n.unwrap(), 12288);
+            assert!(c[0].as_ref()[..4096] == *src[0].as_ref());
+            assert!(c[0].as_ref()[4096..] == *src[1].as_ref());
             // O_DIRECT kept it out of the page cache.
             assert_eq!(img.resident_bytes_in(65536, 12288).unwrap(), 0, "{kind}");
             // Unaligned buffers still work, through the buffered descriptor.
             let mut odd = vec![0u8; 4097];
-            let oiov = [libc::iovec {
+            let iov = vec![libc::iovec {
                 iov_base: odd[1..].as_mut_ptr().cast(),
                 iov_len: 4096,
             }];
-            assert_eq!(run(&mut *engine, read_op(65536, &oiov)).unwrap(), 4096);
-            assert!(odd[1..] == *a.as_ref());
+            // SAFETY: the iovec lies inside `odd`'s heap bytes, which the guard owns.
+            let bufs = unsafe { IoBuffers::new(iov, Some(Arc::new(vec![odd]))) };
+            let (n, odd) = run_back(
+                &mut *engine,
+                Op::Read {
+                    offset: 65536,
+                    bufs,
+                },
+            );
+            assert_eq!(n.unwrap(), 4096);
+            let odd: Vec<Vec<u8>> = back(odd);
+            assert!(odd[0][1..] == *src[0].as_ref());
         }
     }
 
@@ -696,9 +771,8 @@ mod tests {
             std::fs::write(&path, [5u8; 3000]).unwrap();
             let img = image(&path, CacheMode::Writeback, 3000);
             let mut engine = new_engine(kind, img, 4).unwrap();
-            let mut bufs = vec![vec![1u8; 2048], vec![1u8; 2048]];
-            let iov = iovecs(&mut bufs);
-            assert_eq!(run(&mut *engine, read_op(0, &iov)).unwrap(), 4096);
+            let (n, bufs) = read(&mut *engine, 0, vec![vec![1u8; 2048], vec![1u8; 2048]]);
+            assert_eq!(n.unwrap(), 4096);
             let all = bufs.concat();
             assert!(all[..3000].iter().all(|&b| b == 5), "{kind}");
             assert!(all[3000..].iter().all(|&b| b == 0), "{kind}");
@@ -712,10 +786,9 @@ mod tests {
             let path = dir.join("dz.img");
             let img = image(&path, CacheMode::Writeback, 4 << 20);
             let mut engine = new_engine(kind, img, 8).unwrap();
-            let mut data = vec![vec![0u8; 2 << 20]];
-            fill_pattern(&mut data[0], 4);
-            let iov = iovecs(&mut data);
-            run(&mut *engine, write_op(0, &iov)).unwrap();
+            let mut data = vec![0u8; 2 << 20];
+            fill_pattern(&mut data, 4);
+            run(&mut *engine, write_op(0, vec![data.clone()])).unwrap();
             run(&mut *engine, Op::Flush).unwrap();
             let before = std::fs::metadata(&path).unwrap().blocks();
             let discard = Op::Discard {
@@ -733,15 +806,14 @@ mod tests {
                 };
                 assert_eq!(run(&mut *engine, wz).unwrap(), 0);
             }
-            let mut back = vec![vec![9u8; 2 << 20]];
-            let riov = iovecs(&mut back);
-            run(&mut *engine, read_op(0, &riov)).unwrap();
+            let (n, back) = read(&mut *engine, 0, vec![vec![9u8; 2 << 20]]);
+            n.unwrap();
             let back = &back[0];
             let z = (1 << 20) + 512;
             assert!(back[..1 << 20].iter().all(|&b| b == 0), "{kind}");
-            assert!(back[1 << 20..z] == data[0][1 << 20..z], "{kind}");
+            assert!(back[1 << 20..z] == data[1 << 20..z], "{kind}");
             assert!(back[z..z + 4096].iter().all(|&b| b == 0), "{kind}");
-            assert!(back[z + 4096..] == data[0][z + 4096..], "{kind}");
+            assert!(back[z + 4096..] == data[z + 4096..], "{kind}");
         }
     }
 
@@ -759,24 +831,15 @@ mod tests {
                 .unwrap(),
             );
             let mut engine = new_engine(kind, img, 8).unwrap();
-            let mut w = vec![vec![1u8; 512]];
-            let wiov = iovecs(&mut w);
-            let mut r = vec![vec![0u8; 512]];
-            let riov = iovecs(&mut r);
-            // SAFETY: the buffers outlive the reap below and are not touched before it.
-            unsafe {
-                engine.submit(write_op(0, &wiov), 1).unwrap();
-                engine.submit(read_op(512, &riov), 2).unwrap();
-                engine
-                    .submit(
-                        Op::Discard {
-                            offset: 0,
-                            len: 512,
-                        },
-                        3,
-                    )
-                    .unwrap();
-            }
+            engine.submit(write_op(0, vec![vec![1u8; 512]]), 1).unwrap();
+            engine
+                .submit(read_op(512, vec![vec![0u8; 512]]), 2)
+                .unwrap();
+            let discard = Op::Discard {
+                offset: 0,
+                len: 512,
+            };
+            engine.submit(discard, 3).unwrap();
             engine.commit().unwrap();
             let mut done = reap_n(&mut *engine, 3);
             done.sort_by_key(|c| c.user_data);
@@ -784,9 +847,16 @@ mod tests {
             assert_eq!(errno(&done[0]), Some(libc::EBADF), "{kind}");
             assert_eq!(done[1].result.as_ref().unwrap(), &512, "{kind}");
             assert_eq!(errno(&done[2]), Some(libc::EBADF), "{kind}");
+            let failed: Vec<Vec<u8>> = back(done[0].bufs.take());
+            assert!(
+                failed[0].iter().all(|&b| b == 1),
+                "a failed write's buffers"
+            );
+            let r: Vec<Vec<u8>> = back(done[1].bufs.take());
             assert!(r[0].iter().all(|&b| b == 6));
             // And the next request is served as usual.
-            assert_eq!(run(&mut *engine, read_op(0, &riov)).unwrap(), 512);
+            let (n, _) = read(&mut *engine, 0, r);
+            assert_eq!(n.unwrap(), 512);
             assert_eq!(engine.in_flight(), 0);
         }
     }
@@ -796,11 +866,10 @@ mod tests {
         for kind in KINDS {
             let img = Arc::new(Image::open(&ImageOptions::new("null:1G")).unwrap());
             let mut engine = new_engine(kind, img, 4).unwrap();
-            let mut bufs = vec![vec![7u8; 4096], vec![7u8; 512]];
-            let iov = iovecs(&mut bufs);
-            assert_eq!(run(&mut *engine, read_op(0, &iov)).unwrap(), 4608);
+            let (n, bufs) = read(&mut *engine, 0, vec![vec![7u8; 4096], vec![7u8; 512]]);
+            assert_eq!(n.unwrap(), 4608);
             assert!(bufs.concat().iter().all(|&b| b == 7), "reads leave buffers");
-            assert_eq!(run(&mut *engine, write_op(1 << 29, &iov)).unwrap(), 4608);
+            assert_eq!(run(&mut *engine, write_op(1 << 29, bufs)).unwrap(), 4608);
             assert_eq!(run(&mut *engine, Op::Flush).unwrap(), 0);
             let discard = Op::Discard {
                 offset: 0,
@@ -816,54 +885,55 @@ mod tests {
         let img = image(&dir.join("deep.img"), CacheMode::Writeback, 1 << 20);
         let mut engine = UringEngine::new(img, 4).unwrap();
         let n = 100;
-        let mut bufs: Vec<Vec<u8>> = (0..n).map(|i| vec![i as u8; 512]).collect();
-        let iov = iovecs(&mut bufs);
-        for (i, v) in iov.iter().enumerate() {
-            // SAFETY: `bufs` and `iov` outlive the reap below.
-            unsafe {
-                engine
-                    .submit(write_op(i as u64 * 512, std::slice::from_ref(v)), i as u64)
-                    .unwrap()
-            };
+        for i in 0..n {
+            let op = write_op(i as u64 * 512, vec![vec![i as u8; 512]]);
+            engine.submit(op, i as u64).unwrap();
         }
         engine.commit().unwrap();
         assert_eq!(engine.in_flight(), n);
         let mut done = reap_n(&mut engine, n);
         done.sort_by_key(|c| c.user_data);
-        for (i, c) in done.iter().enumerate() {
+        for (i, c) in done.into_iter().enumerate() {
             assert_eq!(c.user_data, i as u64);
             assert_eq!(c.result.as_ref().unwrap(), &512);
+            let data: Vec<Vec<u8>> = back(c.bufs);
+            assert!(
+                data[0].iter().all(|&b| b == i as u8),
+                "each gets its own back"
+            );
         }
-        let mut back = vec![vec![0u8; n * 512]];
-        let riov = iovecs(&mut back);
-        assert_eq!(
-            run(&mut engine, read_op(0, &riov)).unwrap(),
-            (n * 512) as u32
-        );
+        let (len, back) = read(&mut engine, 0, vec![vec![0u8; n * 512]]);
+        assert_eq!(len.unwrap(), (n * 512) as u32);
         for (i, chunk) in back[0].chunks(512).enumerate() {
             assert!(chunk.iter().all(|&b| b == i as u8));
         }
     }
 
     #[test]
-    fn dropping_the_ring_waits_for_in_flight_requests() {
+    fn dropping_the_ring_waits_for_in_flight_requests_before_their_guards() {
         let dir = TempDir::new();
         let img = image(&dir.join("drop.img"), CacheMode::Writeback, 1 << 20);
         let mut engine = UringEngine::new(img, 8).unwrap();
-        let mut bufs = vec![vec![0u8; 65536]];
-        let iov = iovecs(&mut bufs);
-        // SAFETY: `bufs` outlives the engine, whose drop waits for the kernel.
-        unsafe { engine.submit(read_op(0, &iov), 1) }.unwrap();
+        let bufs = owned(vec![vec![0u8; 65536]]);
+        let guard = Arc::downgrade(bufs.guard().unwrap());
+        engine
+            .submit(read_op(0, vec![vec![0u8; 65536]]), 2)
+            .unwrap();
+        engine.submit(Op::Read { offset: 0, bufs }, 1).unwrap();
         engine.commit().unwrap();
+        assert!(guard.upgrade().is_some(), "the engine keeps the buffers");
         drop(engine);
+        assert!(
+            guard.upgrade().is_none(),
+            "released once the kernel is done"
+        );
     }
 
     #[test]
     fn sync_engine_signals_its_eventfd() {
         let img = Arc::new(Image::open(&ImageOptions::new("null:1M")).unwrap());
         let mut engine = SyncEngine::new(img, 4).unwrap();
-        // SAFETY: flush has no buffers.
-        unsafe { engine.submit(Op::Flush, 7) }.unwrap();
+        engine.submit(Op::Flush, 7).unwrap();
         assert_eq!(engine.in_flight(), 1);
         let done = reap_n(&mut engine, 1);
         assert_eq!(done[0].user_data, 7);
@@ -879,10 +949,9 @@ mod tests {
             return;
         }
         let mut engine = UringEngine::new(Arc::clone(&img), 8).unwrap();
-        let mut data = vec![vec![0u8; 4 << 20]];
-        fill_pattern(&mut data[0], 12);
-        let iov = iovecs(&mut data);
-        run(&mut engine, write_op(0, &iov)).unwrap();
+        let mut data = vec![0u8; 4 << 20];
+        fill_pattern(&mut data, 12);
+        run(&mut engine, write_op(0, vec![data])).unwrap();
         img.writeback_and_evict(0, 0).unwrap();
         assert!(img.resident_bytes().unwrap() <= 64 << 10);
     }
