@@ -15,8 +15,8 @@ use log::{error, warn};
 use vhost_user_backend::VringT;
 use virtio_blk::{RequestType, STATUS_IOERR, STATUS_OK};
 
-use crate::device::DeviceShared;
-use crate::queue_thread::{complete, signal_if_needed, Done, Vring};
+use crate::queue_thread::{complete, signal_if_needed, Done};
+use crate::shared::{DeviceShared, Vring};
 use crate::stats::QueueStats;
 
 /// The batch handler of one queue thread.

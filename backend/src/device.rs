@@ -22,7 +22,8 @@ use vmm_sys_util::event::{
 
 use crate::deferred_path::DeferredPath;
 use crate::hotplug::PinControl;
-use crate::queue_thread::{GuestMemAtomic, QueueThread, Vring};
+use crate::queue_thread::QueueThread;
+use crate::shared::{DeviceShared, GuestMemAtomic, Vring};
 use crate::stats::DeviceStats;
 use crate::{Error, Result};
 use completion::DeferredCompletions;
@@ -53,32 +54,6 @@ pub struct DeviceSettings {
     pub defer_delay: Duration,
     /// Bytes to write back at which a batch is taken before its delay (0: never).
     pub defer_max_bytes: u64,
-    /// Under `writeback`: bytes written after which a completion evicts what was written.
-    pub page_cache_budget: Option<u64>,
-    /// Always wait out the batching delay, even when nothing else is in flight to batch with.
-    pub strict_batching: bool,
-    /// How long a queue thread busy-polls its rings after work before sleeping (0: never).
-    pub poll: Duration,
-    /// Keep polling while requests are at the device.
-    pub poll_device: bool,
-}
-
-/// State every queue thread of a device reads.
-pub struct DeviceShared {
-    /// Validation limits, matching what the config space advertises.
-    pub limits: Limits,
-    /// GET_ID answer.
-    pub serial: [u8; DEVICE_ID_LEN],
-    /// The disk image.
-    pub image: Arc<Image>,
-    /// Counters, shared across connections.
-    pub stats: Arc<DeviceStats>,
-    /// Whether the guest left the write cache on (CONFIG_WCE); off means writethrough.
-    pub writeback: AtomicBool,
-    /// Whether the driver negotiated VIRTIO_RING_F_EVENT_IDX.
-    pub event_idx: AtomicBool,
-    /// Guest memory, updated by `vhost-user-backend` on every memory-table change.
-    pub mem: GuestMemAtomic,
     /// Under `writeback`: bytes written after which a completion evicts what was written.
     pub page_cache_budget: Option<u64>,
     /// Always wait out the batching delay, even when nothing else is in flight to batch with.

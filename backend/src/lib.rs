@@ -3,9 +3,10 @@
 //! The binary is a thin shell over this library: [`args`] parses the command line, [`server`]
 //! accepts one VMM connection after another, [`device`] is the virtio-blk device that
 //! `vhost-user-backend` drives, [`queue_thread`] is the fast path of each queue thread,
-//! [`deferred_path`] the deferred path, [`hotplug`] the vCPU pinning and unplug path, [`stats`]
-//! the counters, [`control`] the control socket that reports them and takes commands, and
-//! [`sandbox`] the Landlock ruleset and seccomp filter the backend confines itself with.
+//! [`deferred_path`] the deferred path, [`hotplug`] the vCPU pinning and unplug path, [`shared`]
+//! the device state the request paths read, [`stats`] the counters, [`control`] the control
+//! socket that reports them and takes commands, and [`sandbox`] the Landlock ruleset and seccomp
+//! filter the backend confines itself with.
 
 pub mod args;
 pub mod control;
@@ -15,6 +16,7 @@ pub mod hotplug;
 pub mod queue_thread;
 pub mod sandbox;
 pub mod server;
+pub mod shared;
 pub mod stats;
 
 use std::path::PathBuf;

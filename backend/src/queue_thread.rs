@@ -22,26 +22,17 @@ use std::time::{Duration, Instant};
 use completion::DeferredCompletions;
 use disk::{CacheMode, Completion, Engine, IoBuffers, MemoryGuard, Op};
 use log::{debug, error, warn};
-use vhost_user_backend::{VringRwLock, VringState, VringT};
+use vhost_user_backend::{VringState, VringT};
 use virtio_blk::{
     write_device_id, write_status, Request, RequestBuffers, RequestType, SECTOR_SHIFT,
     STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
 };
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
-use vm_memory::{
-    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
-};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 
 use crate::deferred_path::{defer_at_submission, DeferredPath};
-use crate::device::DeviceShared;
+use crate::shared::{DeviceShared, GuestMem, GuestMemAtomic, Vring};
 use crate::stats::QueueStats;
-
-/// Guest memory as the backend maps it (no dirty-page bitmap: migration is not offered).
-pub type GuestMem = GuestMemoryMmap<()>;
-/// The guest memory handle shared with `vhost-user-backend`, updated on memory-table changes.
-pub type GuestMemAtomic = GuestMemoryAtomic<GuestMem>;
-/// The vring type this backend uses.
-pub type Vring = VringRwLock<GuestMemAtomic>;
 
 /// State of one request from submission to completion, indexed by its descriptor head.
 struct Slot {

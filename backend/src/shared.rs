@@ -1,0 +1,50 @@
+//! What every request path of one device reads: the [`DeviceShared`] state (limits, image,
+//! counters, guest memory, the guest's write-cache setting, the tuning from the command line)
+//! and the guest-memory and vring types the backend uses.
+//!
+//! The device builds one [`DeviceShared`] per connection and hands an `Arc` of it to each queue
+//! thread and deferred path; this module knows nothing of them, so they can all depend on it.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use disk::Image;
+use vhost_user_backend::VringRwLock;
+use virtio_blk::{Limits, DEVICE_ID_LEN};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::stats::DeviceStats;
+
+/// Guest memory as the backend maps it (no dirty-page bitmap: migration is not offered).
+pub type GuestMem = GuestMemoryMmap<()>;
+/// The guest memory handle shared with `vhost-user-backend`, updated on memory-table changes.
+pub type GuestMemAtomic = GuestMemoryAtomic<GuestMem>;
+/// The vring type this backend uses.
+pub type Vring = VringRwLock<GuestMemAtomic>;
+
+/// State every queue thread of a device reads.
+pub struct DeviceShared {
+    /// Validation limits, matching what the config space advertises.
+    pub limits: Limits,
+    /// GET_ID answer.
+    pub serial: [u8; DEVICE_ID_LEN],
+    /// The disk image.
+    pub image: Arc<Image>,
+    /// Counters, shared across connections.
+    pub stats: Arc<DeviceStats>,
+    /// Whether the guest left the write cache on (CONFIG_WCE); off means writethrough.
+    pub writeback: AtomicBool,
+    /// Whether the driver negotiated VIRTIO_RING_F_EVENT_IDX.
+    pub event_idx: AtomicBool,
+    /// Guest memory, updated by `vhost-user-backend` on every memory-table change.
+    pub mem: GuestMemAtomic,
+    /// Under `writeback`: bytes written after which a completion evicts what was written.
+    pub page_cache_budget: Option<u64>,
+    /// Always wait out the batching delay, even when nothing else is in flight to batch with.
+    pub strict_batching: bool,
+    /// How long a queue thread busy-polls its rings after work before sleeping (0: never).
+    pub poll: Duration,
+    /// Keep polling while requests are at the device.
+    pub poll_device: bool,
+}
