@@ -15,7 +15,7 @@ use log::{error, warn};
 use vhost_user_backend::VringT;
 use virtio_blk::{RequestType, STATUS_IOERR, STATUS_OK};
 
-use crate::queue_thread::{complete, signal_if_needed, Done};
+use crate::complete::{complete, signal_if_needed, Done};
 use crate::shared::{DeviceShared, Vring};
 use crate::stats::QueueStats;
 

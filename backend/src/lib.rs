@@ -3,12 +3,14 @@
 //! The binary is a thin shell over this library: [`args`] parses the command line, [`server`]
 //! accepts one VMM connection after another, [`device`] is the virtio-blk device that
 //! `vhost-user-backend` drives, [`queue_thread`] is the fast path of each queue thread,
-//! [`deferred_path`] the deferred path, [`hotplug`] the vCPU pinning and unplug path, [`shared`]
-//! the device state the request paths read, [`stats`] the counters, [`control`] the control
-//! socket that reports them and takes commands, and [`sandbox`] the Landlock ruleset and seccomp
-//! filter the backend confines itself with.
+//! [`deferred_path`] the deferred path, [`complete`] the completion step both paths end in,
+//! [`hotplug`] the vCPU pinning and unplug path, [`shared`] the device state the request paths
+//! read, [`stats`] the counters, [`control`] the control socket that reports them and takes
+//! commands, and [`sandbox`] the Landlock ruleset and seccomp filter the backend confines itself
+//! with.
 
 pub mod args;
+pub mod complete;
 pub mod control;
 pub mod deferred_path;
 pub mod device;

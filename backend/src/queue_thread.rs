@@ -9,10 +9,10 @@
 //! owns them, with a guard that keeps that memory mapped, until it hands them back at completion
 //! (the slot's iovec storage moves into the engine and back, never copied). The engine's
 //! completion eventfd is registered in the same epoll loop; a plain completion writes the status
-//! byte, adds the used entry, and the guest is signalled once per pass (EVENT_IDX honoured). A
-//! completion that must sleep — a `dontcache` write waiting for eviction, a flush, a writethrough
-//! write, an I/O error to report, the page-cache budget exceeded — leaves for the deferred path
-//! (`deferred_path.rs`) instead, as the seed's `BIO_COMPLETE_IN_TASK` and
+//! byte and adds the used entry (the completion step, `complete.rs`), and the guest is signalled
+//! once per pass (EVENT_IDX honoured). A completion that must sleep — a `dontcache` write waiting
+//! for eviction, a flush, a writethrough write, an I/O error to report, the page-cache budget
+//! exceeded — leaves for the deferred path (`deferred_path.rs`) instead, as the seed's `BIO_COMPLETE_IN_TASK` and
 //! `bio_complete_in_task()` do.
 
 use std::sync::atomic::Ordering;
@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use completion::DeferredCompletions;
 use disk::{CacheMode, Completion, Engine, IoBuffers, MemoryGuard, Op};
 use log::{debug, error, warn};
-use vhost_user_backend::{VringState, VringT};
+use vhost_user_backend::VringT;
 use virtio_blk::{
     write_device_id, write_status, Request, RequestBuffers, RequestType, SECTOR_SHIFT,
     STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
@@ -30,8 +30,9 @@ use virtio_blk::{
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 
+use crate::complete::{complete, count_done, signal_if_needed, Done};
 use crate::deferred_path::{defer_at_submission, DeferredPath};
-use crate::shared::{DeviceShared, GuestMem, GuestMemAtomic, Vring};
+use crate::shared::{DeviceShared, GuestMem, Vring};
 use crate::stats::QueueStats;
 
 /// State of one request from submission to completion, indexed by its descriptor head.
@@ -76,31 +77,6 @@ enum Started {
     Done(u32),
     /// Not ours to complete (a head index already in flight): leave it alone.
     Ignored,
-}
-
-/// A request whose engine work is over, on its way to the guest: completed at once on the fast
-/// path, or carried through the deferred path's batch.
-pub struct Done {
-    /// The queue's index within its thread.
-    pub local: usize,
-    /// Descriptor head, the used entry's id.
-    pub head: u16,
-    /// What the request was.
-    pub request_type: RequestType,
-    /// Status to write.
-    pub status: u8,
-    /// Where the status byte goes.
-    pub status_addr: GuestAddress,
-    /// Data bytes transferred.
-    pub data_len: u32,
-    /// Byte offset on the image.
-    pub offset: u64,
-    /// `(start, end)` to write back and drop from the host page cache before completing.
-    pub evict: Option<(u64, u64)>,
-    /// Must be durable (`fdatasync`) before completing.
-    pub sync: bool,
-    /// Keeps the guest memory of the status byte mapped.
-    pub mem: Arc<GuestMem>,
 }
 
 /// The longest a queue thread polls in one go, however busy its rings, before it goes back to
@@ -744,55 +720,8 @@ fn complete_now(
     Started::Done(used_len)
 }
 
-/// Complete a request whose engine work (and any deferred work) is over: write its status, add
-/// its used entry, count it. Signalling is the caller's, once per pass or batch. The used length
-/// is the bytes written into device-writable buffers, status byte included.
-pub fn complete(shared: &DeviceShared, index: usize, done: &Done, vring: &Vring) {
-    if let Err(e) = write_status(&*done.mem, done.status_addr, done.status) {
-        error!(
-            "queue {index}: writing status at {:#x}: {e}",
-            done.status_addr.0
-        );
-    }
-    let used_len = if done.status == STATUS_OK && done.request_type == RequestType::In {
-        done.data_len + 1
-    } else {
-        1
-    };
-    if let Err(e) = vring.add_used(done.head, used_len) {
-        error!("queue {index}: add_used({}): {e:?}", done.head);
-    }
-    let stats = shared.stats.queue(index);
-    count_done(stats, done.request_type, done.data_len, done.status);
-    QueueStats::sub(&stats.in_flight, 1);
-}
-
 fn count(stats: &QueueStats, slot: &Slot, status: u8) {
     count_done(stats, slot.request_type, slot.data_len, status);
-}
-
-fn count_done(stats: &QueueStats, request_type: RequestType, data_len: u32, status: u8) {
-    QueueStats::add(&stats.requests, 1);
-    if status != STATUS_OK {
-        QueueStats::add(&stats.errors, 1);
-        return;
-    }
-    let counter = match request_type {
-        RequestType::In => {
-            QueueStats::add(&stats.bytes_read, u64::from(data_len));
-            &stats.reads
-        }
-        RequestType::Out => {
-            QueueStats::add(&stats.bytes_written, u64::from(data_len));
-            &stats.writes
-        }
-        RequestType::Flush => &stats.flushes,
-        RequestType::Discard => &stats.discards,
-        RequestType::WriteZeroes => &stats.write_zeroes,
-        RequestType::GetId => &stats.get_ids,
-        RequestType::Unsupported(_) => return,
-    };
-    QueueStats::add(counter, 1);
 }
 
 /// Whether the driver has published chains the queue has not popped yet: two loads from the
@@ -804,22 +733,4 @@ fn has_new_chains(vring: &Vring, mem: &GuestMem) -> bool {
         && queue
             .avail_idx(mem, Ordering::Acquire)
             .is_ok_and(|idx| idx.0 != queue.next_avail())
-}
-
-/// Signal the guest for a queue if it asked to be (EVENT_IDX or the NO_INTERRUPT flag).
-pub fn signal_if_needed(state: &mut VringState<GuestMemAtomic>, index: usize) -> bool {
-    let needed = match state.needs_notification() {
-        Ok(needed) => needed,
-        Err(e) => {
-            warn!("queue {index}: checking whether to notify: {e:?}");
-            true
-        }
-    };
-    if needed {
-        if let Err(e) = state.signal_used_queue() {
-            warn!("queue {index}: signalling the guest: {e}");
-            return false;
-        }
-    }
-    needed
 }

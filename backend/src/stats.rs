@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use completion::DeferredCompletions;
 use serde::Serialize;
 
+use crate::complete::Done;
 use crate::hotplug::PinControl;
-use crate::queue_thread::Done;
 
 /// Counters of one virtqueue.
 #[derive(Debug, Default)]
