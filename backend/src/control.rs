@@ -14,6 +14,7 @@ use serde_json::json;
 
 use crate::hotplug::Hotplug;
 use crate::stats::DeviceStats;
+use crate::workers::QueueWorkers;
 use crate::{Error, Result};
 use vcpu::QueueMap;
 
@@ -50,6 +51,7 @@ struct ControlRequest {
 pub fn spawn(
     path: &Path,
     stats: Arc<DeviceStats>,
+    workers: Arc<QueueWorkers>,
     hotplug: Arc<Hotplug>,
     info: DeviceInfo,
 ) -> Result<()> {
@@ -65,7 +67,7 @@ pub fn spawn(
             for conn in listener.incoming() {
                 match conn {
                     Ok(conn) => {
-                        if let Err(e) = serve(conn, &stats, &hotplug, &info) {
+                        if let Err(e) = serve(conn, &stats, &workers, &hotplug, &info) {
                             debug!("control connection ended: {e}");
                         }
                     }
@@ -83,6 +85,7 @@ pub fn spawn(
 fn serve(
     conn: UnixStream,
     stats: &DeviceStats,
+    workers: &QueueWorkers,
     hotplug: &Hotplug,
     info: &DeviceInfo,
 ) -> std::io::Result<()> {
@@ -94,7 +97,7 @@ fn serve(
         if line.is_empty() {
             continue;
         }
-        let answer = answer(line, stats, hotplug, info);
+        let answer = answer(line, stats, workers, hotplug, info);
         writer.write_all(answer.to_string().as_bytes())?;
         writer.write_all(b"\n")?;
     }
@@ -105,6 +108,7 @@ fn serve(
 pub fn answer(
     line: &str,
     stats: &DeviceStats,
+    workers: &QueueWorkers,
     hotplug: &Hotplug,
     info: &DeviceInfo,
 ) -> serde_json::Value {
@@ -154,7 +158,7 @@ pub fn answer(
             }
         }
         "stats" => {
-            let deferred = stats.deferred_snapshot();
+            let deferred = workers.deferred_snapshot();
             let queues: Vec<serde_json::Value> = stats
                 .snapshot()
                 .into_iter()
@@ -238,57 +242,65 @@ mod tests {
         }
     }
 
-    fn setup(queues: usize) -> (Arc<DeviceStats>, Hotplug) {
+    fn setup(queues: usize) -> (Arc<DeviceStats>, Arc<QueueWorkers>, Hotplug) {
         let stats = Arc::new(DeviceStats::new(queues));
+        let workers = Arc::new(QueueWorkers::new(queues));
         let hotplug = Hotplug::new(
             queues,
-            stats.clone(),
+            workers.clone(),
             QueueMap::default(),
             vcpu::VcpuAffinity::default(),
             std::time::Duration::from_millis(1),
         );
-        (stats, hotplug)
+        (stats, workers, hotplug)
     }
 
     #[test]
     fn stats_lists_every_queue() {
-        let (stats, hotplug) = setup(3);
-        let v = answer(r#"{"cmd":"stats"}"#, &stats, &hotplug, &info());
+        let (stats, workers, hotplug) = setup(3);
+        let v = answer(r#"{"cmd":"stats"}"#, &stats, &workers, &hotplug, &info());
         assert_eq!(v["queues"].as_array().map(Vec::len), Some(3));
         assert_eq!(v["queues"][2]["index"], 2);
         assert_eq!(v["device"]["capacity"], 1 << 20);
-        assert_eq!(answer("stats", &stats, &hotplug, &info()), v);
+        assert_eq!(answer("stats", &stats, &workers, &hotplug, &info()), v);
     }
 
     #[test]
     fn unknown_and_malformed_requests_get_an_error() {
-        let (stats, hotplug) = setup(1);
-        assert!(answer("frobnicate", &stats, &hotplug, &info())["error"].is_string());
-        assert!(answer("{not json", &stats, &hotplug, &info())["error"].is_string());
-        assert!(answer("vcpu-unplug x", &stats, &hotplug, &info())["error"].is_string());
-        assert!(answer(r#"{"cmd":"vcpu-plug"}"#, &stats, &hotplug, &info())["error"].is_string());
+        let (stats, workers, hotplug) = setup(1);
+        assert!(answer("frobnicate", &stats, &workers, &hotplug, &info())["error"].is_string());
+        assert!(answer("{not json", &stats, &workers, &hotplug, &info())["error"].is_string());
+        assert!(answer("vcpu-unplug x", &stats, &workers, &hotplug, &info())["error"].is_string());
+        assert!(answer(
+            r#"{"cmd":"vcpu-plug"}"#,
+            &stats,
+            &workers,
+            &hotplug,
+            &info()
+        )["error"]
+            .is_string());
     }
 
     #[test]
     fn queue_map_is_checked_against_the_queue_count() {
-        let (stats, hotplug) = setup(2);
-        let ok = answer("set-queue-map 0=1,1=0", &stats, &hotplug, &info());
+        let (stats, workers, hotplug) = setup(2);
+        let ok = answer("set-queue-map 0=1,1=0", &stats, &workers, &hotplug, &info());
         assert_eq!(ok["ok"], true, "{ok}");
         assert_eq!(hotplug.queue_map(), "0=1,1=0");
-        let bad = answer("set-queue-map 2=0", &stats, &hotplug, &info());
+        let bad = answer("set-queue-map 2=0", &stats, &workers, &hotplug, &info());
         assert!(bad["error"].is_string(), "{bad}");
     }
 
     #[test]
     fn unplug_without_a_connection_reports_an_empty_drain() {
-        let (stats, hotplug) = setup(2);
-        let v = answer("vcpu-unplug 1", &stats, &hotplug, &info());
+        let (stats, workers, hotplug) = setup(2);
+        let v = answer("vcpu-unplug 1", &stats, &workers, &hotplug, &info());
         assert_eq!(v["vcpu"], 1);
         assert_eq!(v["drained"], 0);
-        let s = answer("stats", &stats, &hotplug, &info());
+        let s = answer("stats", &stats, &workers, &hotplug, &info());
         assert_eq!(s["vcpus"][0]["online"], false, "{s}");
-        answer("vcpu-plug 1", &stats, &hotplug, &info());
-        let s = answer("stats", &stats, &hotplug, &info());
+        answer("vcpu-plug 1", &stats, &workers, &hotplug, &info());
+        let s = answer("stats", &stats, &workers, &hotplug, &info());
         assert_eq!(s["vcpus"][0]["online"], true, "{s}");
     }
 }

@@ -21,10 +21,10 @@ use vmm_sys_util::event::{
 };
 
 use crate::deferred_path::DeferredPath;
-use crate::hotplug::PinControl;
 use crate::queue_thread::QueueThread;
 use crate::shared::{DeviceShared, GuestMemAtomic, Vring};
 use crate::stats::DeviceStats;
+use crate::workers::{PinControl, QueueWorkers};
 use crate::{Error, Result};
 use completion::DeferredCompletions;
 
@@ -77,6 +77,9 @@ pub struct BlkDevice {
     queue_masks: Vec<u64>,
     /// Per worker thread, how the hotplug path asks it to re-pin itself.
     pins: Vec<Arc<PinControl>>,
+    /// Where this connection's threads are published for the unplug path, GET_VRING_BASE and
+    /// `stats`; shared across connections.
+    workers: Arc<QueueWorkers>,
 }
 
 impl BlkDevice {
@@ -85,6 +88,7 @@ impl BlkDevice {
         settings: &DeviceSettings,
         image: Arc<Image>,
         stats: Arc<DeviceStats>,
+        workers: Arc<QueueWorkers>,
         mem: GuestMemAtomic,
     ) -> Result<Self> {
         let num_queues = usize::from(settings.num_queues);
@@ -187,6 +191,7 @@ impl BlkDevice {
             threads,
             queue_masks,
             pins,
+            workers,
         })
     }
 
@@ -211,16 +216,15 @@ impl BlkDevice {
         self.threads.get(thread).map(|t| lock(t).completion_fd())
     }
 
-    /// Make this connection's queue threads the ones that `stats` and the hotplug path see.
+    /// Make this connection's queue threads the ones that `stats`, GET_VRING_BASE and the hotplug
+    /// path see.
     /// Called once the frontend is accepted, so that between connections the last one's figures
     /// stay readable.
     pub fn publish_workers(&self) {
         for ((thread, mask), pin) in self.threads.iter().zip(&self.queue_masks).zip(&self.pins) {
             let deferred = lock(thread).deferred().clone();
             for q in (0..64).filter(|q| mask & (1u64 << q) != 0) {
-                self.shared
-                    .stats
-                    .set_worker(q, deferred.clone(), pin.clone());
+                self.workers.set(q, deferred.clone(), pin.clone());
             }
         }
     }
@@ -343,7 +347,7 @@ impl VhostUserBackend for BlkDevice {
         // GET_VRING_BASE: the ring is no longer ready, so nothing new is popped; complete what the
         // deferred worker holds now rather than after its delay, and wait for what is in flight,
         // so that the frontend gets every used entry before it takes the ring back.
-        if let Some(deferred) = self.shared.stats.deferred(queue_index as usize) {
+        if let Some(deferred) = self.workers.deferred(queue_index as usize) {
             deferred.drain();
         }
         if !self.wait_idle(Some(queue_index as usize), Duration::from_secs(30)) {

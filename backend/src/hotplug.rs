@@ -14,64 +14,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use log::{info, warn};
+use log::info;
 use serde::Serialize;
 use vcpu::{format_cpu_list, CpuList, QueueMap, VcpuAffinity};
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
 
-use crate::stats::DeviceStats;
+use crate::workers::QueueWorkers;
 
 /// Most drain latencies kept per vCPU for the percentiles.
 const LATENCY_WINDOW: usize = 1024;
-
-/// Asks one queue worker thread to re-pin itself: `vhost-user-backend` does not expose its
-/// threads, so the thread applies the request in its own epoll loop (`sched_setaffinity(0, …)`).
-pub struct PinControl {
-    consumer: EventConsumer,
-    notifier: EventNotifier,
-    wanted: Mutex<Option<CpuList>>,
-}
-
-impl PinControl {
-    /// A control whose eventfd is to be registered in the worker's epoll loop.
-    pub fn new() -> std::io::Result<Self> {
-        let (consumer, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
-        Ok(Self {
-            consumer,
-            notifier,
-            wanted: Mutex::new(None),
-        })
-    }
-
-    /// The eventfd the worker thread listens on.
-    pub fn fd(&self) -> std::os::unix::io::RawFd {
-        use std::os::unix::io::AsRawFd;
-        self.consumer.as_raw_fd()
-    }
-
-    /// Ask the worker to move to `cpus`.
-    pub fn request(&self, cpus: CpuList) {
-        *lock(&self.wanted) = Some(cpus);
-        if let Err(e) = self.notifier.notify() {
-            warn!("waking a queue thread to re-pin it: {e}");
-        }
-    }
-
-    /// On the worker thread: apply the latest request, if any.
-    pub fn apply(&self) {
-        let _ = self.consumer.consume();
-        if let Some(cpus) = lock(&self.wanted).take() {
-            if let Err(e) = vcpu::set_current_thread_affinity(&cpus) {
-                warn!(
-                    "pinning a queue thread to CPUs {}: {e}",
-                    format_cpu_list(&cpus)
-                );
-            }
-        }
-    }
-}
 
 /// What an unplug did, as the control socket reports it.
 #[derive(Debug, Clone, Serialize)]
@@ -126,10 +76,10 @@ struct State {
 }
 
 /// Process-wide vCPU state; acts on the current connection's queue threads through the handles
-/// that [`DeviceStats`] keeps.
+/// that [`QueueWorkers`] keeps.
 pub struct Hotplug {
     num_queues: usize,
-    workers: Arc<DeviceStats>,
+    workers: Arc<QueueWorkers>,
     /// Where unpinned threads run: the process's affinity at start.
     default_cpus: CpuList,
     /// `--defer-delay-us`: the batching delay of queues whose vCPU is online.
@@ -141,7 +91,7 @@ impl Hotplug {
     /// vCPU state with the map and affinities from the command line (either may be empty).
     pub fn new(
         num_queues: usize,
-        workers: Arc<DeviceStats>,
+        workers: Arc<QueueWorkers>,
         map: QueueMap,
         affinity: VcpuAffinity,
         batch_delay: Duration,

@@ -5,9 +5,9 @@
 //! `vhost-user-backend` drives, [`queue_thread`] is the fast path of each queue thread,
 //! [`deferred_path`] the deferred path, [`complete`] the completion step both paths end in,
 //! [`hotplug`] the vCPU pinning and unplug path, [`shared`] the device state the request paths
-//! read, [`stats`] the counters, [`control`] the control socket that reports them and takes
-//! commands, and [`sandbox`] the Landlock ruleset and seccomp filter the backend confines itself
-//! with.
+//! read, [`stats`] the counters, [`workers`] the registry of the threads serving each queue,
+//! [`control`] the control socket that reports them and takes commands, and [`sandbox`] the
+//! Landlock ruleset and seccomp filter the backend confines itself with.
 
 pub mod args;
 pub mod complete;
@@ -20,6 +20,7 @@ pub mod sandbox;
 pub mod server;
 pub mod shared;
 pub mod stats;
+pub mod workers;
 
 use std::path::PathBuf;
 

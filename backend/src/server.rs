@@ -29,6 +29,7 @@ use crate::device::{BlkDevice, DeviceSettings};
 use crate::hotplug::Hotplug;
 use crate::sandbox::{self, FileAccess};
 use crate::stats::DeviceStats;
+use crate::workers::QueueWorkers;
 use crate::{Error, Result};
 use qemu_qmp::{AdapterEvent, QmpAdapter};
 
@@ -101,9 +102,10 @@ pub fn run(args: &BackendArgs) -> Result<()> {
         warn!("--page-cache-budget applies to --cache writeback only; ignored");
     }
     let stats = Arc::new(DeviceStats::new(usize::from(args.num_queues)));
+    let workers = Arc::new(QueueWorkers::new(usize::from(args.num_queues)));
     let hotplug = Arc::new(Hotplug::new(
         usize::from(args.num_queues),
-        stats.clone(),
+        workers.clone(),
         args.queue_map.clone().unwrap_or_default(),
         args.cpu_affinity.clone().unwrap_or_default(),
         Duration::from_micros(args.defer_delay_us),
@@ -117,6 +119,7 @@ pub fn run(args: &BackendArgs) -> Result<()> {
         control::spawn(
             path,
             stats.clone(),
+            workers.clone(),
             hotplug.clone(),
             DeviceInfo {
                 image: image.path().display().to_string(),
@@ -142,6 +145,7 @@ pub fn run(args: &BackendArgs) -> Result<()> {
             &settings,
             &image,
             &stats,
+            &workers,
             &mut listener,
             &lifecycle,
         )?;
@@ -160,6 +164,7 @@ fn serve_one(
     settings: &DeviceSettings,
     image: &Arc<Image>,
     stats: &Arc<DeviceStats>,
+    workers: &Arc<QueueWorkers>,
     listener: &mut Listener,
     lifecycle: &Mutex<Lifecycle>,
 ) -> Result<()> {
@@ -168,6 +173,7 @@ fn serve_one(
         settings,
         image.clone(),
         stats.clone(),
+        workers.clone(),
         mem.clone(),
     )?);
     let mut daemon = VhostUserDaemon::new("vhost-user-blk".into(), device.clone(), mem)

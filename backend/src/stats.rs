@@ -3,17 +3,12 @@
 //! Every counter is a relaxed atomic owned by exactly one writer (the queue thread that serves the
 //! queue), so the fast path pays an uncontended add and never takes a lock. The counters outlive a
 //! connection: a VMM that reconnects keeps adding to the same totals, which is what an operator
-//! reading `stats` after a VM reboot expects. Beside them sit the handles of each queue's
-//! deferred worker of the current connection, for its batch statistics and for the unplug path.
+//! reading `stats` after a VM reboot expects. The deferred workers' batch figures are reported
+//! beside them ([`DeferredSnapshot`]); the workers themselves are found in `workers.rs`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
-use completion::DeferredCompletions;
 use serde::Serialize;
-
-use crate::complete::Done;
-use crate::hotplug::PinControl;
 
 /// Counters of one virtqueue.
 #[derive(Debug, Default)]
@@ -182,22 +177,6 @@ impl From<completion::Stats> for DeferredSnapshot {
 #[derive(Debug)]
 pub struct DeviceStats {
     queues: Vec<QueueStats>,
-    /// Per queue, the deferred worker and the pin control of the thread that serves it on the
-    /// current connection.
-    workers: Mutex<Vec<Option<QueueWorker>>>,
-}
-
-/// The handles of the thread serving a queue on the current connection.
-#[derive(Clone)]
-struct QueueWorker {
-    deferred: Arc<DeferredCompletions<Done>>,
-    pin: Arc<PinControl>,
-}
-
-impl std::fmt::Debug for QueueWorker {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("QueueWorker").finish_non_exhaustive()
-    }
 }
 
 impl DeviceStats {
@@ -205,47 +184,7 @@ impl DeviceStats {
     pub fn new(num_queues: usize) -> Self {
         Self {
             queues: (0..num_queues).map(|_| QueueStats::default()).collect(),
-            workers: Mutex::new(vec![None; num_queues]),
         }
-    }
-
-    /// Record the deferred worker and pin control of the thread serving `queue` on the current
-    /// connection.
-    pub fn set_worker(
-        &self,
-        queue: usize,
-        deferred: Arc<DeferredCompletions<Done>>,
-        pin: Arc<PinControl>,
-    ) {
-        if let Some(slot) = self.lock_workers().get_mut(queue) {
-            *slot = Some(QueueWorker { deferred, pin });
-        }
-    }
-
-    /// The deferred worker serving `queue`, if a connection has set one up.
-    pub fn deferred(&self, queue: usize) -> Option<Arc<DeferredCompletions<Done>>> {
-        self.lock_workers()
-            .get(queue)
-            .and_then(|w| w.as_ref().map(|w| w.deferred.clone()))
-    }
-
-    /// The pin control of the thread serving `queue`, if a connection has set one up.
-    pub fn pin(&self, queue: usize) -> Option<Arc<PinControl>> {
-        self.lock_workers()
-            .get(queue)
-            .and_then(|w| w.as_ref().map(|w| w.pin.clone()))
-    }
-
-    /// The deferred workers of every queue (`None` before the first connection).
-    pub fn deferred_snapshot(&self) -> Vec<Option<DeferredSnapshot>> {
-        self.lock_workers()
-            .iter()
-            .map(|w| w.as_ref().map(|w| w.deferred.stats().into()))
-            .collect()
-    }
-
-    fn lock_workers(&self) -> std::sync::MutexGuard<'_, Vec<Option<QueueWorker>>> {
-        self.workers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The counters of queue `index`.
