@@ -5,8 +5,9 @@
 //! batch's flushes and writethrough writes, the error reports — then writes every status, adds
 //! every used entry, and signals each queue once.
 //!
-//! It is the seed's `bio_complete_work_fn`: the work item is ours, the batching and the
-//! enable/disable/drain discipline are the `completion` crate's.
+//! This file holds the work, what a batch needs done; when it runs (the batching delay, the time
+//! budget, the enable/disable/drain of an unplug) is the `completion` crate's, which knows
+//! nothing of files or virtqueues.
 
 use std::sync::{Arc, Mutex, OnceLock};
 

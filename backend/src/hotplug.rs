@@ -1,7 +1,8 @@
 //! vCPU affinity and hotplug, top to bottom: where each queue thread (and its deferred worker)
-//! runs, and the unplug path — disable the departing vCPU's deferred workers, drain their
-//! batches, signal, re-home the queues — that the seed runs on CPU hotplug
-//! (`CPUHP_AP_ONLINE_DYN` disables the per-CPU work, `CPUHP_BP_PREPARE_DYN` drains it).
+//! runs, and the unplug path — disable the departing vCPU's deferred workers (waiting for a
+//! running pass), drain their batches on the caller's thread, signal, re-home the queues — so
+//! that the requests the departing vCPU submitted complete at once, once, and before its CPU goes
+//! offline (the guest's offline waits for them).
 //!
 //! The queue → vCPU map is the guest's (blk-mq derives it from the MSI-X vectors' managed
 //! affinity), so it comes from `--queue-map` or the control socket; without it every queue is

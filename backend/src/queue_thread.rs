@@ -12,8 +12,8 @@
 //! byte and adds the used entry (the completion step, `complete.rs`), and the guest is signalled
 //! once per pass (EVENT_IDX honoured). A completion that must sleep — a `dontcache` write waiting
 //! for eviction, a flush, a writethrough write, an I/O error to report, the page-cache budget
-//! exceeded — leaves for the deferred path (`deferred_path.rs`) instead, as the seed's `BIO_COMPLETE_IN_TASK` and
-//! `bio_complete_in_task()` do.
+//! exceeded — leaves for the deferred path (`deferred_path.rs`) instead, so that the queue thread
+//! never sleeps and one pass of the deferred worker serves a whole batch.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -1,6 +1,7 @@
 //! The batch: the one piece of state that the producers (the queue thread's fast path), the
-//! deferred worker and [`drain`](crate::DeferredCompletions::drain) share. It is the seed's
-//! `struct bio_complete_batch` with the work item's enable/disable state folded in.
+//! deferred worker and [`drain`](crate::DeferredCompletions::drain) share: the pending items
+//! together with the worker's enable/disable state, so that one lock orders every transition
+//! between them.
 //!
 //! Every transition is one short critical section on one mutex, and the handler never runs under
 //! it: a pass moves the whole list out (swapping it with a spare `Vec`, so no allocation in steady
@@ -66,7 +67,7 @@ struct State<T> {
     stopped: bool,
     /// When the armed worker is due to take the batch; `None` when not armed.
     due: Option<Instant>,
-    /// The delay a push arms (the seed's 1 jiffy).
+    /// The delay a push arms.
     delay: Duration,
     /// The thread running a pass, if any.
     runner: Option<ThreadId>,
@@ -118,7 +119,7 @@ impl<T> Batch<T> {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Adds a finished item; arms the worker when it was not armed (the seed's `was_empty`).
+    /// Adds a finished item; arms the worker when it was not armed.
     pub(crate) fn push(&self, item: T, now: Instant) -> Wake {
         self.push_weighted(item, 0, now)
     }
@@ -164,8 +165,7 @@ impl<T> Batch<T> {
 
     /// Starts a worker pass if the worker may run one. Waits for a pass running on another thread
     /// (a `drain()`) to end first. Without `force`, takes the batch only once it is due; with it
-    /// (the worker looping within its budget, as the seed's work function does), whenever it is
-    /// not empty.
+    /// (the worker looping within its budget), whenever it is not empty.
     pub(crate) fn take_for_worker(&self, force: bool) -> Take<'_, T> {
         let mut st = self.lock();
         loop {

@@ -1,14 +1,15 @@
 //! The deferred path, top to bottom: a queue thread pushes a finished request
 //! ([`DeferredCompletions::push`], or [`DeferredCompletions::complete_in_task`] when the
-//! completion decides late); the first push of a batch arms the worker's timer (the seed's
-//! 1-jiffy delayed work); the worker thread wakes, takes the whole batch and hands it to the
-//! [`BatchHandler`] (coalesce, evict, write statuses, add used entries, signal once), looping
-//! while more arrive within its time budget and re-arming at once past it.
+//! completion decides late); the first push of a batch arms the worker's timer, so that what
+//! finishes meanwhile shares the pass; the worker thread wakes, takes the whole batch and hands
+//! it to the [`BatchHandler`] (coalesce, evict, write statuses, add used entries, signal once),
+//! looping while more arrive within its time budget and re-arming at once past it.
 //!
-//! The unplug path, in the seed's order: [`DeferredCompletions::disable`] (the
-//! `CPUHP_AP_ONLINE_DYN` down-prep: waits for a running pass, keeps the worker from running),
-//! then [`DeferredCompletions::drain`] (the `CPUHP_BP_PREPARE_DYN` dead callback: completes what
-//! is left on the caller's thread); plug is [`DeferredCompletions::enable`].
+//! The unplug path: [`DeferredCompletions::disable`] (waits for a running pass, keeps the worker
+//! from starting another), then [`DeferredCompletions::drain`] (completes what is left on the
+//! caller's thread); in that order, the drain is the only one completing what it takes, so nothing
+//! is completed twice or waits out a delay on a CPU going away. Plug is
+//! [`DeferredCompletions::enable`].
 //!
 //! The worker thread sleeps in `epoll` on a timerfd (the delay) and an eventfd (run now, re-pin,
 //! stop). The batch state itself lives in [`crate::batch`].
@@ -56,12 +57,13 @@ where
 /// How a [`DeferredCompletions`] batches and where its worker runs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
-    /// How long the first push of a batch waits for more before the worker takes the batch (the
-    /// seed's 1 jiffy). Default 1 ms; zero runs the worker at once. Clamped to one hour.
+    /// How long the first push of a batch waits for more before the worker takes the batch.
+    /// Default 1 ms: long enough for a burst of completions to share a pass, short next to the
+    /// writeback a pass waits for. Zero runs the worker at once. Clamped to one hour.
     pub delay: Duration,
     /// Time budget of one worker wake-up: while within it, the worker takes what arrived during
     /// its last pass at once; past it, with more waiting, it re-arms at once and goes back to
-    /// sleep first (the seed's `need_resched` branch), so that a re-pin or a stop gets in.
+    /// sleep first, so that a re-pin or a stop gets in.
     /// Default 2 ms.
     pub budget: Duration,
     /// Weight at which the batch is taken at once instead of after `delay`: items pushed with
@@ -350,8 +352,7 @@ impl<T: Send + 'static> DeferredCompletions<T> {
         self.shared.wake(wake);
     }
 
-    /// The dynamic form, the seed's `bio_complete_in_task()`: for a completion handler that
-    /// decides late. `needs_task` is its decision (an I/O error to report, a page-cache budget
+    /// The dynamic form: for a completion handler that decides late whether it must sleep. `needs_task` is its decision (an I/O error to report, a page-cache budget
     /// exceeded). When it says yes, the item is pushed and `None` returned: the worker completes
     /// it. Otherwise the item comes back as `Some(item)` for the caller to complete on its fast
     /// path.
@@ -367,16 +368,15 @@ impl<T: Send + 'static> DeferredCompletions<T> {
     /// Keeps the worker from running the handler until [`enable`](Self::enable), after waiting
     /// for a pass in progress (the worker's or a `drain()` on another thread) to finish: once it
     /// returns, no worker pass is running or will start. Pushes after it still land in the batch,
-    /// for [`drain`](Self::drain). The seed's `disable_delayed_work_sync()` at
-    /// `CPUHP_AP_ONLINE_DYN`.
+    /// for [`drain`](Self::drain). The first step of an unplug.
     pub fn disable(&self) {
         self.shared.batch.disable();
     }
 
     /// Completes everything in the batch now, on the caller's thread, by calling the handler
     /// (after any pass in progress has finished), whether or not the worker is enabled; takes
-    /// again until it finds the batch empty. Returns how many items it completed. The seed's
-    /// dead-CPU drain at `CPUHP_BP_PREPARE_DYN`.
+    /// again until it finds the batch empty. Returns how many items it completed. The second step
+    /// of an unplug: what the departing worker held completes now, not after its delay.
     pub fn drain(&self) -> usize {
         let mut total = 0;
         while let Some(pass) = self.shared.batch.take_for_drain() {

@@ -1,5 +1,6 @@
-//! Per-queue-thread deferred, batched completions: the seed's task-context bio completion
-//! (`BIO_COMPLETE_IN_TASK`, `bio_complete_in_task()`, the per-CPU batch drained by a delayed work
+//! Per-queue-thread deferred, batched completions: the Linux block layer's task-context bio
+//! completion from the series "block: enable RWF_DONTCACHE for block devices"
+//! (`BIO_COMPLETE_IN_TASK`, `bio_complete_in_task()`, a per-CPU batch drained by a delayed work
 //! item, and its CPU-hotplug disable/drain) carried one level up, into a vhost-user-blk backend.
 //!
 //! A queue thread completes plain requests on its fast path. A request whose completion must

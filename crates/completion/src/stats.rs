@@ -20,7 +20,7 @@ pub struct Stats {
     /// Mean size of the worker's batches (`completed / batches`), 0 before the first.
     pub mean_batch: f64,
     /// Times a worker pass ran past its time budget with more waiting and re-armed at once
-    /// instead of looping (the seed's `need_resched` branch).
+    /// instead of looping, so that a re-pin or a stop could get in.
     pub rearms: u64,
     /// `drain()` calls that completed at least one item.
     pub drains: u64,

@@ -1,6 +1,6 @@
 //! The system calls of the deferred worker that `vmm-sys-util` does not wrap the way it needs
-//! them: a non-blocking timerfd armed from any thread through `&self` (the seed's delayed work
-//! timer), and CPU affinity of the calling thread (`sched_setaffinity(0, ..)`).
+//! them: a non-blocking timerfd armed from any thread through `&self` (the batching delay), and
+//! CPU affinity of the calling thread (`sched_setaffinity(0, ..)`).
 
 use std::io;
 use std::mem;
