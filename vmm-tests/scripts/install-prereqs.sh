@@ -7,7 +7,10 @@
 #   - busybox-static (the guest's userland), e2fsprogs (mkfs.ext4 in the
 #     guest, e2fsck/debugfs on the host), cpio (host tooling), fio (the
 #     host-driven bench, and the guest's fio: build-initramfs.sh -F copies
-#     /usr/bin/fio), xz-utils.
+#     /usr/bin/fio), xz-utils,
+#   - ceph-mon, ceph-osd, ceph-common (the throw-away test cluster that
+#     ceph-cluster.sh starts for the RBD tests) and librbd-dev, librados-dev
+#     (the backend's RBD engine links librbd and librados).
 #
 # Idempotent: when everything is present it only runs dpkg-query and exits.
 # The backports mirror is derived at run time from the Debian mirror already
@@ -19,7 +22,7 @@ set -eu
 
 QEMU_MIN_MAJOR=10
 BPO_LIST=/etc/apt/sources.list.d/vmm-tests-bookworm-backports.sources
-PLAIN_PKGS="busybox-static e2fsprogs cpio fio xz-utils"
+PLAIN_PKGS="busybox-static e2fsprogs cpio fio xz-utils ceph-mon ceph-osd ceph-common librbd-dev librados-dev"
 BPO_PKGS="qemu-system-x86 qemu-utils"
 
 log() { printf 'install-prereqs: %s\n' "$*" >&2; }
