@@ -1,0 +1,224 @@
+//! The bindings against a real single-node cluster (`rbd::testing`): asynchronous writes and
+//! reads through the eventfd, checked with `rbd export`; the errors a user meets at open.
+
+// A test may unwrap: a failure is the test failing.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rbd::testing::{TestCluster, POOL};
+use rbd::{AioOp, AioQueue, ClusterOptions, Error, Image, ImageSpec};
+
+fn opts(c: &TestCluster) -> ClusterOptions {
+    ClusterOptions {
+        conf: Some(c.conf().to_owned()),
+        ..ClusterOptions::default()
+    }
+}
+
+fn spec(image: &str) -> ImageSpec {
+    ImageSpec {
+        pool: POOL.into(),
+        image: image.into(),
+        snap: None,
+    }
+}
+
+/// Wait for the eventfd, then reap until `n` results arrived.
+fn wait(q: &mut AioQueue, n: usize) -> Vec<(u64, isize)> {
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while got.len() < n {
+        assert!(Instant::now() < deadline, "no completion within 30 s");
+        let mut pfd = libc::pollfd {
+            fd: q.eventfd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut pfd, 1, 1000) };
+        q.reap(|tag, ret| got.push((tag, ret)));
+    }
+    got
+}
+
+#[test]
+fn aio_writes_and_reads_land_in_the_image() {
+    let c = TestCluster::shared();
+    c.create_image("aio", 8 << 20);
+    let image = Arc::new(Image::open(&opts(c), &spec("aio"), false).expect("opening rbd/aio"));
+    assert_eq!(image.size(), 8 << 20);
+    let mut q = AioQueue::new(image.clone(), 4).expect("queue");
+
+    let mut a: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+    let mut b = vec![0xa5u8; 4096];
+    let iov = [
+        libc::iovec {
+            iov_base: a.as_mut_ptr().cast(),
+            iov_len: a.len(),
+        },
+        libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: b.len(),
+        },
+    ];
+    // More requests than slots: the queue grows instead of failing.
+    for tag in 0..6u64 {
+        // SAFETY: `iov` and both buffers outlive the wait below and are only read.
+        unsafe {
+            q.submit(
+                AioOp::Writev {
+                    offset: tag * 16384,
+                    iovecs: iov.as_ptr(),
+                    iovcnt: 2,
+                },
+                tag,
+            )
+        };
+    }
+    let mut done = wait(&mut q, 6);
+    done.sort_unstable();
+    assert_eq!(
+        done.iter().map(|&(t, _)| t).collect::<Vec<_>>(),
+        (0..6).collect::<Vec<_>>(),
+        "every write completes once"
+    );
+    assert!(
+        done.iter().all(|&(_, r)| r >= 0),
+        "writes succeed: {done:?}"
+    );
+    // SAFETY: no buffer is involved.
+    unsafe { q.submit(AioOp::Flush, 99) };
+    assert_eq!(wait(&mut q, 1), vec![(99, 0)]);
+
+    let mut back = vec![0u8; 12288];
+    let riov = [libc::iovec {
+        iov_base: back.as_mut_ptr().cast(),
+        iov_len: back.len(),
+    }];
+    // SAFETY: `back` outlives the wait and nothing else touches it meanwhile.
+    unsafe {
+        q.submit(
+            AioOp::Readv {
+                offset: 5 * 16384,
+                iovecs: riov.as_ptr(),
+                iovcnt: 1,
+            },
+            7,
+        )
+    };
+    assert_eq!(wait(&mut q, 1), vec![(7, 12288)]);
+    assert!(back[..8192] == a[..] && back[8192..] == b[..], "read back");
+
+    // SAFETY: no buffer is involved.
+    unsafe {
+        q.submit(
+            AioOp::WriteZeroes {
+                offset: 0,
+                len: 16384,
+            },
+            8,
+        )
+    };
+    assert_eq!(wait(&mut q, 1), vec![(8, 0)]);
+    drop(q);
+    drop(image);
+
+    let exported = c.export("aio");
+    assert_eq!(exported.len(), 8 << 20);
+    assert!(exported[..16384].iter().all(|&x| x == 0), "zeroed");
+    for tag in 1..6usize {
+        let at = tag * 16384;
+        assert!(
+            exported[at..at + 8192] == a[..] && exported[at + 8192..at + 12288] == b[..],
+            "write {tag} in the exported image"
+        );
+    }
+}
+
+#[test]
+fn a_refused_request_comes_back_through_the_eventfd() {
+    let c = TestCluster::shared();
+    c.create_image("ro", 1 << 20);
+    let image = Arc::new(Image::open(&opts(c), &spec("ro"), true).expect("opening rbd/ro"));
+    assert!(image.read_only());
+    let mut q = AioQueue::new(image, 1).expect("queue");
+    let mut buf = vec![1u8; 512];
+    let iov = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }];
+    // SAFETY: `buf` outlives the wait.
+    unsafe {
+        q.submit(
+            AioOp::Writev {
+                offset: 0,
+                iovecs: iov.as_ptr(),
+                iovcnt: 1,
+            },
+            1,
+        )
+    };
+    let done = wait(&mut q, 1);
+    assert_eq!(done[0].0, 1);
+    assert_eq!(
+        done[0].1,
+        -(libc::EROFS as isize),
+        "a write to a read-only image"
+    );
+}
+
+#[test]
+fn missing_pool_and_image_are_named() {
+    let c = TestCluster::shared();
+    let e = Image::open(
+        &opts(c),
+        &ImageSpec {
+            pool: "nopool".into(),
+            image: "x".into(),
+            snap: None,
+        },
+        false,
+    )
+    .expect_err("a missing pool");
+    assert!(matches!(e, Error::Pool { .. }), "{e}");
+    assert_eq!(e.to_string(), "Ceph pool \"nopool\": no such pool");
+    let e = Image::open(&opts(c), &spec("nothere"), false).expect_err("a missing image");
+    assert_eq!(e.to_string(), "RBD image rbd/nothere: no such image");
+}
+
+#[test]
+fn an_unreachable_cluster_fails_within_the_timeout() {
+    let dir = std::env::temp_dir().join(format!("vub-rbd-dead-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("ceph.conf");
+    // A port nothing listens on.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    drop(l);
+    std::fs::write(
+        &conf,
+        format!("[global]\nmon host = v2:127.0.0.1:{port}\nauth client required = none\n"),
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let e = Image::open(
+        &ClusterOptions {
+            conf: Some(conf),
+            timeout: Duration::from_secs(2),
+            ..ClusterOptions::default()
+        },
+        &spec("x"),
+        false,
+    )
+    .expect_err("nothing answers");
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(8), "gave up after {took:?}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("within 2 s"),
+        "the error says what timed out: {msg}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
