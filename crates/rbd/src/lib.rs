@@ -735,6 +735,35 @@ impl AioQueue {
         }
     }
 
+    /// Report `tag` as failed with `errno` through [`AioQueue::reap`], without asking librbd:
+    /// for requests refused before they reach it.
+    pub fn fail(&mut self, tag: u64, errno: i32) {
+        let index = self.take_slot(tag);
+        let slot: *const Slot = &*self.slots[index];
+        // SAFETY: the slot was just taken, holds its `Arc<Shared>` reference, and no completion
+        // exists for it.
+        unsafe { finish(slot, -(errno as isize)) };
+    }
+
+    fn take_slot(&mut self, tag: u64) -> usize {
+        let index = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.grow();
+                self.free.pop().unwrap_or_default()
+            }
+        };
+        self.tags[index] = tag;
+        self.in_flight += 1;
+        let slot = &self.slots[index];
+        slot.shared.store(
+            Arc::into_raw(self.shared.clone()).cast_mut(),
+            Ordering::Relaxed,
+        );
+        slot.next.store(ptr::null_mut(), Ordering::Relaxed);
+        index
+    }
+
     /// Clear the eventfd and call `f(tag, result)` for each finished request: `result` is
     /// librbd's return value: the bytes read for a read, 0 or more for the rest, a negative
     /// errno on failure.

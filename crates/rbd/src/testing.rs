@@ -114,14 +114,10 @@ impl TestCluster {
         out.stdout
     }
 
-    /// Create `pool/name` of `bytes` bytes, removing an image of that name first.
+    /// Create `pool/name` of `bytes` bytes. Each test process has a fresh cluster, so names
+    /// only need to be unique within it (without a manager, `rbd rm` can wait forever).
     pub fn create_image(&self, name: &str, bytes: u64) {
         let spec = format!("{POOL}/{name}");
-        let _ = Command::new("rbd")
-            .arg("-c")
-            .arg(&self.conf)
-            .args(["rm", "--no-progress", &spec])
-            .output();
         self.rbd(&["create", "--size", &format!("{bytes}B"), &spec]);
     }
 

@@ -17,6 +17,13 @@ fn opts(c: &TestCluster) -> ClusterOptions {
     }
 }
 
+fn cached(c: &TestCluster) -> ClusterOptions {
+    ClusterOptions {
+        settings: vec![("rbd_cache".into(), "true".into())],
+        ..opts(c)
+    }
+}
+
 fn spec(image: &str) -> ImageSpec {
     ImageSpec {
         pool: POOL.into(),
@@ -45,9 +52,19 @@ fn wait(q: &mut AioQueue, n: usize) -> Vec<(u64, isize)> {
 
 #[test]
 fn aio_writes_and_reads_land_in_the_image() {
+    aio_round_trip("aio", false);
+}
+
+#[test]
+fn aio_writes_and_reads_land_in_the_image_through_the_cache() {
+    aio_round_trip("aio-cached", true);
+}
+
+fn aio_round_trip(name: &str, cache: bool) {
     let c = TestCluster::shared();
-    c.create_image("aio", 8 << 20);
-    let image = Arc::new(Image::open(&opts(c), &spec("aio"), false).expect("opening rbd/aio"));
+    c.create_image(name, 8 << 20);
+    let o = if cache { cached(c) } else { opts(c) };
+    let image = Arc::new(Image::open(&o, &spec(name), false).expect("opening the image"));
     assert_eq!(image.size(), 8 << 20);
     let mut q = AioQueue::new(image.clone(), 4).expect("queue");
 
@@ -125,7 +142,7 @@ fn aio_writes_and_reads_land_in_the_image() {
     drop(q);
     drop(image);
 
-    let exported = c.export("aio");
+    let exported = c.export(name);
     assert_eq!(exported.len(), 8 << 20);
     assert!(exported[..16384].iter().all(|&x| x == 0), "zeroed");
     for tag in 1..6usize {
