@@ -1,5 +1,11 @@
-//! The disk image: a regular file, a block device, or a null image; its cache mode, and the
-//! synchronous operations on it.
+//! The disk image: a regular file, a block device, a null image, or a Ceph RBD image; its cache
+//! mode, and the synchronous operations on it.
+//!
+//! An RBD image (`rbd:POOL/IMAGE`) is one more kind of backing rather than a type of its own, so
+//! that the device, the deferred path and the stats keep using one `Arc<Image>`: it has no file
+//! descriptor (like a null image), its capacity comes from librbd, [`Image::flush`] is
+//! `rbd_flush`, and page-cache eviction has nothing to do. Its I/O goes through the RBD engine,
+//! which [`crate::new_engine`] picks for it.
 //!
 //! An [`Image`] is opened once by the backend and shared as `Arc<Image>`: each queue thread's
 //! engine submits I/O against its file descriptor, and the deferred workers call
@@ -21,6 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use log::{debug, info, warn};
 
+use crate::rbd_image::{RbdOptions, RbdSpec};
 use crate::{iov, sys, CacheMode, Error, Op, Result, RWF_DONTCACHE};
 
 /// Path prefix of a null image (`null:1G`): I/O completes without touching anything.
@@ -70,6 +77,7 @@ enum Backing {
     File,
     BlockDevice,
     Null,
+    Rbd,
 }
 
 /// How the pages that image I/O brings into the host page cache leave it.
@@ -87,6 +95,9 @@ pub enum EvictionPath {
     /// `--cache dontcache` without `RWF_DONTCACHE`: buffered I/O, then
     /// [`Image::writeback_and_evict`] (`sync_file_range` + `POSIX_FADV_DONTNEED`).
     WritebackAndEvict,
+    /// An RBD image: no host page cache is involved (librbd's own cache, if on, is bounded by
+    /// its `rbd_cache_size`).
+    Librbd,
 }
 
 impl fmt::Display for EvictionPath {
@@ -97,6 +108,7 @@ impl fmt::Display for EvictionPath {
             EvictionPath::PageCache => "page-cache",
             EvictionPath::RwfDontCache => "rwf-dontcache",
             EvictionPath::WritebackAndEvict => "sync-file-range+fadvise",
+            EvictionPath::Librbd => "librbd",
         })
     }
 }
@@ -123,6 +135,9 @@ pub struct Image {
     dontcache_on: AtomicBool,
     #[cfg(feature = "fault-injection")]
     faults: crate::fault::FaultInjector,
+    /// The open RBD image, for an `rbd:` spec.
+    #[cfg(feature = "rbd")]
+    rbd: Option<std::sync::Arc<::rbd::Image>>,
 }
 
 impl Image {
@@ -133,7 +148,20 @@ impl Image {
     /// - A missing path is created as a sparse regular file of `opts.size` bytes; without a size
     ///   it is an error.
     /// - A block device's capacity comes from `BLKGETSIZE64`.
+    /// - `rbd:POOL/IMAGE[@SNAP][:conf=PATH][:id=USER]`: see [`Image::open_with`].
     pub fn open(opts: &ImageOptions) -> Result<Image> {
+        Self::open_with(opts, &RbdOptions::default())
+    }
+
+    /// As [`Image::open`], with the connection settings of `rbd:` images that the spec does not
+    /// carry. An RBD image is connected to and opened within the timeout (10 s by default);
+    /// `@SNAP` or `opts.read_only` open it read-only; `opts.size` is ignored (the image has its
+    /// size); [`CacheMode::None`] turns librbd's cache off (`rbd_cache=false`),
+    /// [`CacheMode::Writeback`] on, and [`CacheMode::DontCache`] is refused.
+    pub fn open_with(opts: &ImageOptions, rbd_opts: &RbdOptions) -> Result<Image> {
+        if let Some(spec) = opts.path.to_str().filter(|p| RbdSpec::is_rbd(p)) {
+            return Self::open_rbd(opts, spec, rbd_opts);
+        }
         if let Some(spec) = null_spec(&opts.path) {
             return Self::open_null(opts, spec);
         }
@@ -211,6 +239,8 @@ impl Image {
             dontcache_on: AtomicBool::new(dontcache_supported),
             #[cfg(feature = "fault-injection")]
             faults: crate::fault::FaultInjector::from_env(),
+            #[cfg(feature = "rbd")]
+            rbd: None,
         };
         image.log_opened();
         Ok(image)
@@ -239,9 +269,77 @@ impl Image {
             dontcache_on: AtomicBool::new(false),
             #[cfg(feature = "fault-injection")]
             faults: crate::fault::FaultInjector::from_env(),
+            #[cfg(feature = "rbd")]
+            rbd: None,
         };
         image.log_opened();
         Ok(image)
+    }
+
+    fn open_rbd(opts: &ImageOptions, spec_str: &str, rbd_opts: &RbdOptions) -> Result<Image> {
+        let spec = RbdSpec::parse(spec_str)?;
+        if opts.cache == CacheMode::DontCache {
+            return Err(Error::RbdCache {
+                spec: spec.to_string(),
+                cache: opts.cache,
+            });
+        }
+        #[cfg(not(feature = "rbd"))]
+        {
+            let _ = rbd_opts;
+            Err(Error::RbdUnsupported {
+                spec: spec.to_string(),
+            })
+        }
+        #[cfg(feature = "rbd")]
+        {
+            let cluster = ::rbd::ClusterOptions {
+                conf: spec.conf.clone().or_else(|| rbd_opts.ceph_conf.clone()),
+                id: spec.id.clone(),
+                timeout: rbd_opts.timeout.unwrap_or(::rbd::DEFAULT_CONNECT_TIMEOUT),
+                settings: vec![(
+                    "rbd_cache".into(),
+                    (opts.cache == CacheMode::Writeback).to_string(),
+                )],
+            };
+            let rbd_spec = ::rbd::ImageSpec {
+                pool: spec.pool.clone(),
+                image: spec.image.clone(),
+                snap: spec.snap.clone(),
+            };
+            let rbd =
+                ::rbd::Image::open(&cluster, &rbd_spec, opts.read_only).map_err(|source| {
+                    Error::Rbd {
+                        context: format!("opening {spec}"),
+                        source: Box::new(source),
+                    }
+                })?;
+            if opts.size.is_some_and(|s| s != rbd.size()) {
+                warn!(
+                    "{spec}: the image has {} bytes; ignoring the requested size",
+                    rbd.size()
+                );
+            }
+            let image = Image {
+                path: PathBuf::from(spec_str),
+                backing: Backing::Rbd,
+                file: None,
+                buffered: None,
+                capacity: rbd.size(),
+                read_only: rbd.read_only(),
+                cache: opts.cache,
+                logical_block_size: 512,
+                dio_mem_align: 1,
+                dio_offset_align: 1,
+                dontcache_supported: false,
+                dontcache_on: AtomicBool::new(false),
+                #[cfg(feature = "fault-injection")]
+                faults: crate::fault::FaultInjector::from_env(),
+                rbd: Some(std::sync::Arc::new(rbd)),
+            };
+            image.log_opened();
+            Ok(image)
+        }
     }
 
     fn log_opened(&self) {
@@ -249,6 +347,7 @@ impl Image {
             Backing::File => "regular file",
             Backing::BlockDevice => "block device",
             Backing::Null => "null image",
+            Backing::Rbd => "RBD image",
         };
         info!(
             "{}: {what} of {} bytes{}, cache={}, eviction path {} (RWF_DONTCACHE {})",
@@ -283,6 +382,17 @@ impl Image {
     /// Whether the image is a null image.
     pub fn is_null(&self) -> bool {
         self.backing == Backing::Null
+    }
+
+    /// Whether the image is a Ceph RBD image (`rbd:`).
+    pub fn is_rbd(&self) -> bool {
+        self.backing == Backing::Rbd
+    }
+
+    /// The open RBD image, for the RBD engine.
+    #[cfg(feature = "rbd")]
+    pub fn rbd_image(&self) -> Option<&std::sync::Arc<::rbd::Image>> {
+        self.rbd.as_ref()
     }
 
     /// Whether the image was opened read-only.
@@ -323,6 +433,7 @@ impl Image {
     pub fn eviction_path(&self) -> EvictionPath {
         match (self.backing, self.cache) {
             (Backing::Null, _) => EvictionPath::Null,
+            (Backing::Rbd, _) => EvictionPath::Librbd,
             (_, CacheMode::None) => EvictionPath::Direct,
             (_, CacheMode::Writeback) => EvictionPath::PageCache,
             (_, CacheMode::DontCache) if self.dontcache_active() => EvictionPath::RwfDontCache,
@@ -347,7 +458,7 @@ impl Image {
         self.file.as_ref().map_or(-1, AsRawFd::as_raw_fd)
     }
 
-    /// `fdatasync` the image (FLUSH). A no-op on a null image.
+    /// `fdatasync` the image (FLUSH); `rbd_flush` an RBD image. A no-op on a null image.
     pub fn flush(&self) -> Result<()> {
         self.flush_io().map_err(|source| Error::Flush {
             path: self.path.clone(),
@@ -509,6 +620,10 @@ impl Image {
         mut flags: i32,
     ) -> io::Result<u32> {
         let total = iov::total_len(iov)?;
+        if self.backing == Backing::Rbd {
+            // RBD data moves through the RBD engine only.
+            return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+        }
         let Some(file) = &self.file else {
             if write && self.read_only {
                 return Err(io::Error::from_raw_os_error(libc::EBADF));
@@ -586,6 +701,10 @@ impl Image {
     }
 
     fn flush_io(&self) -> io::Result<()> {
+        #[cfg(feature = "rbd")]
+        if let Some(rbd) = &self.rbd {
+            return rbd.flush().map_err(io::Error::other);
+        }
         match &self.file {
             Some(file) => sys::fdatasync(file.as_raw_fd()),
             None => Ok(()),
@@ -663,6 +782,10 @@ impl Image {
     }
 
     fn null_modify(&self) -> io::Result<()> {
+        if self.backing == Backing::Rbd {
+            // RBD discards and write-zeroes go through the RBD engine only.
+            return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+        }
         if self.read_only {
             Err(io::Error::from_raw_os_error(libc::EBADF))
         } else {

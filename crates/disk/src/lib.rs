@@ -6,15 +6,16 @@
 //! to the kernel with [`Engine::commit`] and, when [`Engine::completion_fd`] becomes readable in
 //! its epoll loop, collects the results, buffers handed back, with [`Engine::reap`].
 //!
-//! - [`Image`] is the disk: a regular file (created sparse when missing), a block device, or a
-//!   null image for measuring the virtqueue path alone. It is shared as `Arc<Image>` by every queue
+//! - [`Image`] is the disk: a regular file (created sparse when missing), a block device, a
+//!   null image for measuring the virtqueue path alone, or a Ceph RBD image (`rbd:POOL/IMAGE`). It is shared as `Arc<Image>` by every queue
 //!   thread and by the deferred workers, which call its synchronous operations
 //!   ([`Image::flush`], [`Image::writeback_and_evict`], ...).
 //! - [`CacheMode`] selects O_DIRECT, buffered, or buffered with drop-behind (`RWF_DONTCACHE`,
 //!   probed once at open, or the `sync_file_range` + `POSIX_FADV_DONTNEED` fallback).
-//! - Two engines: io_uring (one ring per queue thread) and a synchronous one for hosts without
-//!   io_uring. Neither allocates per request while the requests in flight stay within the queue
-//!   depth given to [`new_engine`].
+//! - Three engines: io_uring (one ring per queue thread), a synchronous one for hosts without
+//!   io_uring, and, for `rbd:` images (the `rbd` feature), librbd's asynchronous API. None
+//!   allocates per request while the requests in flight stay within the queue depth given to
+//!   [`new_engine`] (librbd itself allocates a completion object per request).
 //!
 //! With the `fault-injection` feature, an image can be told to fail I/O that touches a range of
 //! sectors with `EIO` (see `Image::set_fail_sectors`), for the fault tests.
@@ -33,6 +34,7 @@ mod buffers;
 mod fault;
 mod image;
 mod iov;
+mod rbd_image;
 mod sync_engine;
 mod sys;
 #[cfg(test)]
@@ -41,6 +43,9 @@ mod uring;
 
 pub use buffers::{IoBuffers, MemoryGuard};
 pub use image::{parse_size, resident_bytes_of, EvictionPath, Image, ImageOptions};
+#[cfg(feature = "rbd")]
+pub use rbd_image::RbdEngine;
+pub use rbd_image::{RbdOptions, RbdSpec, RBD_PREFIX};
 pub use sync_engine::SyncEngine;
 pub use uring::UringEngine;
 
@@ -166,6 +171,38 @@ pub enum Error {
         /// The underlying error.
         source: io::Error,
     },
+    /// An `rbd:` image spec is malformed.
+    #[error("invalid RBD image spec {spec:?}: {reason}")]
+    RbdSpec {
+        /// The spec as given (shortened when long).
+        spec: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An `rbd:` image was asked of a build without the `rbd` feature.
+    #[error("{spec}: this build has no RBD support (built without the rbd feature)")]
+    RbdUnsupported {
+        /// The spec.
+        spec: String,
+    },
+    /// A cache mode that has no meaning for RBD images.
+    #[error("{spec}: --cache {cache} has no meaning for RBD images (librbd has no page-cache drop-behind); use none (rbd_cache=false) or writeback (rbd_cache=true)")]
+    RbdCache {
+        /// The spec.
+        spec: String,
+        /// The refused cache mode.
+        cache: CacheMode,
+    },
+    /// Connecting to the cluster, opening or flushing an RBD image failed.
+    #[cfg(feature = "rbd")]
+    #[error("{context}: {source}")]
+    Rbd {
+        /// What was being done.
+        context: String,
+        /// The librbd error, which names the cluster, pool or image (boxed: it is large, and
+        /// every `Result` of this crate would carry its size).
+        source: Box<::rbd::Error>,
+    },
     /// `io_uring_enter` failed for a reason other than a full ring.
     #[error("submitting to the io_uring of {path}: {source}")]
     Submit {
@@ -223,6 +260,8 @@ pub enum EngineKind {
     IoUring,
     /// Blocking `preadv2`/`pwritev2` on the queue thread, for hosts without io_uring.
     Sync,
+    /// librbd's asynchronous API: always used for `rbd:` images, never for files.
+    Rbd,
 }
 
 impl FromStr for EngineKind {
@@ -242,6 +281,7 @@ impl fmt::Display for EngineKind {
         f.write_str(match self {
             EngineKind::IoUring => "io-uring",
             EngineKind::Sync => "sync",
+            EngineKind::Rbd => "rbd",
         })
     }
 }
@@ -365,8 +405,13 @@ pub fn new_engine(
     image: Arc<Image>,
     queue_depth: u32,
 ) -> Result<Box<dyn Engine>> {
+    // An RBD image has one engine, whatever was asked; a file never gets it.
+    #[cfg(feature = "rbd")]
+    if let Some(rbd) = image.rbd_image() {
+        return Ok(Box::new(RbdEngine::new(rbd.clone(), queue_depth)?));
+    }
     Ok(match kind {
-        EngineKind::IoUring => Box::new(UringEngine::new(image, queue_depth)?),
+        EngineKind::IoUring | EngineKind::Rbd => Box::new(UringEngine::new(image, queue_depth)?),
         EngineKind::Sync => Box::new(SyncEngine::new(image, queue_depth)?),
     })
 }
