@@ -65,13 +65,26 @@ pub struct BackendArgs {
     #[arg(long)]
     pub print_capabilities: bool,
 
-    /// The disk image: a regular file, a block device, or `null:SIZE` (no I/O, for benchmarks).
+    /// The disk image: a regular file, a block device, `null:SIZE` (no I/O, for benchmarks), or
+    /// a Ceph RBD image `rbd:POOL/IMAGE[@SNAP][:conf=PATH][:id=USER]` (a snapshot is served
+    /// read-only).
     #[arg(
         long,
         value_name = "PATH",
-        required_unless_present = "print_capabilities"
+        required_unless_present = "print_capabilities",
+        value_parser = BlkFileParser
     )]
     pub blk_file: Option<PathBuf>,
+
+    /// The Ceph config file for `rbd:` images whose spec has no `conf=` (default: librados's
+    /// search, /etc/ceph/ceph.conf).
+    #[arg(long, value_name = "PATH")]
+    pub ceph_conf: Option<PathBuf>,
+
+    /// How long reaching the Ceph cluster and opening an `rbd:` image may take before the
+    /// backend gives up, in seconds (librados's client_mount_timeout and rados_mon_op_timeout).
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub rbd_timeout: u64,
 
     /// Expose the disk read-only to the guest (and open the image read-only).
     #[arg(long)]
@@ -90,6 +103,7 @@ pub struct BackendArgs {
     pub queue_size: u16,
 
     /// Host cache mode: none (O_DIRECT), writeback (buffered) or dontcache (buffered, dropped behind).
+    /// For `rbd:` images: none (librbd's cache off) or writeback (rbd_cache=true, flushes honoured).
     #[arg(long, default_value = "none")]
     pub cache: CacheMode,
 
@@ -202,6 +216,39 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size '{s}' is too large"))
 }
 
+/// `--blk-file`: any path, with `rbd:` specs checked here so that a bad one is a usage error
+/// (exit status 2). The error quotes the spec shortened, not clap's verbatim echo of it, which
+/// could be kilobytes long.
+#[derive(Clone, Copy, Debug)]
+struct BlkFileParser;
+
+impl clap::builder::TypedValueParser for BlkFileParser {
+    type Value = PathBuf;
+
+    fn parse_ref(
+        &self,
+        _cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<PathBuf, clap::Error> {
+        let usage = |msg: String| {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("--blk-file: {msg}\n"),
+            )
+        };
+        if let Some(s) = value.to_str().filter(|s| disk::RbdSpec::is_rbd(s)) {
+            disk::RbdSpec::parse(s).map_err(|e| usage(e.to_string()))?;
+            if !cfg!(feature = "rbd") {
+                return Err(usage(format!(
+                    "{s}: this build has no RBD support (built without the rbd feature)"
+                )));
+            }
+        }
+        Ok(PathBuf::from(value))
+    }
+}
+
 fn parse_queue_map(s: &str) -> Result<QueueMap, String> {
     // The queue count is checked against --num-queues at start; 64 is the most we serve.
     QueueMap::parse(s, 64).map_err(|e| e.to_string())
@@ -311,6 +358,34 @@ mod tests {
             "/tmp/i",
         ];
         assert!(Cli::try_parse_from(bad.iter().chain(&["--seccomp", "trap"])).is_err());
+    }
+
+    #[test]
+    fn rbd_specs_are_checked_at_parse_time() {
+        let parse = |spec: &str| {
+            Cli::try_parse_from([
+                "vhost-user-blk",
+                "--socket-path",
+                "/tmp/s",
+                "--blk-file",
+                spec,
+            ])
+        };
+        let cli = parse("rbd:pool/img@snap:conf=/c:id=u").expect("a valid spec");
+        assert_eq!(
+            cli.backend.blk_file.as_deref(),
+            Some(std::path::Path::new("rbd:pool/img@snap:conf=/c:id=u"))
+        );
+        assert_eq!(cli.backend.rbd_timeout, 10);
+        for bad in ["rbd:", "rbd:/img", "rbd:pool/img:bogus=1"] {
+            let e = parse(bad).expect_err(bad);
+            assert_eq!(e.exit_code(), 2, "{bad}");
+            assert!(e.to_string().contains("invalid RBD image spec"), "{e}");
+        }
+        let long = format!("rbd:p/{}", "i".repeat(4096));
+        assert_eq!(parse(&long).expect_err("4 KiB spec").exit_code(), 2);
+        // A file name merely containing "rbd" is a file.
+        assert!(parse("/var/lib/rbd:x").is_ok());
     }
 
     #[test]

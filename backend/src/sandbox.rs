@@ -31,6 +31,11 @@
 //! (`type=1326 … syscall=N`, in `dmesg` or the audit log); `--seccomp log` lets every call
 //! through and logs those outside the list instead, which is how to find a missing one.
 //!
+//! With an RBD image, librados and librbd run threads of their own, started when the image is
+//! opened (before Landlock: kernels before 7.0 leave them unconfined by it). They reach the
+//! cluster over TCP, so Landlock then leaves TCP `connect` allowed ([`FileAccess::tcp_connect`])
+//! and the filter adds what a Ceph client calls ([`SeccompExtras::ceph_client`]).
+//!
 //! io_uring requests are not seen by seccomp; the rings only ever carry reads, writes, fsyncs
 //! and fallocates of the image, and Landlock still confines what a ring could open.
 
@@ -113,6 +118,9 @@ pub struct FileAccess {
     pub image: Option<PathBuf>,
     /// Whether the image may be opened for writing.
     pub image_writable: bool,
+    /// Whether TCP connections stay allowed: an RBD image's librados connects to the Ceph
+    /// monitors and OSDs, again whenever a session drops. TCP `bind` stays denied.
+    pub tcp_connect: bool,
     /// Directories where a unix socket is still to be bound (a stale one replaced first) and is
     /// removed at exit: the vhost-user socket's and the control socket's.
     pub socket_dirs: Vec<PathBuf>,
@@ -181,7 +189,13 @@ fn landlock_ruleset(access: &FileAccess) -> Result<RestrictionStatus> {
 
     let mut ruleset = Ruleset::default()
         .handle_access(AccessFs::from_all(LANDLOCK_FS_ABI))
-        .and_then(|r| r.handle_access(AccessNet::from_all(ABI::V4)))
+        .and_then(|r| {
+            r.handle_access(if access.tcp_connect {
+                AccessNet::BindTcp.into()
+            } else {
+                AccessNet::from_all(ABI::V4)
+            })
+        })
         .and_then(|r| r.scope(Scope::from_all(ABI::V6)))
         .and_then(|r| r.create())
         .map_err(err("creating the ruleset".into()))?;
@@ -258,11 +272,16 @@ fn log_landlock_status(status: &RestrictionStatus, access: &FileAccess) {
             .map(|d| format!("{}/ (socket connect)", d.display())),
     );
     info!(
-        "Landlock ABI {abi} {how}: file access confined to {}; no TCP",
+        "Landlock ABI {abi} {how}: file access confined to {}; {}",
         if allowed.is_empty() {
             "nothing".to_string()
         } else {
             allowed.join(", ")
+        },
+        if access.tcp_connect {
+            "TCP connect allowed (RBD), no TCP bind"
+        } else {
+            "no TCP"
         }
     );
 }
@@ -272,11 +291,27 @@ fn log_landlock_status(status: &RestrictionStatus, access: &FileAccess) {
 ///
 /// This also sets `PR_SET_NO_NEW_PRIVS`. Fails if a thread already has a different filter.
 pub fn apply_seccomp(mode: SeccompMode) -> Result<()> {
+    apply_seccomp_with(mode, SeccompExtras::default())
+}
+
+/// What the seccomp filter allows beyond the backend's own system calls.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SeccompExtras {
+    /// librados's and librbd's threads, serving an RBD image: TCP sockets to the monitors and
+    /// OSDs (`socket(AF_INET/AF_INET6)`, any `setsockopt`, `getsockopt`, `getsockname`,
+    /// `getpeername`), `uname` (its timers read the host name), and `accept`/`poll` for its
+    /// admin socket, which it binds before the filter is on. Found with `--seccomp log` over the
+    /// RBD end-to-end tests.
+    pub ceph_client: bool,
+}
+
+/// As [`apply_seccomp`], allowing `extras` as well.
+pub fn apply_seccomp_with(mode: SeccompMode, extras: SeccompExtras) -> Result<()> {
     if mode == SeccompMode::Off {
         warn!("seccomp is off (--seccomp off): system calls are not filtered");
         return Ok(());
     }
-    let programs = seccomp_programs(mode)?;
+    let programs = seccomp_programs_with(mode, extras)?;
     for program in &programs {
         seccompiler::apply_filter_all_threads(program)
             .map_err(|e| seccomp_error("installing the filter on every thread", e))?;
@@ -285,7 +320,7 @@ pub fn apply_seccomp(mode: SeccompMode) -> Result<()> {
         SeccompMode::On => info!(
             "seccomp filter on ({} system calls allowed): any other kills the process with \
              SIGSYS (see the audit log or dmesg, type=1326)",
-            allowed_syscalls()?.len()
+            allowed_syscalls_with(extras)?.len()
         ),
         _ => warn!(
             "seccomp filter in log mode: system calls outside the allowlist are allowed and \
@@ -303,6 +338,11 @@ pub fn apply_seccomp(mode: SeccompMode) -> Result<()> {
 /// two. With [`SeccompMode::Log`], the allowlist alone, logging anything else (`open`/`openat`
 /// included).
 pub fn seccomp_programs(mode: SeccompMode) -> Result<Vec<BpfProgram>> {
+    seccomp_programs_with(mode, SeccompExtras::default())
+}
+
+/// As [`seccomp_programs`], allowing `extras` as well.
+pub fn seccomp_programs_with(mode: SeccompMode, extras: SeccompExtras) -> Result<Vec<BpfProgram>> {
     let arch = TargetArch::try_from(std::env::consts::ARCH)
         .map_err(|e| seccomp_error("no filter for this architecture", e))?;
     let compile = |rules, mismatch, matched| {
@@ -310,7 +350,7 @@ pub fn seccomp_programs(mode: SeccompMode) -> Result<Vec<BpfProgram>> {
             .and_then(BpfProgram::try_from)
             .map_err(|e| seccomp_error("compiling the filter", e))
     };
-    let mut allowed = allowed_syscalls()?;
+    let mut allowed = allowed_syscalls_with(extras)?;
     match mode {
         SeccompMode::Off => Ok(Vec::new()),
         SeccompMode::Log => Ok(vec![compile(
@@ -385,6 +425,34 @@ fn arg_without(arg: u8, bits: u64) -> Result<Vec<SeccompRule>> {
         SeccompCmpOp::MaskedEq(bits),
         0,
     )?])?])
+}
+
+/// The allowlist with `extras` added.
+pub fn allowed_syscalls_with(extras: SeccompExtras) -> Result<BTreeMap<i64, Vec<SeccompRule>>> {
+    let mut map = allowed_syscalls()?;
+    if extras.ceph_client {
+        let ip = [
+            libc::AF_UNIX as u64,
+            libc::AF_INET as u64,
+            libc::AF_INET6 as u64,
+        ];
+        map.insert(libc::SYS_socket, arg_in(0, &ip)?);
+        for nr in [
+            libc::SYS_setsockopt,
+            libc::SYS_getsockopt,
+            libc::SYS_getsockname,
+            libc::SYS_getpeername,
+            libc::SYS_uname,
+            libc::SYS_ppoll,
+        ] {
+            map.insert(nr, Vec::new());
+        }
+        #[cfg(target_arch = "x86_64")]
+        for nr in [libc::SYS_accept, libc::SYS_poll] {
+            map.insert(nr, Vec::new());
+        }
+    }
+    Ok(map)
 }
 
 /// The allowlist: each system call the backend makes after setup, with the conditions on its
@@ -528,6 +596,29 @@ mod tests {
         assert!(on
             .iter()
             .all(|p| !p.is_empty() && p.len() < usize::from(u16::MAX)));
+    }
+
+    #[test]
+    fn tcp_sockets_and_uname_only_for_a_ceph_client() {
+        let plain = allowed_syscalls().expect("allowlist");
+        let ceph = allowed_syscalls_with(SeccompExtras { ceph_client: true }).expect("ceph");
+        for nr in [libc::SYS_uname, libc::SYS_getsockname, libc::SYS_getsockopt] {
+            assert!(
+                !plain.contains_key(&nr) && ceph.contains_key(&nr),
+                "syscall {nr}"
+            );
+        }
+        // socket() stays conditioned on the family: AF_UNIX, plus AF_INET/AF_INET6 for Ceph.
+        assert_eq!(plain[&libc::SYS_socket].len(), 1);
+        assert_eq!(ceph[&libc::SYS_socket].len(), 3);
+        for nr in [
+            libc::SYS_execve,
+            libc::SYS_openat,
+            libc::SYS_bind,
+            libc::SYS_listen,
+        ] {
+            assert!(!ceph.contains_key(&nr), "syscall {nr} stays out for Ceph");
+        }
     }
 
     #[test]

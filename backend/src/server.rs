@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use disk::{CacheMode, Image, ImageOptions};
+use disk::{CacheMode, EngineKind, Image, ImageOptions, RbdOptions};
 use log::{error, info, warn};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
@@ -55,14 +55,28 @@ pub fn run(args: &BackendArgs) -> Result<()> {
         return Err(Error::Daemon("--blk-file is required".into()));
     };
     let image = Arc::new(
-        Image::open(&ImageOptions {
-            path: blk_file,
-            read_only: args.read_only,
-            cache: args.cache,
-            size: args.size,
-        })
+        Image::open_with(
+            &ImageOptions {
+                path: blk_file,
+                read_only: args.read_only,
+                cache: args.cache,
+                size: args.size,
+            },
+            &RbdOptions {
+                ceph_conf: args.ceph_conf.clone(),
+                timeout: Some(Duration::from_secs(args.rbd_timeout)),
+            },
+        )
         .map_err(|source| Error::Image { source })?,
     );
+    // An RBD image has its own engine; --io-engine chooses among the file engines.
+    let engine = if image.is_rbd() {
+        EngineKind::Rbd
+    } else {
+        args.io_engine
+    };
+    // A snapshot is served read-only even without --read-only.
+    let read_only = args.read_only || image.read_only();
     if args.dontcache_eviction == "fallback" && args.cache == CacheMode::DontCache {
         image.force_dontcache_fallback();
     }
@@ -72,10 +86,10 @@ pub fn run(args: &BackendArgs) -> Result<()> {
     let settings = DeviceSettings {
         num_queues: args.num_queues,
         queue_size: args.queue_size,
-        read_only: args.read_only,
+        read_only,
         logical_block_size: args.logical_block_size,
         serial,
-        engine: args.io_engine,
+        engine,
         defer_delay: Duration::from_micros(args.defer_delay_us),
         defer_max_bytes: args.defer_max_bytes,
         page_cache_budget: args.page_cache_budget,
@@ -87,10 +101,10 @@ pub fn run(args: &BackendArgs) -> Result<()> {
         "image {} ({} bytes{}), cache {} (eviction path {}), engine {}, {} queue(s) of {}, deferred completion delay {} us (at once from {} bytes), polling {} us{}",
         image.path().display(),
         image.capacity(),
-        if args.read_only { ", read-only" } else { "" },
+        if read_only { ", read-only" } else { "" },
         args.cache,
         image.eviction_path(),
-        args.io_engine,
+        engine,
         args.num_queues,
         args.queue_size,
         args.defer_delay_us,
@@ -125,8 +139,8 @@ pub fn run(args: &BackendArgs) -> Result<()> {
                 image: image.path().display().to_string(),
                 capacity: image.capacity(),
                 cache: args.cache.to_string(),
-                engine: args.io_engine.to_string(),
-                read_only: args.read_only,
+                engine: engine.to_string(),
+                read_only,
                 eviction_path: image.eviction_path().to_string(),
             },
         )?;
@@ -136,7 +150,12 @@ pub fn run(args: &BackendArgs) -> Result<()> {
     let lifecycle = Arc::new(Mutex::new(Lifecycle::default()));
     spawn_signal_thread(lifecycle.clone(), socket_file)?;
     // Set up: from here on, every thread (and each connection's) runs under the filter.
-    sandbox::apply_seccomp(args.seccomp)?;
+    sandbox::apply_seccomp_with(
+        args.seccomp,
+        sandbox::SeccompExtras {
+            ceph_client: image.is_rbd(),
+        },
+    )?;
     info!("listening on {socket_name}");
 
     loop {
@@ -233,8 +252,10 @@ fn serve_one(
 /// vhost-user and control sockets are bound (and removed at exit), the QMP socket's directory.
 fn file_access(args: &BackendArgs, image: &Image) -> FileAccess {
     let mut access = FileAccess {
-        image: (!image.is_null()).then(|| image.path().to_owned()),
+        // An RBD image is no file: librados reaches the cluster over TCP instead.
+        image: (!image.is_null() && !image.is_rbd()).then(|| image.path().to_owned()),
         image_writable: !image.read_only(),
+        tcp_connect: image.is_rbd(),
         ..FileAccess::default()
     };
     for path in [&args.socket_path, &args.control].into_iter().flatten() {
