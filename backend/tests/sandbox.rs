@@ -82,6 +82,7 @@ fn sandbox_probe() {
                 image_writable: true,
                 socket_dirs: vec![dir.join("sockets")],
                 connect_dirs: Vec::new(),
+                tcp_connect: false,
             };
             sandbox::restrict_file_access(LandlockMode::On, &access).expect("landlock");
             let rw = |p: &Path| {

@@ -1,0 +1,393 @@
+//! RBD images end to end: the backend serves `rbd:` images of a real single-node Ceph cluster
+//! (`rbd::testing`, one per test binary, started by the first test that needs it) to the
+//! in-process frontend, and the tests check what a guest sees and what the cluster holds
+//! (`rbd export`): data, flush, discard, write-zeroes, GET_ID, read-only images and snapshots,
+//! a cluster failing requests, two backends handing the image over, and the start-up errors.
+
+#![cfg(feature = "rbd")]
+// A test may unwrap: a failure is the test failing.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
+
+use common::blk::{self, feature};
+use common::{pattern, socket_path, Backend, Segment, TempDir, SECTOR_SIZE, S_IOERR, S_OK};
+use rbd::testing::{TestCluster, POOL};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-blk");
+
+/// Tests share one cluster; the one that freezes its OSD runs alone (the others would stall).
+static CLUSTER_USE: RwLock<()> = RwLock::new(());
+
+fn shared_cluster() -> (RwLockReadGuard<'static, ()>, &'static TestCluster) {
+    let guard = CLUSTER_USE.read().unwrap_or_else(|e| e.into_inner());
+    (guard, TestCluster::shared())
+}
+
+fn exclusive_cluster() -> (RwLockWriteGuard<'static, ()>, &'static TestCluster) {
+    let guard = CLUSTER_USE.write().unwrap_or_else(|e| e.into_inner());
+    (guard, TestCluster::shared())
+}
+
+/// Start the backend on `rbd:rbd/IMAGE:conf=...` with `extra` options.
+fn spawn_rbd(image: &str, conf: Option<PathBuf>, extra: &[&str]) -> Backend {
+    let c = TestCluster::shared();
+    let dir = TempDir::new("rbd");
+    let socket = socket_path(&dir, "vhost.sock");
+    let conf = conf.unwrap_or_else(|| c.conf().to_owned());
+    let spec = format!("rbd:{POOL}/{image}:conf={}", conf.display());
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--socket-path")
+        .arg(&socket)
+        .arg("--blk-file")
+        .arg(&spec)
+        .args(extra);
+    if std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("RUST_LOG", "info");
+    }
+    Backend::start(cmd, dir, socket, PathBuf::from(spec), None)
+}
+
+/// Stop a backend with SIGTERM and wait for it, so that it closes the image and releases its
+/// exclusive lock: after a SIGKILL the next writer waits for the dead owner's watch to expire
+/// (30 s by default), as it would after a crash.
+fn stop(mut b: Backend) {
+    // SAFETY: signalling our own child by its pid.
+    unsafe { libc::kill(b.pid() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while b.is_running() {
+        assert!(
+            Instant::now() < deadline,
+            "backend ignored SIGTERM:\n{}",
+            b.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn data_flush_and_get_id_round_trip_through_the_cluster() {
+    let (_shared, c) = shared_cluster();
+    for cache in ["none", "writeback"] {
+        let image = format!("rw-{cache}");
+        c.create_image(&image, 16 << 20);
+        let b = spawn_rbd(
+            &image,
+            None,
+            &[
+                "--num-queues",
+                "2",
+                "--cache",
+                cache,
+                "--serial",
+                "rbd-e2e-1",
+            ],
+        );
+        let mut d = b.connect_queues(2);
+        assert_eq!(d.capacity_bytes(), 16 << 20, "capacity from the image");
+        assert!(b.log().contains("engine rbd"), "the RBD engine serves it");
+        let seed = if cache == "none" { 1 } else { 100 };
+        // Two queues, several objects (4 MiB each), a request across an object boundary.
+        let writes = [
+            (0usize, 0u64, 64usize << 10),
+            (1, 8192 - 16, 16 << 10),
+            (0, (4 << 20) / 512 * 3 - 8, 128 << 10),
+        ];
+        for (i, &(q, sector, len)) in writes.iter().enumerate() {
+            let w = d.write(q, sector, &pattern(seed + i as u64, len));
+            assert_eq!(w.status, S_OK, "write {i} ({cache})");
+        }
+        assert_eq!(d.flush(1).status, S_OK, "flush ({cache})");
+        for (i, &(q, sector, len)) in writes.iter().enumerate() {
+            let r = d.read(1 - q, sector, len as u32);
+            assert_eq!(r.status, S_OK, "read {i} ({cache})");
+            assert!(
+                r.data == pattern(seed + i as u64, len),
+                "read {i} back ({cache})"
+            );
+        }
+        let id = d.get_id(0, blk::ID_BYTES as u32);
+        assert_eq!(id.status, S_OK);
+        assert_eq!(&id.data[..9], b"rbd-e2e-1");
+        // What the cluster holds, seen by another client, after the flush.
+        let exported = c.export(&image);
+        for (i, &(_, sector, len)) in writes.iter().enumerate() {
+            let at = (sector * SECTOR_SIZE) as usize;
+            assert!(
+                exported[at..at + len] == pattern(seed + i as u64, len)[..],
+                "write {i} in the exported image ({cache})"
+            );
+        }
+        drop(d);
+        stop(b);
+    }
+}
+
+#[test]
+fn write_zeroes_and_discard_reach_the_image() {
+    let (_shared, c) = shared_cluster();
+    c.create_image("zero", 8 << 20);
+    let b = spawn_rbd("zero", None, &[]);
+    let mut d = b.connect_queues(1);
+    let data = pattern(7, 256 << 10);
+    assert_eq!(d.write(0, 0, &data).status, S_OK);
+    for (unmap, sector) in [(false, 8u64), (true, 200)] {
+        let z = d.write_zeroes(0, &[Segment::new(sector, 16)], unmap);
+        assert_eq!(z.status, S_OK, "write-zeroes unmap={unmap}");
+        let r = d.read(0, sector, 16 * 512);
+        assert!(r.data.iter().all(|&x| x == 0), "zeroes read back");
+    }
+    // Discard a whole object's worth: advisory, but it must succeed and not touch neighbours.
+    assert_eq!(
+        d.discard(0, &[Segment::new((4 << 20) / 512, 8192)]).status,
+        S_OK
+    );
+    assert_eq!(d.flush(0).status, S_OK);
+    let exported = c.export("zero");
+    let mut expect = data.clone();
+    for sector in [8usize, 200] {
+        expect[sector * 512..(sector + 16) * 512].fill(0);
+    }
+    assert!(
+        exported[..data.len()] == expect[..],
+        "zeroed ranges, and only them, in the exported image"
+    );
+}
+
+#[test]
+fn read_only_and_snapshots_refuse_writes() {
+    let (_shared, c) = shared_cluster();
+    c.create_image("ro", 4 << 20);
+    // Fill the image through the backend, snapshot it, then change it.
+    let first = pattern(21, 8192);
+    {
+        let b = spawn_rbd("ro", None, &[]);
+        let mut d = b.connect_queues(1);
+        assert_eq!(d.write(0, 0, &first).status, S_OK);
+        assert_eq!(d.flush(0).status, S_OK);
+        drop(d);
+        stop(b);
+    }
+    c.rbd(&["snap", "create", &format!("{POOL}/ro@s1")]);
+    {
+        let b = spawn_rbd("ro", None, &[]);
+        let mut d = b.connect_queues(1);
+        assert_eq!(d.write(0, 0, &pattern(22, 8192)).status, S_OK);
+        assert_eq!(d.flush(0).status, S_OK);
+        drop(d);
+        stop(b);
+    }
+
+    for (image, what) in [("ro@s1", "snapshot"), ("ro", "--read-only")] {
+        let extra: &[&str] = if what == "--read-only" {
+            &["--read-only"]
+        } else {
+            &[]
+        };
+        let b = spawn_rbd(image, None, extra);
+        let mut d = b.connect_queues(1);
+        assert!(
+            d.offered_features & feature::RO != 0,
+            "{what}: VIRTIO_BLK_F_RO"
+        );
+        let r = d.read(0, 0, 8192);
+        assert_eq!(r.status, S_OK, "{what}: reads work");
+        let expect = if what == "snapshot" {
+            first.clone()
+        } else {
+            pattern(22, 8192)
+        };
+        assert!(r.data == expect, "{what}: the right content");
+        let w = d.write(0, 0, &pattern(23, 4096));
+        assert_eq!((w.status, w.used_len), (S_IOERR, 1), "{what}: OUT refused");
+        let z = d.write_zeroes(0, &[Segment::new(0, 8)], false);
+        assert_eq!(z.status, S_IOERR, "{what}: WRITE_ZEROES refused");
+    }
+    assert!(
+        c.export("ro")[..8192] == pattern(22, 8192)[..],
+        "the image is unchanged by the refused writes"
+    );
+}
+
+#[test]
+fn a_stalled_osd_fails_only_the_requests_it_stalls_and_serving_resumes() {
+    let (_alone, c) = exclusive_cluster();
+    c.create_image("fail", 4 << 20);
+    // A client config with a short OSD timeout: requests stalled longer fail with ETIMEDOUT.
+    let dir = TempDir::new("rbd-conf");
+    let conf = dir.path().join("client.conf");
+    let mut text = std::fs::read_to_string(c.conf()).unwrap();
+    text.push_str("\n[client]\nrados osd op timeout = 3\n");
+    std::fs::write(&conf, text).unwrap();
+
+    let b = spawn_rbd("fail", Some(conf), &[]);
+    let mut d = b.connect_queues(1);
+    let before = pattern(31, 4096);
+    assert_eq!(d.write(0, 0, &before).status, S_OK);
+
+    c.set_osd_frozen(true);
+    let t0 = Instant::now();
+    let r = d.read(0, 0, 4096);
+    let waited = t0.elapsed();
+    c.set_osd_frozen(false);
+    assert_eq!(
+        r.status, S_IOERR,
+        "a read the OSD never answers fails after the timeout"
+    );
+    assert!(
+        waited >= Duration::from_secs(2),
+        "it failed by the timeout ({waited:?}), not at once"
+    );
+
+    // The OSD is back: the same device keeps serving.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = d.read(0, 0, 4096);
+        if r.status == S_OK {
+            assert!(r.data == before, "the data survived");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "reads still fail 30 s after the OSD came back"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let after = pattern(32, 4096);
+    assert_eq!(d.write(0, 8, &after).status, S_OK, "writes work again");
+    assert_eq!(d.flush(0).status, S_OK);
+    assert!(c.export("fail")[4096..8192] == after[..]);
+}
+
+#[test]
+fn two_backends_hand_the_image_over() {
+    let (_shared, c) = shared_cluster();
+    c.create_image("handover", 4 << 20);
+    let a = spawn_rbd("handover", None, &[]);
+    let mut da = a.connect_queues(1);
+    assert_eq!(da.write(0, 0, &pattern(41, 4096)).status, S_OK);
+    assert_eq!(da.flush(0).status, S_OK);
+
+    // A second process writes: librbd asks the first for the exclusive lock and gets it.
+    let b = spawn_rbd("handover", None, &[]);
+    let mut db = b.connect_queues(1);
+    let r = db.read(0, 0, 4096);
+    assert!(
+        r.status == S_OK && r.data == pattern(41, 4096),
+        "B sees A's data"
+    );
+    assert_eq!(db.write(0, 8, &pattern(42, 4096)).status, S_OK);
+    assert_eq!(db.flush(0).status, S_OK);
+
+    // And back: A writes again, after B.
+    let r = da.read(0, 8, 4096);
+    assert!(
+        r.status == S_OK && r.data == pattern(42, 4096),
+        "A sees B's data"
+    );
+    assert_eq!(da.write(0, 16, &pattern(43, 4096)).status, S_OK);
+    assert_eq!(da.flush(0).status, S_OK);
+    drop(db);
+    stop(b);
+
+    let exported = c.export("handover");
+    for (i, seed) in [41u64, 42, 43].into_iter().enumerate() {
+        assert!(
+            exported[i * 4096..(i + 1) * 4096] == pattern(seed, 4096)[..],
+            "write {i} in the image"
+        );
+    }
+}
+
+/// Run the backend to its exit; returns (status code, stderr).
+fn run_to_exit(args: &[&str]) -> (Option<i32>, String, Duration) {
+    let dir = TempDir::new("rbd-exit");
+    let socket = socket_path(&dir, "vhost.sock");
+    let t0 = Instant::now();
+    let out = Command::new(BIN)
+        .arg("--socket-path")
+        .arg(&socket)
+        .args(args)
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        t0.elapsed(),
+    )
+}
+
+#[test]
+fn bad_specs_exit_with_status_2_and_say_why() {
+    let long = format!("rbd:rbd/{}", "x".repeat(4096));
+    for (spec, says) in [
+        ("rbd:", "no POOL/IMAGE after rbd:"),
+        ("rbd:/img", "empty pool name"),
+        ("rbd:img", "the pool is required"),
+        ("rbd:rbd/img:cache=on", "unknown option \"cache\""),
+        (long.as_str(), "longer than 1024 bytes"),
+    ] {
+        let (code, stderr, _) = run_to_exit(&["--blk-file", spec]);
+        assert_eq!(code, Some(2), "{spec:.40}: {stderr}");
+        assert!(stderr.contains(says), "{spec:.40}: {stderr}");
+        assert!(
+            stderr.len() < 400 && stderr.trim().lines().count() <= 3,
+            "a short message: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn missing_images_pools_and_clusters_stop_the_start_with_one_line() {
+    let (_shared, c) = shared_cluster();
+    let conf = c.conf().display().to_string();
+    let unreachable = TempDir::new("rbd-dead");
+    let dead_conf = unreachable.path().join("ceph.conf");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::write(
+        &dead_conf,
+        format!("[global]\nmon host = v2:127.0.0.1:{port}\nauth client required = none\n"),
+    )
+    .unwrap();
+    let dead = dead_conf.display().to_string();
+    for (spec, extra, says) in [
+        (
+            format!("rbd:rbd/absent:conf={conf}"),
+            vec![],
+            "RBD image rbd/absent: no such image",
+        ),
+        (
+            format!("rbd:nopool/x:conf={conf}"),
+            vec![],
+            "Ceph pool \"nopool\": no such pool",
+        ),
+        (
+            format!("rbd:rbd/x:conf={dead}"),
+            vec!["--rbd-timeout", "2"],
+            "no monitor answered within 2 s",
+        ),
+        (
+            format!("rbd:rbd/x:conf={conf}"),
+            vec!["--cache", "dontcache"],
+            "--cache dontcache has no meaning for RBD images",
+        ),
+    ] {
+        let mut args = vec!["--blk-file", spec.as_str()];
+        args.extend(extra);
+        let (code, stderr, took) = run_to_exit(&args);
+        assert_eq!(code, Some(1), "{spec}: {stderr}");
+        assert!(stderr.contains(says), "{spec}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+        assert!(took < Duration::from_secs(10), "{spec}: took {took:?}");
+    }
+}
