@@ -104,9 +104,6 @@ auth service required = none
 auth client required = none
 auth supported = none
 run dir = $dir/run
-admin socket = $dir/run/\$name.asok
-pid file = $dir/run/\$name.pid
-log file = $dir/log/\$name.log
 crash dir = $dir/crash
 keyring = /dev/null
 osd pool default size = 1
@@ -125,6 +122,18 @@ osd max object namespace len = 64
 # Few threads: the machine running the tests is small.
 osd op num shards = 1
 osd op num threads per shard = 2
+[mon]
+admin socket = $dir/run/\$name.asok
+pid file = $dir/run/\$name.pid
+log file = $dir/log/\$name.log
+[osd]
+admin socket = $dir/run/\$name.asok
+pid file = $dir/run/\$name.pid
+log file = $dir/log/\$name.log
+[client]
+# Many clients (backends, rbd commands) run at once: no shared admin socket or log file.
+admin socket =
+log file =
 [mon.a]
 mon data = $dir/mon
 [osd.0]
