@@ -28,8 +28,8 @@ use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::ptr;
-use std::sync::atomic::{AtomicIsize, AtomicPtr, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicPtr, Ordering};
+use std::sync::{mpsc, Arc, Mutex, Weak};
 use std::time::Duration;
 
 use log::{debug, info};
@@ -325,6 +325,11 @@ pub struct Image {
     read_only: bool,
     size: u64,
     object_size: u64,
+    /// Closed early by [`Image::close`]: requests are refused, `Drop` has nothing left to do.
+    closed: AtomicBool,
+    /// The queues submitting to this image, so that [`Image::close`] can wait until none is
+    /// inside a librbd call. Taken when a queue is created and at close only.
+    queues: Mutex<Vec<Weak<Shared>>>,
     // Dropped after the image and the ioctx.
     cluster: Cluster,
 }
@@ -421,6 +426,8 @@ impl Image {
             read_only,
             size: 0,
             object_size: 0,
+            closed: AtomicBool::new(false),
+            queues: Mutex::new(Vec::new()),
             cluster,
         };
         // SAFETY: an all-zero `rbd_image_info_t` is valid (integers and byte arrays).
@@ -502,16 +509,61 @@ impl Image {
     }
 }
 
-impl Drop for Image {
-    fn drop(&mut self) {
-        // SAFETY: no request is in flight (each `AioQueue` holds an `Arc<Image>` and waits for
-        // its requests before letting go); the handle and ioctx are released once, image first.
+impl Image {
+    /// Write back librbd's cache, then close the image, releasing its exclusive lock at once
+    /// (instead of leaving the next owner to wait for this client's watch to expire), for a
+    /// process about to exit while the image is still shared. Requests submitted from then on
+    /// fail with `ESHUTDOWN`; one already inside librbd is waited for, and librbd's close waits
+    /// for those in flight.
+    pub fn close(&self) -> Result<()> {
+        // SeqCst, paired with `AioQueue::submit`: either a submitter sees `closed`, or this
+        // thread sees its `in_call` flag and waits for it.
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let queues: Vec<Arc<Shared>> = match self.queues.lock() {
+            Ok(q) => q.iter().filter_map(Weak::upgrade).collect(),
+            Err(poisoned) => poisoned
+                .get_ref()
+                .iter()
+                .filter_map(Weak::upgrade)
+                .collect(),
+        };
+        for q in &queues {
+            while q.in_call.load(Ordering::SeqCst) {
+                std::thread::yield_now();
+            }
+        }
+        let flushed = self.flush();
+        // SAFETY: `closed` is set and no submitter is inside librbd, so nothing uses the handle
+        // from now on; `closed` also keeps `Drop` from closing it again.
+        unsafe { self.release() };
+        flushed
+    }
+
+    /// # Safety
+    ///
+    /// Called once, with no request in flight and no use of the handle after.
+    unsafe fn release(&self) {
+        // SAFETY: the caller guarantees it; the handle and ioctx are released image first.
         unsafe {
             let ret = sys::rbd_close(self.handle);
             if ret < 0 {
                 log::warn!("RBD image {}: closing: {}", self.spec, errno(ret.into()));
             }
             sys::rados_ioctx_destroy(self.ioctx);
+        }
+        // Closing releases the image's exclusive lock: the next owner need not wait.
+        info!("RBD image {} closed", self.spec);
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        if !*self.closed.get_mut() {
+            // SAFETY: no request is in flight (each `AioQueue` holds an `Arc<Image>` and waits
+            // for its requests before letting go), and `&mut self` means no other user.
+            unsafe { self.release() };
         }
     }
 }
@@ -558,6 +610,8 @@ pub enum AioOp {
 /// What the completion callback shares with the owning thread; kept alive by the callbacks
 /// still running through one `Arc` reference per request in flight.
 struct Shared {
+    /// The owner is inside a librbd submission (see [`Image::close`]).
+    in_call: AtomicBool,
     /// Finished requests, newest first (a lock-free stack; `reap` takes all at once).
     head: AtomicPtr<Slot>,
     eventfd: EventFd,
@@ -600,12 +654,21 @@ impl AioQueue {
     /// allocated if more are submitted).
     pub fn new(image: Arc<Image>, depth: u32) -> Result<AioQueue> {
         let eventfd = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::EventFd { source })?;
+        let shared = Arc::new(Shared {
+            in_call: AtomicBool::new(false),
+            head: AtomicPtr::new(ptr::null_mut()),
+            eventfd,
+        });
+        match image.queues.lock() {
+            Ok(mut q) => {
+                q.retain(|w| w.strong_count() > 0);
+                q.push(Arc::downgrade(&shared));
+            }
+            Err(poisoned) => poisoned.into_inner().push(Arc::downgrade(&shared)),
+        }
         let mut q = AioQueue {
             image,
-            shared: Arc::new(Shared {
-                head: AtomicPtr::new(ptr::null_mut()),
-                eventfd,
-            }),
+            shared,
             slots: Vec::new(),
             tags: Vec::new(),
             free: Vec::new(),
@@ -697,6 +760,22 @@ impl AioQueue {
             return;
         }
         slot_ref.completion.store(completion, Ordering::Relaxed);
+        // Announce the call before looking at `closed`; `Image::close` sets `closed` before
+        // looking at this flag (both SeqCst): at least one side sees the other.
+        self.shared.in_call.store(true, Ordering::SeqCst);
+        if self.image.closed.load(Ordering::SeqCst) {
+            self.shared.in_call.store(false, Ordering::SeqCst);
+            // SAFETY: a completion exists but no request was started on it: release it here and
+            // report the slot through the list.
+            unsafe {
+                sys::rbd_aio_release(completion);
+                slot_ref
+                    .completion
+                    .store(ptr::null_mut(), Ordering::Relaxed);
+                finish(slot, -(libc::ESHUTDOWN as isize));
+            }
+            return;
+        }
         let h = self.image.handle;
         let bad_rw = match op {
             AioOp::Readv { offset, iovcnt, .. } | AioOp::Writev { offset, iovcnt, .. } => {
@@ -728,6 +807,7 @@ impl AioQueue {
                 },
             }
         };
+        self.shared.in_call.store(false, Ordering::SeqCst);
         if ret < 0 {
             // librbd refused the request before queueing it: the callback will not run.
             // SAFETY: the slot is ours again; `finish` reports it through the same list.

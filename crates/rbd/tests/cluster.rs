@@ -239,3 +239,73 @@ fn an_unreachable_cluster_fails_within_the_timeout() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_closed_image_refuses_requests_and_releases_its_lock() {
+    let c = TestCluster::shared();
+    c.create_image("closing", 1 << 20);
+    let image = Arc::new(Image::open(&cached(c), &spec("closing"), false).expect("open"));
+    let mut q = AioQueue::new(image.clone(), 2).expect("queue");
+    let mut buf = vec![7u8; 4096];
+    let iov = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }];
+    let write = AioOp::Writev {
+        offset: 0,
+        iovecs: iov.as_ptr(),
+        iovcnt: 1,
+    };
+    // SAFETY: `buf` outlives the wait.
+    unsafe { q.submit(write, 1) };
+    assert!(wait(&mut q, 1)[0].1 >= 0);
+    // The write sits in librbd's cache (write-back after the first flush), and this client
+    // holds the exclusive lock.
+    // SAFETY: no buffer.
+    unsafe { q.submit(AioOp::Flush, 2) };
+    assert_eq!(wait(&mut q, 1), vec![(2, 0)]);
+    buf.fill(9);
+    // SAFETY: `buf` outlives the wait.
+    unsafe { q.submit(write, 3) };
+    assert!(wait(&mut q, 1)[0].1 >= 0);
+
+    image.close().expect("close");
+    // SAFETY: `buf` outlives the wait.
+    unsafe { q.submit(write, 4) };
+    assert_eq!(wait(&mut q, 1), vec![(4, -(libc::ESHUTDOWN as isize))]);
+    // The cached write reached the cluster before the close.
+    let exported = c.export("closing");
+    assert!(
+        exported[..4096].iter().all(|&x| x == 9),
+        "the cached write was flushed"
+    );
+    // Another client takes the lock and writes at once: nobody waits for a dead owner's watch.
+    let t0 = Instant::now();
+    let out = std::process::Command::new("rbd")
+        .arg("-c")
+        .arg(c.conf())
+        .args([
+            "bench",
+            "--io-type",
+            "write",
+            "--io-total",
+            "4096",
+            "--io-size",
+            "4096",
+        ])
+        .arg(format!("{POOL}/closing"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t0.elapsed()
+    );
+    drop(q);
+    drop(image);
+}
