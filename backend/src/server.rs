@@ -148,7 +148,7 @@ pub fn run(args: &BackendArgs) -> Result<()> {
 
     let (mut listener, socket_name, socket_file) = listen(args)?;
     let lifecycle = Arc::new(Mutex::new(Lifecycle::default()));
-    spawn_signal_thread(lifecycle.clone(), socket_file)?;
+    spawn_signal_thread(lifecycle.clone(), socket_file, image.clone())?;
     // Set up: from here on, every thread (and each connection's) runs under the filter.
     sandbox::apply_seccomp_with(
         args.seccomp,
@@ -350,6 +350,7 @@ fn block_stop_signals() -> Result<()> {
 fn spawn_signal_thread(
     lifecycle: Arc<Mutex<Lifecycle>>,
     socket_file: Option<PathBuf>,
+    image: Arc<Image>,
 ) -> Result<()> {
     let set = stop_signals();
     std::thread::Builder::new()
@@ -372,6 +373,11 @@ fn spawn_signal_thread(
             } else {
                 if let Some(path) = &socket_file {
                     let _ = std::fs::remove_file(path);
+                }
+                // An RBD image's cache is written back and its exclusive lock released now,
+                // rather than when the cluster notices this client is gone.
+                if let Err(e) = image.close_before_exit() {
+                    error!("{e}");
                 }
                 std::process::exit(0);
             }

@@ -384,6 +384,21 @@ impl Image {
         self.backing == Backing::Null
     }
 
+    /// Before the process exits with the image still shared: an RBD image writes back librbd's
+    /// cache and is closed, releasing its exclusive lock for the next owner at once (requests
+    /// submitted after this fail with `ESHUTDOWN`); nothing to do for the other kinds (the
+    /// kernel closes their descriptors).
+    pub fn close_before_exit(&self) -> Result<()> {
+        #[cfg(feature = "rbd")]
+        if let Some(rbd) = &self.rbd {
+            return rbd.close().map_err(|source| Error::Flush {
+                path: self.path.clone(),
+                source: io::Error::other(source),
+            });
+        }
+        Ok(())
+    }
+
     /// Whether the image is a Ceph RBD image (`rbd:`).
     pub fn is_rbd(&self) -> bool {
         self.backing == Backing::Rbd
