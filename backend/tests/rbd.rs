@@ -344,7 +344,7 @@ fn bad_specs_exit_with_status_2_and_say_why() {
 }
 
 #[test]
-fn missing_images_pools_and_clusters_stop_the_start_with_one_line() {
+fn missing_images_pools_unreachable_clusters_and_bad_auth_stop_the_start_with_one_line() {
     let (_shared, c) = shared_cluster();
     let conf = c.conf().display().to_string();
     let unreachable = TempDir::new("rbd-dead");
@@ -360,6 +360,24 @@ fn missing_images_pools_and_clusters_stop_the_start_with_one_line() {
     )
     .unwrap();
     let dead = dead_conf.display().to_string();
+    // A client that insists on cephx with a key the cluster does not know.
+    let auth_conf = unreachable.path().join("cephx.conf");
+    let keyring = unreachable.path().join("bad.keyring");
+    std::fs::write(
+        &keyring,
+        "[client.admin]\n\tkey = AQBm4zNlAAAAABAAsjVq0dPvxL5cUj8aAbeCvQ==\n",
+    )
+    .unwrap();
+    let mut text = std::fs::read_to_string(c.conf()).unwrap();
+    text = text
+        .replace(
+            "auth client required = none",
+            "auth client required = cephx",
+        )
+        .replace("auth supported = none", "");
+    text.push_str(&format!("\n[client]\nkeyring = {}\n", keyring.display()));
+    std::fs::write(&auth_conf, text).unwrap();
+    let auth = auth_conf.display().to_string();
     for (spec, extra, says) in [
         (
             format!("rbd:rbd/absent:conf={conf}"),
@@ -375,6 +393,11 @@ fn missing_images_pools_and_clusters_stop_the_start_with_one_line() {
             format!("rbd:rbd/x:conf={dead}"),
             vec!["--rbd-timeout", "2"],
             "no monitor answered within 2 s",
+        ),
+        (
+            format!("rbd:rbd/x:conf={auth}"),
+            vec![],
+            "authentication refused",
         ),
         (
             format!("rbd:rbd/x:conf={conf}"),
