@@ -215,6 +215,26 @@ mod engine {
         }
     }
 
+    /// How long a dropped engine waits for librbd before leaving requests to it: the backend has
+    /// already drained the connection by then, so what is left waits on an unanswering cluster.
+    const ABANDON_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
+    impl Drop for RbdEngine {
+        fn drop(&mut self) {
+            if !self.queue.wait_idle_for(ABANDON_AFTER) {
+                // librbd may still write into these buffers: keep them, and the guest memory
+                // their guards keep mapped, for the life of the process rather than hang here.
+                log::error!(
+                    "{} RBD request(s) unanswered {ABANDON_AFTER:?} after the engine stopped; \
+                     leaving them to librbd",
+                    self.queue.in_flight()
+                );
+                self.queue.abandon();
+                std::mem::forget(std::mem::take(&mut self.bufs));
+            }
+        }
+    }
+
     impl Engine for RbdEngine {
         fn submit(&mut self, op: Op, user_data: u64) -> std::result::Result<(), SubmitError> {
             let tag = self.take_tag();

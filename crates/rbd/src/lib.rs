@@ -870,6 +870,43 @@ impl AioQueue {
         }
     }
 
+    /// Wait up to `timeout` for every request in flight to finish, dropping their results;
+    /// whether none is left.
+    pub fn wait_idle_for(&mut self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.in_flight > 0 {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.eventfd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd; a timeout re-checks the list in case of a lost wakeup.
+            unsafe { libc::poll(&mut pfd, 1, 100) };
+            self.reap(|_, _| {});
+        }
+        true
+    }
+
+    /// Give up on the requests still in flight, for a cluster that does not answer: their
+    /// slots are leaked, since librbd may still complete them, and dropping the queue no longer
+    /// waits, and the queue takes no further request. Whoever owns those requests' buffers must
+    /// leak them too.
+    pub fn abandon(&mut self) {
+        if self.in_flight > 0 {
+            log::warn!(
+                "RBD image {}: abandoning {} request(s) the cluster has not answered",
+                self.image.spec,
+                self.in_flight
+            );
+        }
+        std::mem::forget(std::mem::take(&mut self.slots));
+        self.free.clear();
+        self.in_flight = 0;
+    }
+
     /// Block until every request in flight has finished, dropping their results.
     fn wait_idle(&mut self) {
         while self.in_flight > 0 {

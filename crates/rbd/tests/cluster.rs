@@ -4,11 +4,14 @@
 // A test may unwrap: a failure is the test failing.
 #![allow(clippy::unwrap_used)]
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use rbd::testing::{TestCluster, POOL};
 use rbd::{AioOp, AioQueue, ClusterOptions, Error, Image, ImageSpec};
+
+/// The test that freezes the OSD runs alone; the others share the cluster.
+static CLUSTER_USE: RwLock<()> = RwLock::new(());
 
 fn opts(c: &TestCluster) -> ClusterOptions {
     ClusterOptions {
@@ -61,6 +64,7 @@ fn aio_writes_and_reads_land_in_the_image_through_the_cache() {
 }
 
 fn aio_round_trip(name: &str, cache: bool) {
+    let _shared = CLUSTER_USE.read().unwrap_or_else(|e| e.into_inner());
     let c = TestCluster::shared();
     c.create_image(name, 8 << 20);
     let o = if cache { cached(c) } else { opts(c) };
@@ -156,6 +160,7 @@ fn aio_round_trip(name: &str, cache: bool) {
 
 #[test]
 fn a_refused_request_comes_back_through_the_eventfd() {
+    let _shared = CLUSTER_USE.read().unwrap_or_else(|e| e.into_inner());
     let c = TestCluster::shared();
     c.create_image("ro", 1 << 20);
     let image = Arc::new(Image::open(&opts(c), &spec("ro"), true).expect("opening rbd/ro"));
@@ -188,6 +193,7 @@ fn a_refused_request_comes_back_through_the_eventfd() {
 
 #[test]
 fn missing_pool_and_image_are_named() {
+    let _shared = CLUSTER_USE.read().unwrap_or_else(|e| e.into_inner());
     let c = TestCluster::shared();
     let e = Image::open(
         &opts(c),
@@ -242,6 +248,7 @@ fn an_unreachable_cluster_fails_within_the_timeout() {
 
 #[test]
 fn a_closed_image_refuses_requests_and_releases_its_lock() {
+    let _shared = CLUSTER_USE.read().unwrap_or_else(|e| e.into_inner());
     let c = TestCluster::shared();
     c.create_image("closing", 1 << 20);
     let image = Arc::new(Image::open(&cached(c), &spec("closing"), false).expect("open"));
@@ -308,4 +315,62 @@ fn a_closed_image_refuses_requests_and_releases_its_lock() {
     );
     drop(q);
     drop(image);
+}
+
+#[test]
+fn requests_a_frozen_osd_holds_can_be_abandoned() {
+    let _alone = CLUSTER_USE.write().unwrap_or_else(|e| e.into_inner());
+    let c = TestCluster::shared();
+    c.create_image("abandon", 1 << 20);
+    let image = Arc::new(Image::open(&opts(c), &spec("abandon"), false).expect("open"));
+    let mut q = AioQueue::new(image.clone(), 1).expect("queue");
+    // Leaked with the request, as an engine leaks a request's buffers.
+    let buf: &'static mut [u8] = Box::leak(vec![0u8; 4096].into_boxed_slice());
+    let iov = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }];
+    c.set_osd_frozen(true);
+    // SAFETY: the buffer is leaked, so it stays valid whenever librbd writes it.
+    unsafe {
+        q.submit(
+            AioOp::Readv {
+                offset: 0,
+                iovecs: iov.as_ptr(),
+                iovcnt: 1,
+            },
+            1,
+        )
+    };
+    let t0 = Instant::now();
+    assert!(
+        !q.wait_idle_for(Duration::from_secs(1)),
+        "the OSD is frozen"
+    );
+    q.abandon();
+    drop(q);
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "dropping did not wait"
+    );
+    c.set_osd_frozen(false);
+    // The late completion lands in the leaked slot; a new queue on the image works.
+    let mut q = AioQueue::new(image, 1).expect("queue");
+    let mut back = vec![1u8; 512];
+    let riov = [libc::iovec {
+        iov_base: back.as_mut_ptr().cast(),
+        iov_len: back.len(),
+    }];
+    // SAFETY: `back` outlives the wait.
+    unsafe {
+        q.submit(
+            AioOp::Readv {
+                offset: 0,
+                iovecs: riov.as_ptr(),
+                iovcnt: 1,
+            },
+            2,
+        )
+    };
+    assert_eq!(wait(&mut q, 1), vec![(2, 512)]);
 }
