@@ -157,6 +157,11 @@ pub struct BackendArgs {
     #[arg(long, requires = "poll_us")]
     pub poll_device: bool,
 
+    /// Test only: during a migration, leave the data of reads out of the dirty log, so that
+    /// a test can show it notices the destination resuming with stale guest memory.
+    #[arg(long, hide = true)]
+    pub test_unlogged_reads: bool,
+
     /// With --cache writeback: once this many bytes were written since the last eviction, a
     /// completion writes them back and drops them from the host page cache (bytes, or K/M/G/T).
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]

@@ -15,12 +15,14 @@ use log::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::VhostUserBackend;
 use virtio_blk::{device_features, BlkConfig, FeatureOptions, Limits, DEVICE_ID_LEN};
+use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
 use crate::deferred_path::DeferredPath;
+use crate::dirty_log::{self, DirtyBitmap};
 use crate::queue_thread::QueueThread;
 use crate::shared::{DeviceShared, GuestMemAtomic, Vring};
 use crate::stats::DeviceStats;
@@ -62,6 +64,9 @@ pub struct DeviceSettings {
     pub poll: Duration,
     /// Keep polling while requests are at the device.
     pub poll_device: bool,
+    /// Mark the data of reads in the dirty log while migrating (off only in tests that show
+    /// a migration goes wrong without it).
+    pub log_reads: bool,
 }
 
 /// A virtio-blk device for one vhost-user connection.
@@ -80,6 +85,9 @@ pub struct BlkDevice {
     /// Where this connection's threads are published for the unplug path, GET_VRING_BASE and
     /// `stats`; shared across connections.
     workers: Arc<QueueWorkers>,
+    /// The regions' dirty bitmaps as of the last memory-table change, so that the log they
+    /// carry can be installed on the regions of the next one.
+    bitmaps: Mutex<Vec<DirtyBitmap>>,
 }
 
 impl BlkDevice {
@@ -128,7 +136,8 @@ impl BlkDevice {
         let features = device_features(&FeatureOptions {
             read_only: settings.read_only,
             num_queues: settings.num_queues,
-        }) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        }) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VhostUserVirtioFeatures::LOG_ALL.bits();
 
         let shared = Arc::new(DeviceShared {
             limits,
@@ -142,6 +151,8 @@ impl BlkDevice {
             strict_batching: settings.strict_batching,
             poll: settings.poll,
             poll_device: settings.poll_device,
+            logging: AtomicBool::new(false),
+            log_reads: settings.log_reads,
         });
 
         let queue_masks: Vec<u64> = (0..num_queues).map(|q| 1u64 << q).collect();
@@ -192,6 +203,7 @@ impl BlkDevice {
             queue_masks,
             pins,
             workers,
+            bitmaps: Mutex::new(Vec::new()),
         })
     }
 
@@ -264,7 +276,7 @@ fn lock(thread: &Mutex<QueueThread>) -> std::sync::MutexGuard<'_, QueueThread> {
 }
 
 impl VhostUserBackend for BlkDevice {
-    type Bitmap = ();
+    type Bitmap = DirtyBitmap;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -281,6 +293,21 @@ impl VhostUserBackend for BlkDevice {
 
     fn acked_features(&self, features: u64) {
         debug!("driver acked features {features:#x}");
+        // `vhost-user-backend` installs the log (SET_LOG_BASE) but ignores LOG_ALL: logging
+        // starts with LOG_ALL and stops when it goes away again (a cancelled or failed
+        // migration). The log may come before or after it.
+        let log_all = features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
+        if self.shared.logging.swap(log_all, Ordering::Relaxed) != log_all {
+            dirty_log::switch(&self.shared.mem.memory(), log_all);
+            info!(
+                "dirty-page logging {}",
+                if log_all {
+                    "on: a migration is under way"
+                } else {
+                    "off"
+                }
+            );
+        }
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -288,6 +315,7 @@ impl VhostUserBackend for BlkDevice {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -323,8 +351,16 @@ impl VhostUserBackend for BlkDevice {
         Ok(())
     }
 
-    fn update_memory(&self, _mem: GuestMemAtomic) -> std::io::Result<()> {
-        // The handle is the one we were built with; queue threads load it on every pass.
+    fn update_memory(&self, mem: GuestMemAtomic) -> std::io::Result<()> {
+        // The handle is the one we were built with; queue threads load it on every pass. While
+        // logging, the regions this change brings in start without the log: install it. The
+        // frontend waits for our reply before the guest can use them, so nothing is written
+        // there unlogged.
+        let mem = mem.memory();
+        let mut bitmaps = self.bitmaps.lock().unwrap_or_else(|e| e.into_inner());
+        let logging = self.shared.logging.load(Ordering::Relaxed);
+        dirty_log::carry_over(&bitmaps, &mem, logging)?;
+        *bitmaps = dirty_log::bitmaps(&mem);
         Ok(())
     }
 

@@ -5,15 +5,17 @@
 //! `vhost-user-backend` drives, [`queue_thread`] is the fast path of each queue thread,
 //! [`deferred_path`] the deferred path, [`complete`] the completion step both paths end in,
 //! [`hotplug`] the vCPU pinning and unplug path, [`shared`] the device state the request paths
-//! read, [`stats`] the counters, [`workers`] the registry of the threads serving each queue,
-//! [`control`] the control socket that reports them and takes commands, and [`sandbox`] the
-//! Landlock ruleset and seccomp filter the backend confines itself with.
+//! read, [`dirty_log`] the dirty-page log of live migration, [`stats`] the counters,
+//! [`workers`] the registry of the threads serving each queue, [`control`] the control socket
+//! that reports them and takes commands, and [`sandbox`] the Landlock ruleset and seccomp filter
+//! the backend confines itself with.
 
 pub mod args;
 pub mod complete;
 pub mod control;
 pub mod deferred_path;
 pub mod device;
+pub mod dirty_log;
 pub mod hotplug;
 pub mod queue_thread;
 pub mod sandbox;

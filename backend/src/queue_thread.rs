@@ -32,6 +32,7 @@ use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 
 use crate::complete::{complete, count_done, signal_if_needed, Done};
 use crate::deferred_path::{defer_at_submission, DeferredPath};
+use crate::dirty_log::mark_host_range;
 use crate::shared::{DeviceShared, GuestMem, Vring};
 use crate::stats::QueueStats;
 
@@ -370,6 +371,20 @@ impl QueueThread {
                 return;
             };
             if let Some(mut bufs) = c.bufs {
+                // While migrating, the data a read put in guest memory goes to the dirty log
+                // before the used entry that shows it to the guest: the kernel wrote it through
+                // these raw iovecs, which vm-memory's tracking never sees. Whatever the outcome:
+                // a failed or short read may have written part of it.
+                if slot.request_type == RequestType::In
+                    && shared.logging.load(Ordering::Relaxed)
+                    && shared.log_reads
+                {
+                    if let Some(mem) = &slot.mem {
+                        for iov in bufs.iovecs() {
+                            mark_host_range(mem, iov.iov_base.cast_const().cast(), iov.iov_len);
+                        }
+                    }
+                }
                 // The iovec storage comes home for the next request on this head; the guard on
                 // guest memory goes.
                 bufs.clear();

@@ -96,6 +96,7 @@ pub fn run(args: &BackendArgs) -> Result<()> {
         strict_batching: args.strict_batching,
         poll: Duration::from_micros(args.poll_us),
         poll_device: args.poll_device,
+        log_reads: !args.test_unlogged_reads,
     };
     info!(
         "image {} ({} bytes{}), cache {} (eviction path {}), engine {}, {} queue(s) of {}, deferred completion delay {} us (at once from {} bytes), polling {} us{}",
@@ -112,6 +113,9 @@ pub fn run(args: &BackendArgs) -> Result<()> {
         args.poll_us,
         if args.poll_device { " through the device" } else { "" },
     );
+    if args.test_unlogged_reads {
+        warn!("--test-unlogged-reads: a migration will lose the data of reads; tests only");
+    }
     if args.page_cache_budget.is_some() && args.cache != CacheMode::Writeback {
         warn!("--page-cache-budget applies to --cache writeback only; ignored");
     }

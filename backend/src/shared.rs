@@ -12,12 +12,13 @@ use std::time::Duration;
 use disk::Image;
 use vhost_user_backend::VringRwLock;
 use virtio_blk::{Limits, DEVICE_ID_LEN};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestMemoryAtomic;
 
+use crate::dirty_log::LoggedMemory;
 use crate::stats::DeviceStats;
 
-/// Guest memory as the backend maps it (no dirty-page bitmap: migration is not offered).
-pub type GuestMem = GuestMemoryMmap<()>;
+/// Guest memory as the backend maps it, with the dirty-page log of live migration.
+pub type GuestMem = LoggedMemory;
 /// The guest memory handle shared with `vhost-user-backend`, updated on memory-table changes.
 pub type GuestMemAtomic = GuestMemoryAtomic<GuestMem>;
 /// The vring type this backend uses.
@@ -47,4 +48,9 @@ pub struct DeviceShared {
     pub poll: Duration,
     /// Keep polling while requests are at the device.
     pub poll_device: bool,
+    /// The frontend acked `VHOST_F_LOG_ALL`: a migration is under way, and every guest page the
+    /// backend writes goes to the dirty log. The fast path reads it once per completed read.
+    pub logging: AtomicBool,
+    /// Mark the data of reads in the dirty log while logging.
+    pub log_reads: bool,
 }
