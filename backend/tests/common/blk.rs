@@ -68,6 +68,8 @@ pub mod feature {
     pub const RING_EVENT_IDX: u64 = 1 << vr::VIRTIO_RING_F_EVENT_IDX;
     /// vhost-user: protocol features are negotiated.
     pub const PROTOCOL_FEATURES: u64 = 1 << 30;
+    /// VHOST_F_LOG_ALL: the backend logs the guest pages it writes (live migration).
+    pub const LOG_ALL: u64 = 1 << 26;
     /// Virtio 1.x.
     pub const VERSION_1: u64 = 1 << vc::VIRTIO_F_VERSION_1;
 

@@ -6,8 +6,16 @@
 //! the shared memory and [`Queue`] for the rings; adds virtio-blk requests on top of `Queue`.
 //!
 //! Every socket read has a timeout, so a backend that stops answering fails the test.
+//!
+//! For live migration it also plays QEMU's part in dirty-page logging: a [`DirtyLog`] memfd
+//! handed over with SET_LOG_BASE, `VHOST_F_LOG_ALL` turned on and off with SET_FEATURES, and the
+//! memory table sent again while logging.
 
+use std::collections::BTreeSet;
+use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,10 +23,10 @@ use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
-use vhost::{VhostBackend, VringConfigData};
+use vhost::{VhostBackend, VhostUserDirtyLogRegion, VringConfigData};
 
 use super::blk::{self, feature, BlkConfig, Segment};
-use super::memory::{GuestMemory, RegionSpec};
+use super::memory::{create_memfd, GuestMemory, RegionSpec};
 use super::ring::{Completion, Layout, Queue, Transfer, RING_BLOCK};
 
 /// How long a request or a vhost-user reply may take before the test fails.
@@ -69,7 +77,8 @@ impl Default for Options {
             protocol_features: VhostUserProtocolFeatures::MQ
                 | VhostUserProtocolFeatures::CONFIG
                 | VhostUserProtocolFeatures::REPLY_ACK
-                | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS,
+                | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+                | VhostUserProtocolFeatures::LOG_SHMFD,
             timeout: DEFAULT_TIMEOUT,
         }
     }
@@ -370,6 +379,137 @@ impl Device {
     pub fn get_id(&mut self, q: usize, buf_len: u32) -> Completion {
         self.queue(q).get_id(buf_len)
     }
+
+    /// SET_LOG_BASE: hand the backend `log`, telling it the log is `mmap_size` bytes long (QEMU
+    /// sends the log's real size; a test may claim less).
+    pub fn set_log_base(&mut self, log: &DirtyLog, mmap_size: u64) -> Result<()> {
+        let region = VhostUserDirtyLogRegion {
+            mmap_size,
+            mmap_offset: 0,
+            mmap_handle: log.file.as_raw_fd(),
+        };
+        self.frontend
+            .set_log_base(0, Some(region))
+            .map_err(step("SET_LOG_BASE"))
+    }
+
+    /// SET_FEATURES with `VHOST_F_LOG_ALL` set (a migration starts) or cleared (it ended or was
+    /// cancelled), as QEMU toggles it.
+    pub fn set_log_all(&mut self, on: bool) -> Result<()> {
+        if self.offered_features & feature::LOG_ALL == 0 {
+            return Err(Error::Missing("VHOST_F_LOG_ALL"));
+        }
+        let features = if on {
+            self.acked_features | feature::LOG_ALL
+        } else {
+            self.acked_features & !feature::LOG_ALL
+        };
+        self.frontend
+            .set_features(features)
+            .map_err(step("SET_FEATURES"))
+    }
+
+    /// The memory table again, as a memory change makes QEMU send it: SET_MEM_TABLE of every
+    /// region, or (`re_add`) REM_MEM_REG then ADD_MEM_REG of region `i`. Either way the backend
+    /// maps the region anew.
+    pub fn resend_memory(&mut self, re_add: Option<usize>) -> Result<()> {
+        let regions = self.memory.region_infos();
+        match re_add {
+            None => self
+                .frontend
+                .set_mem_table(&regions)
+                .map(drop)
+                .map_err(step("SET_MEM_TABLE")),
+            Some(i) => {
+                let r = &regions[i];
+                self.frontend
+                    .remove_mem_region(r)
+                    .map_err(step("REM_MEM_REG"))?;
+                self.frontend
+                    .add_mem_region(r)
+                    .map(drop)
+                    .map_err(step("ADD_MEM_REG"))
+            }
+        }
+    }
+
+    /// A message whose reply proves every earlier one was handled (GET_FEATURES).
+    pub fn sync(&mut self) -> Result<u64> {
+        self.frontend.get_features().map_err(step("GET_FEATURES"))
+    }
+
+    /// GET_VRING_BASE of queue `q`: the backend stops the ring and answers with the next
+    /// available index it would have served.
+    pub fn get_vring_base(&mut self, q: usize) -> Result<u32> {
+        self.frontend
+            .get_vring_base(q)
+            .map_err(step("GET_VRING_BASE"))
+    }
+}
+
+/// Guest pages per byte of a dirty log.
+const PAGES_PER_LOG_BYTE: u64 = 8;
+/// Bytes of guest memory per log bit.
+pub const LOG_PAGE_SIZE: u64 = 4096;
+
+/// A dirty-page log as QEMU shares it during migration: a memfd with one bit per 4 KiB guest
+/// page, bit `p % 8` of byte `p / 8` standing for the page at guest address `p * 4096`.
+pub struct DirtyLog {
+    file: File,
+    len: u64,
+}
+
+impl DirtyLog {
+    /// A zeroed log of `len` bytes.
+    pub fn new(len: u64) -> Self {
+        let file = create_memfd("vhost-user-blk-e2e-log");
+        file.set_len(len).expect("sizing the log memfd");
+        Self { file, len }
+    }
+
+    /// The log bytes a guest memory of `memory_end` bytes (highest guest address + 1) needs.
+    pub fn bytes_for(memory_end: u64) -> u64 {
+        memory_end
+            .div_ceil(LOG_PAGE_SIZE)
+            .div_ceil(PAGES_PER_LOG_BYTE)
+    }
+
+    /// The whole memfd, bytes past any size claimed to the backend included.
+    pub fn bytes(&self) -> Vec<u8> {
+        let mut buf = vec![0u8; self.len as usize];
+        self.file
+            .read_exact_at(&mut buf, 0)
+            .expect("reading the log");
+        buf
+    }
+
+    /// Guest page numbers whose bit is set.
+    pub fn pages(&self) -> BTreeSet<u64> {
+        self.bytes()
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &b)| {
+                (0..PAGES_PER_LOG_BYTE)
+                    .filter(move |bit| b & (1 << bit) != 0)
+                    .map(move |bit| i as u64 * PAGES_PER_LOG_BYTE + bit)
+            })
+            .collect()
+    }
+
+    /// Clears every bit, as QEMU does after it synced the log.
+    pub fn clear(&self) {
+        self.file
+            .write_all_at(&vec![0u8; self.len as usize], 0)
+            .expect("clearing the log");
+    }
+}
+
+/// Guest page numbers that `[gpa, gpa + len)` touches.
+pub fn pages_of(gpa: u64, len: u64) -> BTreeSet<u64> {
+    if len == 0 {
+        return BTreeSet::new();
+    }
+    (gpa / LOG_PAGE_SIZE..=(gpa + len - 1) / LOG_PAGE_SIZE).collect()
 }
 
 /// Region 0 holds one [`RING_BLOCK`] per queue from its second block on; the rest of every

@@ -147,7 +147,8 @@ impl GuestMemory {
 }
 
 /// `memfd_create(name, MFD_CLOEXEC)` as an owned `File`.
-fn create_memfd(name: &str) -> File {
+/// An anonymous memory file (close-on-exec) named `name`.
+pub fn create_memfd(name: &str) -> File {
     let name = std::ffi::CString::new(name).expect("memfd name has no NUL");
     // SAFETY: `name` is a valid NUL-terminated string that outlives the call; the flags are valid.
     let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
