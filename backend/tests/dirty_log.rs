@@ -3,14 +3,15 @@
 //! known sizes at known guest addresses across page boundaries. While logging, exactly the pages
 //! the backend wrote (the data buffers, the status byte, the used ring) are set, and nothing
 //! else; with logging off nothing is; a memory-table change keeps logging; a log too small for
-//! guest memory or a malformed SET_LOG_BASE is refused with a clear error.
+//! guest memory or a malformed SET_LOG_BASE is refused with a clear error; and GET_VRING_BASE
+//! returns only once every request in flight is completed, logged and published.
 
 mod common;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::blk::{self, T_GET_ID, T_IN};
+use common::blk::{self, T_FLUSH, T_GET_ID, T_IN, T_OUT};
 use common::frontend::{pages_of, DirtyLog};
 use common::ring::link;
 use common::{pattern, Backend, BackendOpts, Desc, Device, Options, RegionSpec, S_OK};
@@ -18,6 +19,8 @@ use common::{pattern, Backend, BackendOpts, Desc, Device, Options, RegionSpec, S
 /// Guest memory of the default test frontend (one region at 0).
 const MEM: u64 = 64 << 20;
 const TIMEOUT: Duration = Duration::from_secs(10);
+/// Offset of the `writeback` byte in the virtio-blk config space.
+const WRITEBACK_OFFSET: u32 = 32;
 
 /// A device-writable buffer: guest address and length.
 type Buf = (u64, u32);
@@ -337,4 +340,112 @@ fn malformed_set_log_base_is_refused() {
     drop(dev);
     let mut next = backend.connect_queues(1);
     assert_eq!(next.read(0, 0, 4096).status, S_OK);
+}
+
+/// GET_VRING_BASE while logging: reads on the fast path and flushes and writethrough writes held
+/// by the deferred worker are all completed, logged and published before the reply, well before
+/// the worker's delay would have run out.
+fn stop_drains_logged(extra: &[&str]) {
+    let backend = spawn(
+        "io-uring",
+        "writeback",
+        &[&["--defer-delay-us", "2000000", "--strict-batching"], extra].concat(),
+    );
+    let image = pattern(11, 256 << 10);
+    backend.write_image(0, &image);
+    let (mut dev, log) = logging(&backend);
+    // Writethrough: every write waits for the deferred worker's fdatasync.
+    let config = dev.frontend();
+    vhost::vhost_user::VhostUserFrontend::set_config(
+        config,
+        WRITEBACK_OFFSET,
+        vhost::vhost_user::message::VhostUserConfigFlags::WRITABLE,
+        &[0],
+    )
+    .expect("SET_CONFIG writethrough");
+    log.clear();
+
+    let mut requests = Vec::new();
+    for i in 0..8u64 {
+        requests.push(Raw::read(
+            i * 16,
+            &[(0x0080_0800 + i * 0x2_0000, 8192)],
+            0x0100_0000 + i * 0x1001,
+        ));
+    }
+    requests.push(Raw {
+        kind: T_FLUSH,
+        sector: 0,
+        out: Vec::new(),
+        bufs: Vec::new(),
+        status: 0x0110_0fff,
+    });
+    requests.push(Raw {
+        kind: T_OUT,
+        sector: 256,
+        out: vec![0x5a; 4096],
+        bufs: Vec::new(),
+        status: 0x0120_0000,
+    });
+    submit_raw(&mut dev, &requests);
+    // Wait until the backend took every chain: the reads done, the flush and the write held
+    // by the deferred worker for its delay.
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let stats = backend.stats();
+        let q = &stats["queues"][0];
+        if q["requests"].as_u64() == Some(8) && q["in_flight"].as_u64() == Some(2) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backend did not take the requests: {stats}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let start = Instant::now();
+    let next_avail = dev.get_vring_base(0).expect("GET_VRING_BASE");
+    let took = start.elapsed();
+    assert_eq!(
+        next_avail,
+        requests.len() as u32,
+        "not every request was taken"
+    );
+    assert!(
+        took < Duration::from_millis(1500),
+        "GET_VRING_BASE waited {took:?}: the deferred batch was not drained"
+    );
+
+    // Every used entry is there already: none may arrive after the reply.
+    let used = used_ring_pages(&mut dev);
+    let q = dev.queue(0);
+    let mut ids = BTreeSet::new();
+    for _ in &requests {
+        let u = q
+            .wait_used(Duration::ZERO)
+            .expect("a request completed after GET_VRING_BASE");
+        ids.insert(u.id);
+    }
+    assert_eq!(ids.len(), requests.len());
+    let mut expected = used;
+    for r in &requests {
+        expected.extend(r.written_pages());
+        assert_eq!(dev.memory().read(r.status, 1)[0], S_OK);
+    }
+    assert_eq!(log.pages(), expected, "backend log:\n{}", backend.log());
+    for (i, r) in requests.iter().take(8).enumerate() {
+        let (addr, len) = r.bufs[0];
+        let at = i * 16 * 512;
+        assert!(dev.memory().read(addr, len as usize) == image[at..at + len as usize]);
+    }
+}
+
+#[test]
+fn get_vring_base_completes_logs_and_publishes_everything_in_flight() {
+    stop_drains_logged(&[]);
+}
+
+#[test]
+fn get_vring_base_with_polling_completes_logs_and_publishes_everything_in_flight() {
+    stop_drains_logged(&["--poll-us", "200"]);
 }
