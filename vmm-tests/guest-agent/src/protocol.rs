@@ -31,6 +31,10 @@ pub const DONE_PREFIX: &str = "AGENT-DONE ";
 /// What the `ext4` workload writes to `/hello.txt`.
 pub const EXT4_HELLO: &str = "hello from the vmm-tests guest agent\n";
 
+/// What the host writes at the start of the `migrate` workload's stop block once it is done
+/// migrating the VM.
+pub const MIGRATE_STOP: &[u8] = b"MIGRATION-TEST-STOP";
+
 /// What the agent says when it starts.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Hello {

@@ -11,6 +11,7 @@ mod ext4;
 mod fio;
 mod info;
 mod interrupts;
+mod migrate;
 mod misc;
 mod parallel;
 mod stress;
@@ -62,6 +63,7 @@ const WORKLOADS: &[(&str, Workload)] = &[
     ("wait_cpus", cpus::wait_cpus),
     ("hotplug_stress", stress::hotplug_stress),
     ("fio", fio::run),
+    ("migrate", migrate::run),
 ];
 
 /// Runs the workload called `name`; `name#tag` runs `name` with the
