@@ -8,7 +8,7 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 
 pub use guest_agent::pattern;
-pub use guest_agent::protocol::EXT4_HELLO;
+pub use guest_agent::protocol::{EXT4_HELLO, MIGRATE_STOP};
 
 /// The workloads for one boot and their parameters.
 #[derive(Debug, Clone, Default)]

@@ -115,6 +115,9 @@ pub struct BackendConfig {
     /// qemu-storage-daemon's file driver `aio=` (`threads`, `io_uring`, `native`); unset: its
     /// default, `threads` (qemu-storage-daemon only).
     pub qsd_aio: Option<String>,
+    /// qemu-storage-daemon's file driver `locking=off`: two daemons may open the image, as the
+    /// two sides of a live migration do (qemu-storage-daemon only).
+    pub qsd_locking_off: bool,
 }
 
 impl BackendConfig {
@@ -134,6 +137,7 @@ impl BackendConfig {
             logical_block_size: None,
             extra_args: Vec::new(),
             qsd_aio: None,
+            qsd_locking_off: false,
         }
     }
 
@@ -259,6 +263,11 @@ impl Backend {
                     "off"
                 };
                 let ro = if cfg.read_only { ",read-only=on" } else { "" };
+                let locking = if cfg.qsd_locking_off {
+                    ",locking=off"
+                } else {
+                    ""
+                };
                 let aio = cfg
                     .qsd_aio
                     .as_ref()
@@ -276,7 +285,7 @@ impl Backend {
                 let mut c = Command::new(bin);
                 c.arg("--blockdev")
                     .arg(format!(
-                        "driver=file,node-name=f,filename={},cache.direct={direct}{aio}{ro}",
+                        "driver=file,node-name=f,filename={},cache.direct={direct}{aio}{ro}{locking}",
                         cfg.image.display()
                     ))
                     .arg("--export")

@@ -10,7 +10,8 @@
 //!   reference) and reads its per-queue stats;
 //! - [`qemu`], [`ch`]: the VMM launchers, with [`qmp`] and [`console`];
 //! - [`agent`]: what the guest agent runs and what it reported;
-//! - [`pagecache`]: the host page cache an image holds (`mincore`).
+//! - [`pagecache`]: the host page cache an image holds (`mincore`);
+//! - [`migration`]: live migration between two QEMUs, each on its own backend.
 //!
 //! Tests use [`vm_test`], which serialises VMs, prepares the assets, gives
 //! a work directory that is kept when the test fails, and turns errors into
@@ -24,6 +25,7 @@ pub mod backend;
 pub mod ch;
 pub mod console;
 pub mod error;
+pub mod migration;
 pub mod pagecache;
 pub mod process;
 pub mod qemu;

@@ -102,6 +102,9 @@ pub struct VmConfig {
     /// More QMP sockets, for other clients than the harness (QMP serves one client a socket):
     /// the backend's `--qmp`, for one.
     pub extra_qmp: Vec<PathBuf>,
+    /// Wait for an incoming live migration on this URI (`-incoming`, e.g. `unix:PATH`) instead
+    /// of booting: the guest arrives from another QEMU.
+    pub incoming: Option<String>,
 }
 
 impl VmConfig {
@@ -118,6 +121,7 @@ impl VmConfig {
             run_timeout: env_secs("VMM_TESTS_RUN_TIMEOUT", 600),
             accel: None,
             extra_qmp: Vec::new(),
+            incoming: None,
         }
     }
 
@@ -198,6 +202,9 @@ pub fn command(cfg: &VmConfig, assets: &GuestAssets, accel: Accel, qmp: &Path) -
             "-qmp",
             &format!("unix:{},server=on,wait=off", path.display()),
         ]);
+    }
+    if let Some(uri) = &cfg.incoming {
+        c.args(["-incoming", uri]);
     }
     for (i, d) in cfg.disks.iter().enumerate() {
         c.args([
@@ -384,6 +391,149 @@ impl Qemu {
     /// Whether QEMU is still running.
     pub fn running(&mut self) -> Result<bool> {
         Ok(self.child.try_wait()?.is_none())
+    }
+}
+
+/// A live migration as the source's `query-migrate` reported it at its end.
+#[derive(Debug, Clone)]
+pub struct Migration {
+    /// `status`: `completed`, `failed` or `cancelled`.
+    pub status: String,
+    /// `total-time`: from `migrate` to the end.
+    pub total: Duration,
+    /// `downtime`: how long the guest was stopped (completed migrations only).
+    pub downtime: Option<Duration>,
+    /// `ram.transferred` in bytes.
+    pub ram_bytes: u64,
+    /// `error-desc`, when it failed.
+    pub error: Option<String>,
+}
+
+impl Migration {
+    fn from_query(v: &serde_json::Value) -> Self {
+        let ms = |k: &str| v[k].as_u64().map(Duration::from_millis);
+        Migration {
+            status: v["status"].as_str().unwrap_or("").to_string(),
+            total: ms("total-time").unwrap_or_default(),
+            downtime: ms("downtime"),
+            ram_bytes: v["ram"]["transferred"].as_u64().unwrap_or(0),
+            error: v["error-desc"].as_str().map(str::to_string),
+        }
+    }
+}
+
+impl Qemu {
+    /// Starts a live migration to `uri` (QMP `migrate`) and returns at once.
+    pub fn start_migration(&mut self, uri: &str) -> Result<()> {
+        self.console.note(&format!("migrating to {uri}"));
+        self.qmp()?
+            .execute("migrate", Some(serde_json::json!({ "uri": uri })))?;
+        Ok(())
+    }
+
+    /// The migration state (`query-migrate`).
+    pub fn query_migration(&mut self) -> Result<Migration> {
+        let v = self.qmp()?.execute("query-migrate", None)?;
+        Ok(Migration::from_query(&v))
+    }
+
+    /// Waits up to `timeout` for the migration to end (completed, failed or cancelled) and
+    /// returns how it ended.
+    pub fn wait_migration(&mut self, timeout: Duration) -> Result<Migration> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let m = self.query_migration()?;
+            if matches!(m.status.as_str(), "completed" | "failed" | "cancelled") {
+                self.console.note(&format!("migration {m:?}"));
+                return Ok(m);
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    what: format!("the migration to end (status {})", m.status),
+                    timeout,
+                    log: None,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Migrates to `uri` and waits up to `timeout` for it to complete; a migration that fails
+    /// or is cancelled is an error.
+    pub fn migrate(&mut self, uri: &str, timeout: Duration) -> Result<Migration> {
+        self.start_migration(uri)?;
+        let m = self.wait_migration(timeout)?;
+        if m.status != "completed" {
+            return Err(Error::Qmp(format!(
+                "migration to {uri} {}: {}",
+                m.status,
+                m.error.as_deref().unwrap_or("no error given")
+            )));
+        }
+        Ok(m)
+    }
+
+    /// Sets migration parameters (`migrate-set-parameters`), e.g. `max-bandwidth`.
+    pub fn set_migration_parameters(&mut self, params: serde_json::Value) -> Result<()> {
+        self.qmp()?
+            .execute("migrate-set-parameters", Some(params))?;
+        Ok(())
+    }
+
+    /// Cancels the migration under way (`migrate_cancel`) and waits for `cancelled`.
+    pub fn cancel_migration(&mut self, timeout: Duration) -> Result<Migration> {
+        self.qmp()?.execute("migrate_cancel", None)?;
+        let m = self.wait_migration(timeout)?;
+        if m.status != "cancelled" {
+            return Err(Error::Qmp(format!(
+                "migrate_cancel: the migration ended {}",
+                m.status
+            )));
+        }
+        Ok(m)
+    }
+
+    /// Whether the guest runs (`query-status`).
+    pub fn status(&mut self) -> Result<String> {
+        let v = self.qmp()?.execute("query-status", None)?;
+        Ok(v["status"].as_str().unwrap_or("").to_string())
+    }
+
+    /// Ends QEMU with QMP `quit` (a source after its guest migrated away), killing it if it
+    /// has not exited within 10 s.
+    pub fn quit(&mut self) -> Result<()> {
+        let _ = self.qmp()?.execute("quit", None);
+        if self.child.wait_timeout(Duration::from_secs(10))?.is_none() {
+            self.child.kill()?;
+        }
+        Ok(())
+    }
+
+    /// For the QEMU a guest last migrated to: waits for the agent to finish and QEMU to exit,
+    /// and returns the agent's results from the consoles of every QEMU the guest ran on,
+    /// `earlier` (in order) then this one.
+    pub fn wait_done_migrated(&mut self, earlier: &[&Qemu]) -> Result<AgentRun> {
+        if let Err(e) =
+            self.console
+                .wait_for(0, self.cfg.run_timeout, "the guest agent to finish", |l| {
+                    l.contains(protocol::DONE_PREFIX)
+                })
+        {
+            for q in earlier {
+                q.dump_tail(20);
+            }
+            return self.fail(e);
+        }
+        if self.child.wait_timeout(Duration::from_secs(30))?.is_none() {
+            self.console.note("guest did not power off; killing QEMU");
+            let _ = self.child.kill();
+        }
+        self.console.wait_closed(Duration::from_secs(5));
+        let mut lines: Vec<String> = earlier.iter().flat_map(|q| q.console.lines()).collect();
+        lines.extend(self.console.lines());
+        let run = AgentRun::from_lines(&lines)?;
+        run.print();
+        Ok(run)
     }
 }
 

@@ -1,0 +1,221 @@
+//! Live migration between two QEMU processes on this machine, each attached to its own backend
+//! process on one image: what the `migration` test and the `migrate-bench` tool share.
+//!
+//! The guest runs the agent's `migrate` workload (page-cache and O_DIRECT reads of a region of
+//! known content, tagged writes) until the host sets its stop block; [`PingPong::run`] boots it
+//! on backend A, migrates it A → B → A … over unix sockets with the load running, stops it and
+//! collects the agent's verdict from the consoles of every QEMU it ran on.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use guest_agent::protocol::{MIGRATE_STOP, RESULT_PREFIX};
+
+use crate::agent::{pattern, AgentPlan, AgentRun};
+use crate::backend::{Backend, BackendConfig, BackendKind};
+use crate::error::{Error, Result};
+use crate::qemu::{Migration, Qemu, VhostUserDisk, VmConfig};
+use crate::Harness;
+
+const MIB: u64 = 1 << 20;
+/// The region the guest reads, filled with [`READ_SEED`]'s pattern.
+pub const READ_MIB: u64 = 8;
+/// The seed of the read region's pattern.
+pub const READ_SEED: u64 = 31;
+/// Where the host sets the stop block.
+pub const STOP_MIB: u64 = 128;
+/// How long one migration may take under TCG.
+pub const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
+/// Size of the shared image.
+pub const IMAGE_BYTES: u64 = 256 << 20;
+
+/// The agent plan of the migration scenarios.
+pub fn plan() -> AgentPlan {
+    AgentPlan::new(&["migrate"])
+        .param("migrate.read_mib", READ_MIB)
+        .param("migrate.read_seed", READ_SEED)
+        .param("migrate.stop_offset_mib", STOP_MIB)
+}
+
+/// Creates the image in the harness's directory, fills the read region with its pattern and
+/// leaves the stop block clear.
+pub fn prepare_image(h: &Harness) -> Result<PathBuf> {
+    let image = h.image("disk.img", IMAGE_BYTES)?;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .map_err(|e| Error::io(format!("open {}", image.display()), e))?;
+    let mut buf = vec![0u8; MIB as usize];
+    for mib in 0..READ_MIB {
+        pattern::fill(READ_SEED, mib * MIB, &mut buf);
+        f.write_all_at(&buf, mib * MIB)
+            .map_err(|e| Error::io("write the read region", e))?;
+    }
+    f.sync_all().map_err(|e| Error::io("fsync the image", e))?;
+    Ok(image)
+}
+
+/// Tells the guest to stop its load and check everything.
+pub fn set_stop(image: &Path) -> Result<()> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(image)
+        .map_err(|e| Error::io(format!("open {}", image.display()), e))?;
+    let mut block = vec![0u8; 4096];
+    block[..MIGRATE_STOP.len()].copy_from_slice(MIGRATE_STOP);
+    f.write_all_at(&block, STOP_MIB * MIB)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| Error::io("write the stop block", e))
+}
+
+/// One backend process named `name` (its own socket, control socket and log) of `kind` on
+/// `image`, with `extra_args` (ours only).
+pub fn start_backend(
+    h: &Harness,
+    kind: &BackendKind,
+    image: &Path,
+    name: &str,
+    extra_args: &[String],
+) -> Result<Backend> {
+    let mut cfg: BackendConfig = h.backend_config(image);
+    cfg.socket = h.path(&format!("{name}.sock"));
+    cfg.control = Some(h.path(&format!("{name}.control.sock")));
+    cfg.log = h.path(&format!("{name}.log"));
+    cfg.extra_args = extra_args.to_vec();
+    // Two qemu-storage-daemons on one image: the active side alone writes, but QEMU's image
+    // locking would refuse the second one.
+    cfg.qsd_locking_off = true;
+    Backend::start(kind, &cfg)
+}
+
+/// The guest's configuration on `backend`: booting, or (`incoming`) waiting for a migration.
+pub fn vm_config(
+    plan: &AgentPlan,
+    backend: &Backend,
+    memory_mib: u64,
+    incoming: Option<String>,
+) -> VmConfig {
+    let mut cfg = VmConfig::new(2, plan.clone()).disk(VhostUserDisk::new(backend.socket(), 1));
+    cfg.memory_mib = memory_mib;
+    cfg.incoming = incoming;
+    cfg
+}
+
+/// Starts the QEMU that waits for the guest on `backend` and waits until it listens on its
+/// migration socket; returns it and the URI to migrate to.
+pub fn start_target(
+    h: &mut Harness,
+    plan: &AgentPlan,
+    backend: &Backend,
+    memory_mib: u64,
+    name: &str,
+) -> Result<(Qemu, String)> {
+    let socket = h.path(&format!("{name}.mig"));
+    let uri = format!("unix:{}", socket.display());
+    let mut q = h.start_vm(&vm_config(plan, backend, memory_mib, Some(uri.clone())))?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !socket.exists() {
+        if !q.running()? || Instant::now() > deadline {
+            return Err(Error::Qmp(format!(
+                "the destination QEMU never listened on {}",
+                socket.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((q, uri))
+}
+
+/// Keeps the guest's I/O going on `q` for `d`, checking the VM still runs. A guest that powered
+/// off early has a failed check to report: its agent's result line says which.
+pub fn run_for(q: &mut Qemu, d: Duration) -> Result<()> {
+    std::thread::sleep(d);
+    if !q.running()? {
+        let results: Vec<String> = q
+            .console()
+            .lines()
+            .into_iter()
+            .filter(|l| l.contains(RESULT_PREFIX))
+            .collect();
+        return Err(Error::Agent(format!(
+            "the guest stopped early: {}",
+            results.join("; ")
+        )));
+    }
+    match q.status()?.as_str() {
+        "running" => Ok(()),
+        other => Err(Error::Qmp(format!("the guest is {other}, not running"))),
+    }
+}
+
+/// A migration of one hop, as reported.
+#[derive(Debug, Clone)]
+pub struct Hop {
+    /// "A -> B", ...
+    pub name: String,
+    /// What the source's `query-migrate` said at the end.
+    pub migration: Migration,
+}
+
+/// The ping-pong scenario: a guest booted on backend `a`, migrated `hops` times between `a`
+/// and `b` with its load running, `settle` of load between hops.
+pub struct PingPong<'a> {
+    /// The two backends.
+    pub backends: [&'a Backend; 2],
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// Migrations to do.
+    pub hops: usize,
+    /// Load time on each host before the next hop and before stopping.
+    pub settle: Duration,
+}
+
+impl PingPong<'_> {
+    /// Runs the scenario on `image`; `before_hops` runs on the first QEMU once the load runs
+    /// (the test's cancelled migration). Returns every hop and the agent's verdict.
+    pub fn run(
+        &self,
+        h: &mut Harness,
+        image: &Path,
+        before_hops: impl FnOnce(&mut Harness, &mut Qemu) -> Result<()>,
+    ) -> Result<(Vec<Hop>, AgentRun)> {
+        let plan = plan();
+        let mut current = h.start_vm(&vm_config(&plan, self.backends[0], self.memory_mib, None))?;
+        current.wait_hello()?;
+        current.wait_ready("migrate")?;
+        run_for(&mut current, self.settle)?;
+        before_hops(h, &mut current)?;
+        let mut earlier = Vec::new();
+        let mut hops = Vec::new();
+        for hop in 0..self.hops {
+            let (from, to) = (hop % 2, (hop + 1) % 2);
+            let name = format!("{} -> {}", ["A", "B"][from], ["A", "B"][to]);
+            let (mut target, uri) = start_target(
+                h,
+                &plan,
+                self.backends[to],
+                self.memory_mib,
+                &format!("hop{}", hop + 1),
+            )?;
+            current.set_migration_parameters(serde_json::json!({ "max-bandwidth": 1024 * MIB }))?;
+            let migration = current.migrate(&uri, MIGRATION_TIMEOUT)?;
+            println!(
+                "migration {name}: {} in {} ms, downtime {} ms, {:.1} MiB of RAM sent",
+                migration.status,
+                migration.total.as_millis(),
+                migration.downtime.map_or(-1, |d| d.as_millis() as i64),
+                migration.ram_bytes as f64 / MIB as f64
+            );
+            hops.push(Hop { name, migration });
+            current.quit()?;
+            std::mem::swap(&mut current, &mut target);
+            earlier.push(target);
+            run_for(&mut current, self.settle)?;
+        }
+        set_stop(image)?;
+        let earlier: Vec<&Qemu> = earlier.iter().collect();
+        let run = current.wait_done_migrated(&earlier)?;
+        Ok((hops, run))
+    }
+}
