@@ -22,7 +22,9 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
 
 use vhost_user_backend::bitmap::{AtomicBitmapMmap, BitmapReplace, MemRegionBitmap, MmapLogReg};
 use vm_memory::bitmap::{Bitmap, RefSlice, WithBitmapSlice};
@@ -68,8 +70,13 @@ impl RegionLog {
         for page in first_page..=last_page {
             // In bounds: `new` checked that the log covers the region's last page, and
             // `first_page >= start / 4 KiB`.
-            self.log[page / PAGES_PER_WORD]
-                .fetch_or(1 << (page % PAGES_PER_WORD), Ordering::Relaxed);
+            let word = &self.log[page / PAGES_PER_WORD];
+            let bit = 1 << (page % PAGES_PER_WORD);
+            // Most pages are marked again before QEMU clears them: look before writing, so
+            // that queue threads marking pages of one byte do not bounce its cache line.
+            if word.load(Ordering::Relaxed) & bit == 0 {
+                word.fetch_or(bit, Ordering::Relaxed);
+            }
         }
     }
 
@@ -123,12 +130,11 @@ impl MemRegionBitmap for RegionLog {
 struct RegionState {
     /// The frontend asked for logging (`VHOST_F_LOG_ALL`), with or without a log yet.
     wanted: AtomicBool,
-    /// Marks go to the log: wanted, and a log installed. Read on every guest memory write,
-    /// hence apart from the lock.
+    /// Marks go to the log: wanted, and a log installed. Read on every guest memory write.
     on: AtomicBool,
     /// The region's part of the log, once `SET_LOG_BASE` (or a memory-table change while
-    /// logging) installed one.
-    log: RwLock<Option<RegionLog>>,
+    /// logging) installed one. Swapped without a lock: marking only loads it.
+    log: ArcSwapOption<RegionLog>,
 }
 
 /// The dirty bitmap of one guest memory region (`GuestMemoryMmap<DirtyBitmap>`): a no-op until
@@ -155,17 +161,12 @@ impl DirtyBitmap {
 
     /// Whether a log is installed.
     pub fn has_log(&self) -> bool {
-        self.read().is_some()
+        self.state.log.load().is_some()
     }
 
     /// The installed log, to share with regions added later.
     pub fn log(&self) -> Option<Arc<MmapLogReg>> {
-        self.read().as_ref().map(|l| Arc::clone(l.log()))
-    }
-
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Option<RegionLog>> {
-        // A panic while holding the lock cannot leave the Option half-written.
-        self.state.log.read().unwrap_or_else(|e| e.into_inner())
+        self.state.log.load().as_ref().map(|l| Arc::clone(l.log()))
     }
 }
 
@@ -180,13 +181,17 @@ impl Bitmap for DirtyBitmap {
         if !self.state.on.load(Ordering::Relaxed) {
             return;
         }
-        if let Some(log) = self.read().as_ref() {
+        if let Some(log) = self.state.log.load().as_ref() {
             log.mark(offset, len);
         }
     }
 
     fn dirty_at(&self, offset: usize) -> bool {
-        self.read().as_ref().is_some_and(|log| log.is_set(offset))
+        self.state
+            .log
+            .load()
+            .as_ref()
+            .is_some_and(|log| log.is_set(offset))
     }
 
     fn slice_at(&self, offset: usize) -> RefSlice<'_, Self> {
@@ -206,7 +211,7 @@ impl BitmapReplace for DirtyBitmap {
     /// `SET_LOG_BASE`: the frontend hands a (new, perhaps larger) log; marks go to it from now
     /// on if logging is wanted.
     fn replace(&self, log: RegionLog) {
-        *self.state.log.write().unwrap_or_else(|e| e.into_inner()) = Some(log);
+        self.state.log.store(Some(Arc::new(log)));
         self.state
             .on
             .store(self.state.wanted.load(Ordering::Relaxed), Ordering::Relaxed);
