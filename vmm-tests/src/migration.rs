@@ -70,15 +70,18 @@ pub fn set_stop(image: &Path) -> Result<()> {
 }
 
 /// One backend process named `name` (its own socket, control socket and log) of `kind` on
-/// `image`, with `extra_args` (ours only).
+/// `image`, with `--cache` `cache` (qemu-storage-daemon: `cache.direct=on` for `none`) and
+/// `extra_args` (ours only).
 pub fn start_backend(
     h: &Harness,
     kind: &BackendKind,
     image: &Path,
     name: &str,
+    cache: Option<&str>,
     extra_args: &[String],
 ) -> Result<Backend> {
     let mut cfg: BackendConfig = h.backend_config(image);
+    cfg.cache = cache.map(str::to_string);
     cfg.socket = h.path(&format!("{name}.sock"));
     cfg.control = Some(h.path(&format!("{name}.control.sock")));
     cfg.log = h.path(&format!("{name}.log"));
@@ -169,17 +172,28 @@ pub struct PingPong<'a> {
     pub hops: usize,
     /// Load time on each host before the next hop and before stopping.
     pub settle: Duration,
+    /// How long the guest may take to finish once stopped (`None`: the harness's default).
+    pub finish_timeout: Option<Duration>,
+}
+
+/// What a [`PingPong`] run gave.
+pub struct PingPongRun {
+    /// Every hop, in order.
+    pub hops: Vec<Hop>,
+    /// The agent's verdict once stopped after the last hop, or why there is none.
+    pub verdict: Result<AgentRun>,
 }
 
 impl PingPong<'_> {
     /// Runs the scenario on `image`; `before_hops` runs on the first QEMU once the load runs
-    /// (the test's cancelled migration). Returns every hop and the agent's verdict.
+    /// (the test's cancelled migration). A failure up to the last hop is an error; after it,
+    /// the verdict carries it.
     pub fn run(
         &self,
         h: &mut Harness,
         image: &Path,
         before_hops: impl FnOnce(&mut Harness, &mut Qemu) -> Result<()>,
-    ) -> Result<(Vec<Hop>, AgentRun)> {
+    ) -> Result<PingPongRun> {
         let plan = plan();
         let mut current = h.start_vm(&vm_config(&plan, self.backends[0], self.memory_mib, None))?;
         current.wait_hello()?;
@@ -211,11 +225,16 @@ impl PingPong<'_> {
             current.quit()?;
             std::mem::swap(&mut current, &mut target);
             earlier.push(target);
-            run_for(&mut current, self.settle)?;
+            if hop + 1 < self.hops {
+                run_for(&mut current, self.settle)?;
+            }
         }
-        set_stop(image)?;
-        let earlier: Vec<&Qemu> = earlier.iter().collect();
-        let run = current.wait_done_migrated(&earlier)?;
-        Ok((hops, run))
+        let verdict = run_for(&mut current, self.settle)
+            .and_then(|()| set_stop(image))
+            .and_then(|()| {
+                let earlier: Vec<&Qemu> = earlier.iter().collect();
+                current.wait_done_migrated(&earlier, self.finish_timeout)
+            });
+        Ok(PingPongRun { hops, verdict })
     }
 }

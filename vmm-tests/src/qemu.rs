@@ -511,13 +511,19 @@ impl Qemu {
 
     /// For the QEMU a guest last migrated to: waits for the agent to finish and QEMU to exit,
     /// and returns the agent's results from the consoles of every QEMU the guest ran on,
-    /// `earlier` (in order) then this one.
-    pub fn wait_done_migrated(&mut self, earlier: &[&Qemu]) -> Result<AgentRun> {
-        if let Err(e) =
-            self.console
-                .wait_for(0, self.cfg.run_timeout, "the guest agent to finish", |l| {
-                    l.contains(protocol::DONE_PREFIX)
-                })
+    /// `earlier` (in order) then this one. It waits `timeout`, or the configuration's
+    /// `run_timeout`.
+    pub fn wait_done_migrated(
+        &mut self,
+        earlier: &[&Qemu],
+        timeout: Option<Duration>,
+    ) -> Result<AgentRun> {
+        let timeout = timeout.unwrap_or(self.cfg.run_timeout);
+        if let Err(e) = self
+            .console
+            .wait_for(0, timeout, "the guest agent to finish", |l| {
+                l.contains(protocol::DONE_PREFIX)
+            })
         {
             for q in earlier {
                 q.dump_tail(20);

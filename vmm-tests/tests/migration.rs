@@ -33,15 +33,16 @@ fn live_migration_cancel_then_ping_pong_with_io_running() {
                 Vec::new()
             };
         let kind = h.backend_kind.clone();
-        let mut a = migration::start_backend(h, &kind, &image, "a", &extra)?;
-        let mut b = migration::start_backend(h, &kind, &image, "b", &extra)?;
+        let mut a = migration::start_backend(h, &kind, &image, "a", None, &extra)?;
+        let mut b = migration::start_backend(h, &kind, &image, "b", None, &extra)?;
         let scenario = PingPong {
             backends: [&a, &b],
             memory_mib: GUEST_MIB,
             hops: 2,
             settle: Duration::from_secs(2),
+            finish_timeout: None,
         };
-        let (hops, run) = scenario.run(h, &image, |h, source| {
+        let result = scenario.run(h, &image, |h, source| {
             // A migration cancelled half-way: throttled so that it still runs when cancelled.
             let plan = migration::plan();
             let (mut target, uri) =
@@ -81,9 +82,10 @@ fn live_migration_cancel_then_ping_pong_with_io_running() {
             }
             Ok(())
         })?;
+        let run = result.verdict?;
         run.expect_all_ok()?;
         let data = run.ok("migrate")?;
-        println!("guest checks after {} hops: {data}", hops.len());
+        println!("guest checks after {} hops: {data}", result.hops.len());
         for key in ["page_cache_passes", "direct_rounds", "blocks_verified"] {
             if data[key].as_u64().unwrap_or(0) == 0 {
                 return Err(Error::Agent(format!("migrate: no {key}: {data}")));
