@@ -149,4 +149,13 @@ fn main() {
         "median: off {off:.0} IOPS, on {on:.0} IOPS, on/off {:.3}",
         on / off
     );
+    // The machine's load over the run, for the noise next to the figures.
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "load average (1, 5, 15 min): {}",
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
 }
