@@ -9,6 +9,8 @@
 //! - `guest-fio`: fio inside a guest, this backend against qemu-storage-daemon
 //!   (`docs/guest-fio.md`);
 //! - `drain-bench`: how long a vCPU unplug's drain holds the guest.
+//! - `migrate-bench`: total time and downtime of live migrations with I/O running, this backend
+//!   against qemu-storage-daemon (`docs/benchmarks.md`).
 //!
 //! The VMs, the backend and the guest agent come from the `vmm-tests` library; this library
 //! holds only what the tools share on top of it:
