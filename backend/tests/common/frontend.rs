@@ -134,6 +134,8 @@ pub struct Device {
     /// The config space read at attach.
     pub config: BlkConfig,
     queues: Vec<Queue>,
+    /// A second handle on the socket, to see the backend hang up and to hang up ourselves.
+    watch: Option<UnixStream>,
 }
 
 /// Connects to `path`, retrying while the socket is missing or refuses, until `timeout`.
@@ -174,11 +176,102 @@ impl Device {
         stream
             .set_write_timeout(Some(opts.timeout))
             .map_err(io_err)?;
-        Self::attach(Frontend::from_stream(stream, 64), opts)
+        let watch = stream.try_clone().map_err(io_err)?;
+        let mut device = Self::attach(Frontend::from_stream(stream, 64), opts)?;
+        device.watch = Some(watch);
+        Ok(device)
     }
 
     /// Runs the attach sequence over an already connected frontend.
-    pub fn attach(mut fe: Frontend, opts: &Options) -> Result<Self> {
+    pub fn attach(fe: Frontend, opts: &Options) -> Result<Self> {
+        Self::attach_to(fe, opts, None)
+    }
+
+    /// Attaches to the (next) backend on `path` with this device's guest memory and rings, as
+    /// QEMU does when a backend it lost comes back: every ring restarts at the used index the
+    /// guest sees in memory, since the lost backend could not be asked for its ring base.
+    /// Transfers in flight stay in flight: the next backend runs what was never used.
+    pub fn reattach(&mut self, path: &Path, opts: &Options) -> Result<()> {
+        let stream = connect_socket(path, opts.timeout)?;
+        let io_err = |source| Error::Connect {
+            path: path.to_owned(),
+            source,
+        };
+        stream
+            .set_read_timeout(Some(opts.timeout))
+            .map_err(io_err)?;
+        stream
+            .set_write_timeout(Some(opts.timeout))
+            .map_err(io_err)?;
+        let watch = stream.try_clone().map_err(io_err)?;
+        let memory = Arc::clone(&self.memory);
+        let queues = std::mem::take(&mut self.queues);
+        let next = Self::attach_to(
+            Frontend::from_stream(stream, 64),
+            opts,
+            Some((memory, queues)),
+        )?;
+        *self = next;
+        self.watch = Some(watch);
+        Ok(())
+    }
+
+    /// Hangs up on the backend without stopping anything first, as a VMM that dies does. The
+    /// guest memory and the rings stay, for [`Device::reattach`].
+    pub fn hang_up(&mut self) {
+        if let Some(watch) = &self.watch {
+            let _ = watch.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Waits up to `timeout` for the backend to close the connection; true once it has.
+    pub fn wait_hang_up(&self, timeout: Duration) -> bool {
+        let Some(watch) = &self.watch else {
+            return false;
+        };
+        let fd = std::os::fd::AsRawFd::as_raw_fd(watch);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN | libc::POLLRDHUP,
+                revents: 0,
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
+            // SAFETY: `pfd` is a valid pollfd for the call, and the count is 1.
+            let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if n > 0 && pfd.revents & (libc::POLLHUP | libc::POLLRDHUP) != 0 {
+                return true;
+            }
+            if n > 0 && pfd.revents & libc::POLLIN != 0 {
+                let mut byte = 0u8;
+                // SAFETY: peeks one byte into `byte`, which is valid for the call.
+                let r = unsafe {
+                    libc::recv(
+                        fd,
+                        (&mut byte as *mut u8).cast(),
+                        1,
+                        libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                    )
+                };
+                if r == 0 {
+                    return true;
+                }
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+        }
+    }
+
+    /// The attach sequence, over fresh memory and rings, or over `existing` ones restarted at
+    /// their used index.
+    fn attach_to(
+        mut fe: Frontend,
+        opts: &Options,
+        existing: Option<(Arc<GuestMemory>, Vec<Queue>)>,
+    ) -> Result<Self> {
         let offered_features = fe.get_features().map_err(step("GET_FEATURES"))?;
         if offered_features & feature::VERSION_1 == 0 {
             return Err(Error::Missing("VIRTIO_F_VERSION_1"));
@@ -231,7 +324,10 @@ impl Device {
         fe.set_features(acked_features)
             .map_err(step("SET_FEATURES"))?;
 
-        let memory = Arc::new(GuestMemory::new(&opts.memory));
+        let (memory, existing_queues) = match existing {
+            Some((memory, queues)) => (memory, Some(queues)),
+            None => (Arc::new(GuestMemory::new(&opts.memory)), None),
+        };
         let add_mem_reg = match opts.memory_messages {
             MemoryMessages::Auto => max_mem_slots.is_some(),
             MemoryMessages::SetMemTable => false,
@@ -254,13 +350,16 @@ impl Device {
                 1
             });
         let event_idx = acked_features & feature::RING_EVENT_IDX != 0;
-        let queues = layout_queues(
-            &memory,
-            num_queues,
-            opts.queue_size,
-            event_idx,
-            opts.timeout,
-        );
+        let queues = match existing_queues {
+            Some(queues) => queues,
+            None => layout_queues(
+                &memory,
+                num_queues,
+                opts.queue_size,
+                event_idx,
+                opts.timeout,
+            ),
+        };
         for q in &queues {
             let i = q.index();
             let vring = VringConfigData {
@@ -274,7 +373,9 @@ impl Device {
             };
             fe.set_vring_num(i, q.size())
                 .map_err(step("SET_VRING_NUM"))?;
-            fe.set_vring_base(i, 0).map_err(step("SET_VRING_BASE"))?;
+            // A fresh ring starts at 0; a ring taken over from a lost backend at its used index.
+            let base = q.used_idx_in_memory();
+            fe.set_vring_base(i, base).map_err(step("SET_VRING_BASE"))?;
             fe.set_vring_addr(i, &vring)
                 .map_err(step("SET_VRING_ADDR"))?;
             fe.set_vring_call(i, q.call_fd())
@@ -298,6 +399,7 @@ impl Device {
             max_mem_slots,
             config,
             queues,
+            watch: None,
         })
     }
 

@@ -735,6 +735,12 @@ impl Queue {
 
     // ---- the used ring ----
 
+    /// The used index the device has published in guest memory (which the driver may not have
+    /// consumed yet): where a VMM restarts the ring when its backend is lost.
+    pub fn used_idx_in_memory(&self) -> u16 {
+        self.used_idx_now()
+    }
+
     fn used_idx_now(&self) -> u16 {
         self.mem.load_u16(self.used + 2, Ordering::Acquire)
     }
