@@ -44,21 +44,28 @@ pub struct Done {
 /// Complete a request whose engine work (and any deferred work) is over: write its status, add
 /// its used entry, count it. Signalling is the caller's, once per pass or batch. The used length
 /// is the bytes written into device-writable buffers, status byte included.
+///
+/// Once the frontend has gone, nothing is written to its rings or status bytes: it restarts
+/// the next backend at the used index it saw, and that backend runs the request again.
 pub fn complete(shared: &DeviceShared, index: usize, done: &Done, vring: &Vring) {
-    if let Err(e) = write_status(&*done.mem, done.status_addr, done.status) {
-        error!(
-            "queue {index}: writing status at {:#x}: {e}",
-            done.status_addr.0
-        );
+    let mut state = vring.get_mut();
+    if !shared.frontend_gone() {
+        if let Err(e) = write_status(&*done.mem, done.status_addr, done.status) {
+            error!(
+                "queue {index}: writing status at {:#x}: {e}",
+                done.status_addr.0
+            );
+        }
+        let used_len = if done.status == STATUS_OK && done.request_type == RequestType::In {
+            done.data_len + 1
+        } else {
+            1
+        };
+        if let Err(e) = state.add_used(done.head, used_len) {
+            error!("queue {index}: add_used({}): {e:?}", done.head);
+        }
     }
-    let used_len = if done.status == STATUS_OK && done.request_type == RequestType::In {
-        done.data_len + 1
-    } else {
-        1
-    };
-    if let Err(e) = vring.add_used(done.head, used_len) {
-        error!("queue {index}: add_used({}): {e:?}", done.head);
-    }
+    drop(state);
     let stats = shared.stats.queue(index);
     count_done(stats, done.request_type, done.data_len, done.status);
     QueueStats::sub(&stats.in_flight, 1);

@@ -54,6 +54,11 @@ impl DeferredPath {
         }
     }
 
+    /// The thread's vrings, once its first event has handed them over.
+    pub fn vrings(&self) -> Vec<Vring> {
+        self.vrings.get().cloned().unwrap_or_default()
+    }
+
     /// Give the handler the thread's vrings; later calls are no-ops.
     pub fn set_vrings(&self, vrings: &[Vring]) {
         if self.vrings.get().is_none() {
@@ -129,7 +134,7 @@ impl BatchHandler<Done> for DeferredPath {
             touched[d.local] = true;
         }
         for (local, vring) in vrings.iter().enumerate() {
-            if touched.get(local).copied().unwrap_or(false) {
+            if touched.get(local).copied().unwrap_or(false) && !self.shared.frontend_gone() {
                 let index = self.queue_indices[local];
                 if signal_if_needed(&mut vring.get_mut(), index) {
                     QueueStats::add(&self.shared.stats.queue(index).signals, 1);

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use disk::{EngineKind, Image};
 use log::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::VhostUserBackend;
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_blk::{device_features, BlkConfig, FeatureOptions, Limits, DEVICE_ID_LEN};
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
@@ -153,6 +153,8 @@ impl BlkDevice {
             poll_device: settings.poll_device,
             logging: AtomicBool::new(false),
             log_reads: settings.log_reads,
+            taking_chains: AtomicBool::new(true),
+            frontend_gone: AtomicBool::new(false),
         });
 
         let queue_masks: Vec<u64> = (0..num_queues).map(|q| 1u64 << q).collect();
@@ -244,6 +246,50 @@ impl BlkDevice {
     /// Number of worker threads.
     pub fn num_threads(&self) -> usize {
         self.threads.len()
+    }
+
+    /// A planned stop (SIGTERM) while the frontend is still connected: pop no new chains,
+    /// complete what the deferred workers hold at once rather than after their delay, and wait
+    /// up to `timeout` for every request in flight to complete — and be published, since the
+    /// frontend is still there to read it. The frontend restarts the next backend at the used
+    /// index it finds, so whatever is published before the hang-up is never run twice. Returns
+    /// whether the device went idle.
+    pub fn quiesce(&self, timeout: Duration) -> bool {
+        self.shared.taking_chains.store(false, Ordering::Release);
+        let deferred: Vec<_> = self
+            .threads
+            .iter()
+            .map(|t| lock(t).deferred().clone())
+            .collect();
+        let deadline = Instant::now() + timeout;
+        loop {
+            // Completions reaped after a drain land in the batch again: drain until idle.
+            for d in &deferred {
+                d.drain();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if self.wait_idle(None, left.min(Duration::from_millis(5))) {
+                return true;
+            }
+            if left.is_zero() {
+                return false;
+            }
+        }
+    }
+
+    /// The frontend hung up without stopping the rings (it died, or was killed): it reads the
+    /// used index of each ring as it is now and restarts the next backend from there, so a used
+    /// entry added from now on would make that backend run the request again. Requests in
+    /// flight may still finish (their memory stays mapped until then), but from here on
+    /// nothing is written to the rings or to the status bytes of the gone frontend.
+    pub fn frontend_gone(&self) {
+        self.shared.taking_chains.store(false, Ordering::Release);
+        // Under each vring's lock, so that a completion that checked the flag before it has
+        // published before this returns, and every later one sees it.
+        let vrings: Vec<Vring> = self.threads.iter().flat_map(|t| lock(t).vrings()).collect();
+        let guards: Vec<_> = vrings.iter().map(|v| v.get_mut()).collect();
+        self.shared.frontend_gone.store(true, Ordering::Release);
+        drop(guards);
     }
 
     /// Wait until no request is in flight on `queue` (or on every queue when `None`), up to

@@ -170,6 +170,11 @@ impl QueueThread {
         &self.deferred
     }
 
+    /// The thread's vrings, once its first event has handed them over.
+    pub fn vrings(&self) -> Vec<Vring> {
+        self.deferred_path.vrings()
+    }
+
     /// The engine's completion eventfd, to register in this thread's epoll loop.
     pub fn completion_fd(&self) -> std::os::unix::io::RawFd {
         self.engine.completion_fd()
@@ -189,8 +194,9 @@ impl QueueThread {
         let event_idx = self.shared.event_idx.load(Ordering::Relaxed);
         loop {
             let mut state = vring.get_mut();
-            // Stopped by GET_VRING_BASE: the frontend owns the ring again.
-            if !state.get_queue().ready() {
+            // Stopped by GET_VRING_BASE: the frontend owns the ring again. Stopping (SIGTERM) or
+            // the frontend gone: what is on the ring is for the next backend.
+            if !state.get_queue().ready() || !self.shared.taking_chains() {
                 break;
             }
             // An available index more than a queue's worth ahead of us is the driver breaking its
@@ -292,7 +298,10 @@ impl QueueThread {
         loop {
             let mut worked = false;
             for (local, vring) in vrings.iter().enumerate().take(self.queues.len()) {
-                if !self.queues[local].ring_broken && has_new_chains(vring, &mem) {
+                if !self.queues[local].ring_broken
+                    && self.shared.taking_chains()
+                    && has_new_chains(vring, &mem)
+                {
                     self.process_queue(local, vrings);
                     worked = true;
                 }
@@ -474,6 +483,9 @@ impl QueueThread {
 
     /// Signal each queue that has new used entries, once, if the guest wants it.
     fn signal(&mut self, vrings: &[Vring]) {
+        if self.shared.frontend_gone() {
+            return;
+        }
         for (local, queue) in self.queues.iter_mut().enumerate() {
             if !std::mem::take(&mut queue.needs_signal) {
                 continue;

@@ -3,9 +3,17 @@
 //!
 //! `vhost-user-backend`'s per-connection state cannot be reused once a frontend disconnects, so
 //! each connection gets a fresh [`BlkDevice`] and `VhostUserDaemon` over the same image and the
-//! same counters: a VM reboot, or another VM, attaches without restarting us. When a connection
-//! ends — the VMM hung up, or we were asked to stop — the requests still in flight finish before
-//! the worker threads are told to exit.
+//! same counters: a VM reboot, or another VM, attaches without restarting us.
+//!
+//! A VMM that loses its backend cannot ask for the ring bases: it restarts the next backend at
+//! the used index it finds in guest memory. So the two ways a connection ends differ:
+//! - asked to stop (SIGINT/SIGTERM, an upgrade): no new chain is popped, every request in flight
+//!   completes and is published while the VMM is still connected, and only then do we hang up;
+//! - the VMM hung up (it died, or was killed): the requests in flight finish (their memory stays
+//!   mapped until then) but nothing more is published to its rings, since the next backend
+//!   starts below those entries and would run the requests again.
+//!
+//! Either way the worker threads are told to exit once nothing is in flight.
 //!
 //! Setup ends in the sandbox (`sandbox.rs`): Landlock once the image is open, before any thread
 //! exists; the seccomp filter on every thread once the sockets are bound, before the first
@@ -45,6 +53,8 @@ struct Lifecycle {
     connected: bool,
     /// Ends the current connection.
     shutdown: Option<ShutdownHandle>,
+    /// The current connection's device, to quiesce before ending the connection.
+    device: Option<Arc<BlkDevice>>,
 }
 
 /// Run the backend until SIGINT/SIGTERM.
@@ -152,7 +162,7 @@ pub fn run(args: &BackendArgs) -> Result<()> {
 
     let (mut listener, socket_name, socket_file) = listen(args)?;
     let lifecycle = Arc::new(Mutex::new(Lifecycle::default()));
-    spawn_signal_thread(lifecycle.clone(), socket_file, image.clone())?;
+    spawn_signal_thread(lifecycle.clone(), socket_file, image.clone(), stats.clone())?;
     // Set up: from here on, every thread (and each connection's) runs under the filter.
     sandbox::apply_seccomp_with(
         args.seccomp,
@@ -218,19 +228,29 @@ fn serve_one(
     info!("frontend connected");
     device.publish_workers();
     hotplug.apply_pinning();
-    {
+    let stop_now = {
         let mut state = lock(lifecycle);
         state.connected = true;
         state.shutdown = daemon.shutdown_handle();
-        if state.stopping {
-            daemon.request_shutdown();
-        }
+        state.device = Some(device.clone());
+        state.stopping
+    };
+    if stop_now {
+        quiesce(&device, stats);
+        daemon.request_shutdown();
     }
     match daemon.wait() {
         Ok(()) => {}
         Err(e) => warn!("connection ended: {e}"),
     }
-    lock(lifecycle).shutdown = None;
+    // Whatever completes from now on is not published: the frontend has gone, or after a
+    // planned stop, nothing should be left.
+    device.frontend_gone();
+    {
+        let mut state = lock(lifecycle);
+        state.shutdown = None;
+        state.device = None;
+    }
 
     if !device.wait_idle(None, DRAIN_TIMEOUT) {
         error!(
@@ -250,6 +270,17 @@ fn serve_one(
     }
     lock(lifecycle).connected = false;
     Ok(())
+}
+
+/// Complete and publish everything in flight while the frontend is still connected.
+fn quiesce(device: &BlkDevice, stats: &DeviceStats) {
+    if !device.quiesce(DRAIN_TIMEOUT) {
+        error!(
+            "{} request(s) still in flight {DRAIN_TIMEOUT:?} after the stop was asked; the next \
+             backend will run them again",
+            stats.in_flight()
+        );
+    }
 }
 
 /// What Landlock leaves reachable once the image is open: the image, the directories where the
@@ -349,12 +380,13 @@ fn block_stop_signals() -> Result<()> {
 }
 
 /// Take SIGINT and SIGTERM (blocked everywhere by [`block_stop_signals`]) on a dedicated thread:
-/// an idle backend exits at once; a connected one ends the connection, lets in-flight requests
-/// finish, then exits.
+/// an idle backend exits at once; a connected one stops popping chains, completes and publishes
+/// what is in flight, then ends the connection and exits.
 fn spawn_signal_thread(
     lifecycle: Arc<Mutex<Lifecycle>>,
     socket_file: Option<PathBuf>,
     image: Arc<Image>,
+    stats: Arc<DeviceStats>,
 ) -> Result<()> {
     let set = stop_signals();
     std::thread::Builder::new()
@@ -367,24 +399,30 @@ fn spawn_signal_thread(
                 continue;
             }
             info!("signal {sig}: stopping");
-            let mut state = lock(&lifecycle);
-            state.stopping = true;
-            if state.connected {
-                if let Some(handle) = &state.shutdown {
-                    handle.shutdown();
+            let (device, handle, stats) = {
+                let mut state = lock(&lifecycle);
+                state.stopping = true;
+                if !state.connected {
+                    if let Some(path) = &socket_file {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    // An RBD image's cache is written back and its exclusive lock released
+                    // now, rather than when the cluster notices this client is gone.
+                    if let Err(e) = image.close_before_exit() {
+                        error!("{e}");
+                    }
+                    std::process::exit(0);
                 }
-                // The connection loop drains in-flight requests and returns.
-            } else {
-                if let Some(path) = &socket_file {
-                    let _ = std::fs::remove_file(path);
-                }
-                // An RBD image's cache is written back and its exclusive lock released now,
-                // rather than when the cluster notices this client is gone.
-                if let Err(e) = image.close_before_exit() {
-                    error!("{e}");
-                }
-                std::process::exit(0);
+                (state.device.clone(), state.shutdown.take(), stats.clone())
+            };
+            // Outside the lock: the connection loop takes it when the connection ends.
+            if let Some(device) = device {
+                quiesce(&device, &stats);
             }
+            if let Some(handle) = handle {
+                handle.shutdown();
+            }
+            // The connection loop sees the connection end and returns.
         })
         .map_err(Error::Signals)?;
     Ok(())

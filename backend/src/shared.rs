@@ -5,7 +5,7 @@
 //! The device builds one [`DeviceShared`] per connection and hands an `Arc` of it to each queue
 //! thread and deferred path; this module knows nothing of them, so they can all depend on it.
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,4 +53,22 @@ pub struct DeviceShared {
     pub logging: AtomicBool,
     /// Mark the data of reads in the dirty log while logging.
     pub log_reads: bool,
+    /// Queue threads pop new chains; cleared when the device stops (SIGTERM) or its frontend
+    /// is gone.
+    pub taking_chains: AtomicBool,
+    /// The frontend hung up: its rings are no longer ours, so nothing more is written to them
+    /// (set under every vring's lock, and read under it before each used entry).
+    pub frontend_gone: AtomicBool,
+}
+
+impl DeviceShared {
+    /// Whether queue threads may pop new chains.
+    pub fn taking_chains(&self) -> bool {
+        self.taking_chains.load(Ordering::Acquire)
+    }
+
+    /// Whether the frontend has gone; read under the vring's lock to decide whether to publish.
+    pub fn frontend_gone(&self) -> bool {
+        self.frontend_gone.load(Ordering::Acquire)
+    }
 }
