@@ -286,3 +286,54 @@ fn nothing_is_published_after_the_frontend_hangs_up() {
     assert_exactly_once(&counts, &heads, "hang-up, then the next session");
     assert_writes_in_image(&run, "hang-up");
 }
+
+/// SIGKILL (a crash) with the writes done and the FLUSH before them still held: the used index
+/// the next backend starts from must not have passed the flush, or it would run the writes
+/// behind the index again and never run the flush. Every request completes exactly once.
+#[test]
+fn sigkill_with_completions_out_of_order_loses_and_repeats_nothing() {
+    let run = Run::new("sigkill-order");
+    let mut b1 = run.start(OUT_OF_ORDER);
+    let mut d = b1.connect(&options());
+    let heads = submit_flush_then_writes(&mut d);
+    // The writes are done on the image well before the flush is let go.
+    std::thread::sleep(Duration::from_millis(100));
+    signal(&b1, libc::SIGKILL);
+    wait_exit(&mut b1, Duration::from_secs(10));
+
+    let b2 = run.start(OUT_OF_ORDER);
+    d.reattach(&run.socket, &options())
+        .unwrap_or_else(|e| panic!("reattaching: {e}; log:\n{}", b2.log()));
+    let counts = used_counts(
+        &mut d,
+        &heads,
+        Duration::from_millis(500),
+        Duration::from_secs(10),
+    );
+    assert_exactly_once(&counts, &heads, "SIGKILL, then the next backend");
+    assert_writes_in_image(&run, "SIGKILL");
+}
+
+/// The same when the frontend hangs up instead: the used index it reads at the hang-up must not
+/// have passed the held FLUSH.
+#[test]
+fn hang_up_with_completions_out_of_order_loses_and_repeats_nothing() {
+    let run = Run::new("hang-up-order");
+    let b = run.start(OUT_OF_ORDER);
+    let mut d = b.connect(&options());
+    let heads = submit_flush_then_writes(&mut d);
+    std::thread::sleep(Duration::from_millis(100));
+    d.hang_up();
+    wait_log(&b, "frontend disconnected; waiting for the next one");
+
+    d.reattach(&run.socket, &options())
+        .unwrap_or_else(|e| panic!("reattaching: {e}; log:\n{}", b.log()));
+    let counts = used_counts(
+        &mut d,
+        &heads,
+        Duration::from_millis(500),
+        Duration::from_secs(10),
+    );
+    assert_exactly_once(&counts, &heads, "hang-up, then the next session");
+    assert_writes_in_image(&run, "hang-up");
+}
