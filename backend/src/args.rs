@@ -11,6 +11,7 @@ use disk::{CacheMode, EngineKind};
 use vcpu::{QueueMap, VcpuAffinity};
 
 use crate::sandbox::{LandlockMode, SeccompMode};
+use crate::used_order::UsedOrderMode;
 
 /// The capabilities JSON that `--print-capabilities` prints, per the vhost-user specification.
 pub const CAPABILITIES: &str = r#"{"type":"block","features":["read-only","blk-file"]}"#;
@@ -161,6 +162,12 @@ pub struct BackendArgs {
     /// a test can show it notices the destination resuming with stale guest memory.
     #[arg(long, hide = true)]
     pub test_unlogged_reads: bool,
+
+    /// The order in which used entries are published: `avail` (available-ring order: a request
+    /// that completes early waits for the older ones, so that a crash loses and repeats nothing
+    /// when the VMM restarts the next backend at the used index) or `completion` (each at once).
+    #[arg(long, value_enum, default_value_t = UsedOrderMode::Avail, value_name = "ORDER")]
+    pub used_order: UsedOrderMode,
 
     /// With --cache writeback: once this many bytes were written since the last eviction, a
     /// completion writes them back and drops them from the host page cache (bytes, or K/M/G/T).

@@ -6,7 +6,7 @@
 //! completes it here after the batch's slow work. Neither path is imported: this module only
 //! needs the device state and the counters.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use log::{error, warn};
 use vhost_user_backend::{VringState, VringT};
@@ -15,6 +15,7 @@ use vm_memory::GuestAddress;
 
 use crate::shared::{DeviceShared, GuestMem, GuestMemAtomic, Vring};
 use crate::stats::QueueStats;
+use crate::used_order::{self, UsedOrder};
 
 /// A request whose engine work is over, on its way to the guest: completed at once on the fast
 /// path, or carried through the deferred path's batch.
@@ -43,12 +44,21 @@ pub struct Done {
 
 /// Complete a request whose engine work (and any deferred work) is over: write its status, add
 /// its used entry, count it. Signalling is the caller's, once per pass or batch. The used length
-/// is the bytes written into device-writable buffers, status byte included.
+/// is the bytes written into device-writable buffers, status byte included. The used entry
+/// goes out in the queue's `order` (it may wait for older requests); returns whether any used
+/// entry was added, i.e. whether the guest may need a signal.
 ///
 /// Once the frontend has gone, nothing is written to its rings or status bytes: it restarts
 /// the next backend at the used index it saw, and that backend runs the request again.
-pub fn complete(shared: &DeviceShared, index: usize, done: &Done, vring: &Vring) {
+pub fn complete(
+    shared: &DeviceShared,
+    index: usize,
+    done: &Done,
+    vring: &Vring,
+    order: &Mutex<UsedOrder>,
+) -> bool {
     let mut state = vring.get_mut();
+    let mut added = false;
     if !shared.frontend_gone() {
         if let Err(e) = write_status(&*done.mem, done.status_addr, done.status) {
             error!(
@@ -61,14 +71,13 @@ pub fn complete(shared: &DeviceShared, index: usize, done: &Done, vring: &Vring)
         } else {
             1
         };
-        if let Err(e) = state.add_used(done.head, used_len) {
-            error!("queue {index}: add_used({}): {e:?}", done.head);
-        }
+        added = used_order::lock(order).complete(&mut state, index, done.head, used_len);
     }
     drop(state);
     let stats = shared.stats.queue(index);
     count_done(stats, done.request_type, done.data_len, done.status);
     QueueStats::sub(&stats.in_flight, 1);
+    added
 }
 
 /// Count a completed request of `request_type` that moved `data_len` bytes with `status`.

@@ -19,6 +19,7 @@ use virtio_blk::{RequestType, STATUS_IOERR, STATUS_OK};
 use crate::complete::{complete, signal_if_needed, Done};
 use crate::shared::{DeviceShared, Vring};
 use crate::stats::QueueStats;
+use crate::used_order::{UsedOrder, UsedOrderMode};
 
 /// The batch handler of one queue thread.
 pub struct DeferredPath {
@@ -30,6 +31,9 @@ pub struct DeferredPath {
     vrings: OnceLock<Vec<Vring>>,
     /// Scratch reused across batches; the worker runs one batch at a time.
     scratch: Mutex<Scratch>,
+    /// Per local queue, the order its used entries are published in, shared with the queue
+    /// thread.
+    orders: Vec<Arc<Mutex<UsedOrder>>>,
 }
 
 #[derive(Default)]
@@ -41,9 +45,18 @@ struct Scratch {
 }
 
 impl DeferredPath {
-    /// A handler for the queue thread serving `queue_indices`.
-    pub fn new(shared: Arc<DeviceShared>, queue_indices: &[usize]) -> Self {
+    /// A handler for the queue thread serving `queue_indices`, of up to `queue_size` heads each.
+    pub fn new(
+        shared: Arc<DeviceShared>,
+        queue_indices: &[usize],
+        queue_size: usize,
+        used_order: UsedOrderMode,
+    ) -> Self {
         Self {
+            orders: queue_indices
+                .iter()
+                .map(|_| Arc::new(Mutex::new(UsedOrder::new(queue_size, used_order))))
+                .collect(),
             shared,
             queue_indices: queue_indices.to_vec(),
             vrings: OnceLock::new(),
@@ -52,6 +65,11 @@ impl DeferredPath {
                 touched: vec![false; queue_indices.len()],
             }),
         }
+    }
+
+    /// The used-entry order of the thread's `local`-th queue.
+    pub fn used_order(&self, local: usize) -> Option<&Arc<Mutex<UsedOrder>>> {
+        self.orders.get(local)
     }
 
     /// The thread's vrings, once its first event has handed them over.
@@ -124,14 +142,17 @@ impl BatchHandler<Done> for DeferredPath {
         };
         touched.iter_mut().for_each(|t| *t = false);
         for d in batch.drain(..) {
-            let (Some(&index), Some(vring)) =
-                (self.queue_indices.get(d.local), vrings.get(d.local))
-            else {
+            let (Some(&index), Some(vring), Some(order)) = (
+                self.queue_indices.get(d.local),
+                vrings.get(d.local),
+                self.orders.get(d.local),
+            ) else {
                 error!("deferred completion for unknown local queue {}", d.local);
                 continue;
             };
-            complete(&self.shared, index, &d, vring);
-            touched[d.local] = true;
+            if complete(&self.shared, index, &d, vring, order) {
+                touched[d.local] = true;
+            }
         }
         for (local, vring) in vrings.iter().enumerate() {
             if touched.get(local).copied().unwrap_or(false) && !self.shared.frontend_gone() {

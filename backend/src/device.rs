@@ -26,6 +26,7 @@ use crate::dirty_log::{self, DirtyBitmap};
 use crate::queue_thread::QueueThread;
 use crate::shared::{DeviceShared, GuestMemAtomic, Vring};
 use crate::stats::DeviceStats;
+use crate::used_order::UsedOrderMode;
 use crate::workers::{PinControl, QueueWorkers};
 use crate::{Error, Result};
 use completion::DeferredCompletions;
@@ -67,6 +68,8 @@ pub struct DeviceSettings {
     /// Mark the data of reads in the dirty log while migrating (off only in tests that show
     /// a migration goes wrong without it).
     pub log_reads: bool,
+    /// The order in which used entries are published.
+    pub used_order: UsedOrderMode,
 }
 
 /// A virtio-blk device for one vhost-user connection.
@@ -168,7 +171,12 @@ impl BlkDevice {
             let depth = u32::from(settings.queue_size) * queues.len() as u32;
             let engine = disk::new_engine(settings.engine, image.clone(), depth)
                 .map_err(|source| Error::Engine { source })?;
-            let deferred_path = Arc::new(DeferredPath::new(shared.clone(), &queues));
+            let deferred_path = Arc::new(DeferredPath::new(
+                shared.clone(),
+                &queues,
+                usize::from(settings.queue_size),
+                settings.used_order,
+            ));
             let deferred = Arc::new(
                 DeferredCompletions::new(
                     completion::Config {
@@ -434,6 +442,10 @@ impl VhostUserBackend for BlkDevice {
         }
         if !self.wait_idle(Some(queue_index as usize), Duration::from_secs(30)) {
             warn!("queue {queue_index}: requests still in flight after 30 s at GET_VRING_BASE");
+            // Their completions must not reach the ring the frontend hands over next.
+            for thread in &self.threads {
+                lock(thread).forget_unpublished(queue_index as usize);
+            }
         }
         Ok(())
     }

@@ -4,8 +4,9 @@
 //! accepts one VMM connection after another, [`device`] is the virtio-blk device that
 //! `vhost-user-backend` drives, [`queue_thread`] is the fast path of each queue thread,
 //! [`deferred_path`] the deferred path, [`complete`] the completion step both paths end in,
-//! [`hotplug`] the vCPU pinning and unplug path, [`shared`] the device state the request paths
-//! read, [`dirty_log`] the dirty-page log of live migration, [`stats`] the counters,
+//! [`used_order`] the order it publishes used entries in, [`hotplug`] the vCPU pinning and
+//! unplug path, [`shared`] the device state the request paths read, [`dirty_log`] the
+//! dirty-page log of live migration, [`stats`] the counters,
 //! [`workers`] the registry of the threads serving each queue, [`control`] the control socket
 //! that reports them and takes commands, and [`sandbox`] the Landlock ruleset and seccomp filter
 //! the backend confines itself with.
@@ -22,6 +23,7 @@ pub mod sandbox;
 pub mod server;
 pub mod shared;
 pub mod stats;
+pub mod used_order;
 pub mod workers;
 
 use std::path::PathBuf;

@@ -16,7 +16,7 @@
 //! never sleeps and one pass of the deferred worker serves a whole batch.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use completion::DeferredCompletions;
@@ -35,6 +35,7 @@ use crate::deferred_path::{defer_at_submission, DeferredPath};
 use crate::dirty_log::mark_host_range;
 use crate::shared::{DeviceShared, GuestMem, Vring};
 use crate::stats::QueueStats;
+use crate::used_order::{self, UsedOrder};
 
 /// State of one request from submission to completion, indexed by its descriptor head.
 struct Slot {
@@ -68,6 +69,8 @@ struct QueueContext {
     ring_broken: bool,
     /// Notifications (kicks) are off and must be turned back on before the thread sleeps.
     notify_off: bool,
+    /// The order its used entries are published in, shared with the deferred worker.
+    order: Arc<Mutex<UsedOrder>>,
 }
 
 /// What became of a popped chain.
@@ -131,7 +134,8 @@ impl QueueThread {
         let iovec_capacity = shared.limits.seg_max as usize * 2;
         let queues = queue_indices
             .iter()
-            .map(|&index| QueueContext {
+            .enumerate()
+            .map(|(local, &index)| QueueContext {
                 index,
                 slots: (0..queue_size)
                     .map(|_| Slot {
@@ -150,6 +154,12 @@ impl QueueThread {
                 needs_signal: false,
                 ring_broken: false,
                 notify_off: false,
+                order: deferred_path.used_order(local).cloned().unwrap_or_else(|| {
+                    Arc::new(Mutex::new(UsedOrder::new(
+                        queue_size,
+                        crate::used_order::UsedOrderMode::Completion,
+                    )))
+                }),
             })
             .collect();
         Self {
@@ -168,6 +178,14 @@ impl QueueThread {
     /// The thread's deferred completions, for stats and for the unplug path.
     pub fn deferred(&self) -> &Arc<DeferredCompletions<Done>> {
         &self.deferred
+    }
+
+    /// Forget the requests of queue `index` still waiting to be published: the frontend took
+    /// the ring back while they were in flight.
+    pub fn forget_unpublished(&self, index: usize) {
+        for queue in self.queues.iter().filter(|q| q.index == index) {
+            used_order::lock(&queue.order).reset();
+        }
     }
 
     /// The thread's vrings, once its first event has handed them over.
@@ -222,25 +240,35 @@ impl QueueThread {
                     ),
                 }
             }
+            // Taken under the vring's lock, as the deferred worker does: never contended.
+            let order = Arc::clone(&self.queues[local].order);
+            let mut order = used_order::lock(&order);
             loop {
                 // Pop in its own statement so the borrow of the queue ends before add_used.
                 let chain = state.get_queue_mut().pop_descriptor_chain(&*mem);
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
+                if !order.popped(head) {
+                    let queue = &self.queues[local];
+                    warn!(
+                        "queue {}: guest reused head {head} before it was given back; ignoring the duplicate",
+                        queue.index
+                    );
+                    QueueStats::add(&self.shared.stats.queue(queue.index).dropped, 1);
+                    continue;
+                }
                 match self.start_request(local, chain, &mem) {
                     Started::InFlight => {}
                     Started::Done(used_len) => {
-                        if let Err(e) = state.add_used(head, used_len) {
-                            error!(
-                                "queue {}: add_used({head}): {e:?}",
-                                self.queues[local].index
-                            );
+                        let index = self.queues[local].index;
+                        if order.complete(&mut state, index, head, used_len) {
+                            self.queues[local].needs_signal = true;
                         }
-                        self.queues[local].needs_signal = true;
                     }
-                    Started::Ignored => {}
+                    Started::Ignored => order.unpop(head),
                 }
             }
+            drop(order);
             // A polling thread leaves notifications off until it stops polling.
             if self.polling || !std::mem::take(&mut self.queues[local].notify_off) {
                 break;
@@ -469,8 +497,9 @@ impl QueueThread {
                 None => QueueStats::add(&stats.deferred, 1),
                 Some(done) => {
                     if let Some(vring) = vrings.get(local) {
-                        complete(shared, queue.index, &done, vring);
-                        queue.needs_signal = true;
+                        if complete(shared, queue.index, &done, vring, &queue.order) {
+                            queue.needs_signal = true;
+                        }
                     }
                 }
             }

@@ -107,9 +107,10 @@ pub fn run(args: &BackendArgs) -> Result<()> {
         poll: Duration::from_micros(args.poll_us),
         poll_device: args.poll_device,
         log_reads: !args.test_unlogged_reads,
+        used_order: args.used_order,
     };
     info!(
-        "image {} ({} bytes{}), cache {} (eviction path {}), engine {}, {} queue(s) of {}, deferred completion delay {} us (at once from {} bytes), polling {} us{}",
+        "image {} ({} bytes{}), cache {} (eviction path {}), engine {}, {} queue(s) of {}, deferred completion delay {} us (at once from {} bytes), polling {} us{}, used entries in {} order",
         image.path().display(),
         image.capacity(),
         if read_only { ", read-only" } else { "" },
@@ -122,6 +123,7 @@ pub fn run(args: &BackendArgs) -> Result<()> {
         args.defer_max_bytes,
         args.poll_us,
         if args.poll_device { " through the device" } else { "" },
+        args.used_order,
     );
     if args.test_unlogged_reads {
         warn!("--test-unlogged-reads: a migration will lose the data of reads; tests only");
