@@ -33,6 +33,7 @@ use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 use crate::complete::{complete, count_done, signal_if_needed, Done};
 use crate::deferred_path::{defer_at_submission, DeferredPath};
 use crate::dirty_log::mark_host_range;
+use crate::guest_warnings::GuestWarnings;
 use crate::shared::{DeviceShared, GuestMem, Vring};
 use crate::stats::QueueStats;
 use crate::used_order::{self, UsedOrder};
@@ -71,6 +72,8 @@ struct QueueContext {
     notify_off: bool,
     /// The order its used entries are published in, shared with the deferred worker.
     order: Arc<Mutex<UsedOrder>>,
+    /// The budget of warnings the guest can trigger on this queue.
+    warnings: GuestWarnings,
 }
 
 /// What became of a popped chain.
@@ -154,6 +157,7 @@ impl QueueThread {
                 needs_signal: false,
                 ring_broken: false,
                 notify_off: false,
+                warnings: GuestWarnings::default(),
                 order: deferred_path.used_order(local).cloned().unwrap_or_else(|| {
                     Arc::new(Mutex::new(UsedOrder::new(
                         queue_size,
@@ -249,10 +253,12 @@ impl QueueThread {
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
                 if !order.popped(head) {
-                    let queue = &self.queues[local];
-                    warn!(
-                        "queue {}: guest reused head {head} before it was given back; ignoring the duplicate",
-                        queue.index
+                    let queue = &mut self.queues[local];
+                    queue.warnings.warn(
+                        queue.index,
+                        format_args!(
+                            "guest reused head {head} before it was given back; ignoring the duplicate"
+                        ),
                     );
                     QueueStats::add(&self.shared.stats.queue(queue.index).dropped, 1);
                     continue;
@@ -546,9 +552,11 @@ impl QueueThread {
             return Started::Ignored;
         };
         if slot.pending > 0 {
-            warn!(
-                "queue {}: guest reused head {head} while it is in flight; ignoring the duplicate",
-                queue.index
+            queue.warnings.warn(
+                queue.index,
+                format_args!(
+                    "guest reused head {head} while it is in flight; ignoring the duplicate"
+                ),
             );
             QueueStats::add(&stats.dropped, 1);
             return Started::Ignored;
@@ -561,9 +569,9 @@ impl QueueThread {
                 return match e.status_addr {
                     Some(addr) => {
                         let status = e.error.status();
-                        warn!(
-                            "queue {}: rejecting head {head} with status {status}: {}",
-                            queue.index, e.error
+                        queue.warnings.warn(
+                            queue.index,
+                            format_args!("rejecting head {head} with status {status}: {}", e.error),
                         );
                         QueueStats::add(&stats.errors, 1);
                         if let Err(err) = write_status(&**mem, addr, status) {
@@ -575,9 +583,12 @@ impl QueueThread {
                         Started::Done(1)
                     }
                     None => {
-                        warn!(
-                            "queue {}: dropping head {head}, it has no usable status byte: {}",
-                            queue.index, e.error
+                        queue.warnings.warn(
+                            queue.index,
+                            format_args!(
+                                "dropping head {head}, it has no usable status byte: {}",
+                                e.error
+                            ),
                         );
                         QueueStats::add(&stats.dropped, 1);
                         // Return the descriptors unused so the ring does not leak them.
@@ -612,7 +623,9 @@ impl QueueThread {
                 if let Err(reason) = filled {
                     slot.bufs = bufs;
                     slot.bufs.clear();
-                    warn!("queue {}: head {head}: {reason}", queue.index);
+                    queue
+                        .warnings
+                        .warn(queue.index, format_args!("head {head}: {reason}"));
                     return complete_now(mem, slot, stats, STATUS_IOERR, 1);
                 }
                 if request.request_type == RequestType::In {
@@ -645,7 +658,9 @@ impl QueueThread {
                 return match write_device_id(&**mem, &queue.bufs.data, &shared.serial) {
                     Ok(n) => complete_now(mem, slot, stats, STATUS_OK, n + 1),
                     Err(e) => {
-                        warn!("queue {}: GET_ID head {head}: {e}", queue.index);
+                        queue
+                            .warnings
+                            .warn(queue.index, format_args!("GET_ID head {head}: {e}"));
                         complete_now(mem, slot, stats, STATUS_IOERR, 1)
                     }
                 };
