@@ -482,3 +482,60 @@ impl VhostUserBackend for BlkDevice {
         Ok(())
     }
 }
+#[cfg(test)]
+mod tests {
+    use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+    use super::*;
+    use crate::stats::QueueStats;
+    use crate::used_order::UsedOrderMode;
+
+    fn settings() -> DeviceSettings {
+        DeviceSettings {
+            num_queues: 2,
+            queue_size: 16,
+            read_only: false,
+            logical_block_size: 512,
+            serial: [0; DEVICE_ID_LEN],
+            engine: EngineKind::Sync,
+            defer_delay: Duration::ZERO,
+            defer_max_bytes: 0,
+            page_cache_budget: None,
+            strict_batching: false,
+            poll: Duration::ZERO,
+            poll_device: false,
+            log_reads: true,
+            used_order: UsedOrderMode::Avail,
+        }
+    }
+
+    /// A request stuck since an earlier connection stays counted in the process-wide stats; it
+    /// must not hold this connection's GET_VRING_BASE (and with it the VMM's main loop).
+    #[test]
+    fn get_vring_base_waits_only_for_this_connections_requests() {
+        let image = Arc::new(Image::open(&disk::ImageOptions::new("null:1M")).expect("null image"));
+        let stats = Arc::new(DeviceStats::new(2));
+        // What an earlier connection left in flight on queue 0.
+        QueueStats::add(&stats.queue(0).in_flight, 1);
+        let device = BlkDevice::new(
+            &settings(),
+            image,
+            stats.clone(),
+            Arc::new(QueueWorkers::new(2)),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .expect("a device");
+        let start = Instant::now();
+        device.stop_vring(0).expect("GET_VRING_BASE");
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "GET_VRING_BASE took {:?} for a request of an earlier connection",
+            start.elapsed()
+        );
+        assert!(
+            device.wait_idle(None, Duration::ZERO),
+            "this connection is idle"
+        );
+        assert_eq!(stats.in_flight(), 1, "the earlier request is still counted");
+    }
+}
