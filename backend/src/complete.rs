@@ -77,6 +77,7 @@ pub fn complete(
     let stats = shared.stats.queue(index);
     count_done(stats, done.request_type, done.data_len, done.status);
     QueueStats::sub(&stats.in_flight, 1);
+    shared.request_finished(index);
     added
 }
 

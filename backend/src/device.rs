@@ -6,7 +6,7 @@
 //! frontend that connects, over the same image and the same counters.
 
 use std::os::unix::io::RawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -158,6 +158,7 @@ impl BlkDevice {
             log_reads: settings.log_reads,
             taking_chains: AtomicBool::new(true),
             frontend_gone: AtomicBool::new(false),
+            in_flight: (0..num_queues).map(|_| AtomicU64::new(0)).collect(),
         });
 
         let queue_masks: Vec<u64> = (0..num_queues).map(|q| 1u64 << q).collect();
@@ -300,18 +301,15 @@ impl BlkDevice {
         drop(guards);
     }
 
-    /// Wait until no request is in flight on `queue` (or on every queue when `None`), up to
-    /// `timeout`. Returns whether the device went idle.
+    /// Requests of this connection in flight.
+    pub fn in_flight(&self) -> u64 {
+        self.shared.requests_in_flight(None)
+    }
+
+    /// Wait until no request of this connection is in flight on `queue` (or on every queue when
+    /// `None`), up to `timeout`. Returns whether the device went idle.
     pub fn wait_idle(&self, queue: Option<usize>, timeout: Duration) -> bool {
-        let stats = &self.shared.stats;
-        let in_flight = || match queue {
-            Some(q) if q < stats.num_queues() => stats
-                .queue(q)
-                .in_flight
-                .load(std::sync::atomic::Ordering::Acquire),
-            Some(_) => 0,
-            None => stats.in_flight(),
-        };
+        let in_flight = || self.shared.requests_in_flight(queue);
         let deadline = Instant::now() + timeout;
         while in_flight() > 0 {
             if Instant::now() >= deadline {
@@ -482,6 +480,7 @@ impl VhostUserBackend for BlkDevice {
         Ok(())
     }
 }
+
 #[cfg(test)]
 mod tests {
     use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};

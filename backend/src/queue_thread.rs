@@ -648,9 +648,11 @@ impl QueueThread {
                     sync: true,
                     mem: Arc::clone(mem),
                 };
+                // Counted before the push: the worker may complete it at once.
+                shared.request_started(queue.index);
+                QueueStats::add(&stats.in_flight, 1);
                 defer_at_once_if_alone(&self.deferred, done, self.in_engine, shared);
                 QueueStats::add(&stats.deferred, 1);
-                QueueStats::add(&stats.in_flight, 1);
                 return Started::InFlight;
             }
             RequestType::Discard | RequestType::WriteZeroes => OpList::Ranges,
@@ -714,6 +716,7 @@ impl QueueThread {
         }
         slot.pending = submitted;
         self.in_engine += 1;
+        shared.request_started(queue.index);
         QueueStats::add(&stats.in_flight, 1);
         Started::InFlight
     }

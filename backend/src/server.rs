@@ -164,7 +164,7 @@ pub fn run(args: &BackendArgs) -> Result<()> {
 
     let (mut listener, socket_name, socket_file) = listen(args)?;
     let lifecycle = Arc::new(Mutex::new(Lifecycle::default()));
-    spawn_signal_thread(lifecycle.clone(), socket_file, image.clone(), stats.clone())?;
+    spawn_signal_thread(lifecycle.clone(), socket_file, image.clone())?;
     // Set up: from here on, every thread (and each connection's) runs under the filter.
     sandbox::apply_seccomp_with(
         args.seccomp,
@@ -238,7 +238,7 @@ fn serve_one(
         state.stopping
     };
     if stop_now {
-        quiesce(&device, stats);
+        quiesce(&device);
         daemon.request_shutdown();
     }
     match daemon.wait() {
@@ -257,7 +257,7 @@ fn serve_one(
     if !device.wait_idle(None, DRAIN_TIMEOUT) {
         error!(
             "{} request(s) still in flight {DRAIN_TIMEOUT:?} after the connection ended",
-            stats.in_flight()
+            device.in_flight()
         );
     }
     for handler in daemon.get_epoll_handlers() {
@@ -275,12 +275,12 @@ fn serve_one(
 }
 
 /// Complete and publish everything in flight while the frontend is still connected.
-fn quiesce(device: &BlkDevice, stats: &DeviceStats) {
+fn quiesce(device: &BlkDevice) {
     if !device.quiesce(DRAIN_TIMEOUT) {
         error!(
             "{} request(s) still in flight {DRAIN_TIMEOUT:?} after the stop was asked; the next \
              backend will run them again",
-            stats.in_flight()
+            device.in_flight()
         );
     }
 }
@@ -388,7 +388,6 @@ fn spawn_signal_thread(
     lifecycle: Arc<Mutex<Lifecycle>>,
     socket_file: Option<PathBuf>,
     image: Arc<Image>,
-    stats: Arc<DeviceStats>,
 ) -> Result<()> {
     let set = stop_signals();
     std::thread::Builder::new()
@@ -401,7 +400,7 @@ fn spawn_signal_thread(
                 continue;
             }
             info!("signal {sig}: stopping");
-            let (device, handle, stats) = {
+            let (device, handle) = {
                 let mut state = lock(&lifecycle);
                 state.stopping = true;
                 if !state.connected {
@@ -415,11 +414,11 @@ fn spawn_signal_thread(
                     }
                     std::process::exit(0);
                 }
-                (state.device.clone(), state.shutdown.take(), stats.clone())
+                (state.device.clone(), state.shutdown.take())
             };
             // Outside the lock: the connection loop takes it when the connection ends.
             if let Some(device) = device {
-                quiesce(&device, &stats);
+                quiesce(&device);
             }
             if let Some(handle) = handle {
                 handle.shutdown();

@@ -5,7 +5,7 @@
 //! The device builds one [`DeviceShared`] per connection and hands an `Arc` of it to each queue
 //! thread and deferred path; this module knows nothing of them, so they can all depend on it.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,9 +59,43 @@ pub struct DeviceShared {
     /// The frontend hung up: its rings are no longer ours, so nothing more is written to them
     /// (set under every vring's lock, and read under it before each used entry).
     pub frontend_gone: AtomicBool,
+    /// Per queue, requests of this connection in flight: what GET_VRING_BASE and the drains
+    /// wait for. The stats' counters span connections, and a request stuck since an earlier
+    /// one must not hold this one's.
+    pub in_flight: Vec<AtomicU64>,
 }
 
 impl DeviceShared {
+    /// A request of queue `queue` went in flight.
+    pub fn request_started(&self, queue: usize) {
+        if let Some(n) = self.in_flight.get(queue) {
+            n.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// A request of queue `queue` completed.
+    pub fn request_finished(&self, queue: usize) {
+        if let Some(n) = self.in_flight.get(queue) {
+            // Never below 0, whatever a bug elsewhere does.
+            let _ = n.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| v.checked_sub(1));
+        }
+    }
+
+    /// Requests of this connection in flight on `queue`, or on every queue with `None`.
+    pub fn requests_in_flight(&self, queue: Option<usize>) -> u64 {
+        match queue {
+            Some(q) => self
+                .in_flight
+                .get(q)
+                .map_or(0, |n| n.load(Ordering::Acquire)),
+            None => self
+                .in_flight
+                .iter()
+                .map(|n| n.load(Ordering::Acquire))
+                .sum(),
+        }
+    }
+
     /// Whether queue threads may pop new chains.
     pub fn taking_chains(&self) -> bool {
         self.taking_chains.load(Ordering::Acquire)
