@@ -175,6 +175,22 @@ pub fn defer_at_submission(request_type: RequestType, dontcache: bool, writeback
     }
 }
 
+/// Whether a completed request must be made durable (`fdatasync`) before the guest sees it,
+/// given whether the write cache was on at its submission and is on now.
+pub fn needs_sync(
+    request_type: RequestType,
+    _writeback_at_submission: bool,
+    writeback_now: bool,
+) -> bool {
+    request_type == RequestType::Out && !writeback_now
+}
+
+/// Whether a completion that was not marked for the deferred path at submission needs it after
+/// all (the dynamic form): an error to report, a range to evict.
+pub fn needs_deferred_path(done: &Done) -> bool {
+    done.status != STATUS_OK || done.evict.is_some()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,7 +31,7 @@ use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 
 use crate::complete::{complete, count_done, signal_if_needed, Done};
-use crate::deferred_path::{defer_at_submission, DeferredPath};
+use crate::deferred_path::{defer_at_submission, needs_deferred_path, needs_sync, DeferredPath};
 use crate::dirty_log::mark_host_range;
 use crate::guest_warnings::GuestWarnings;
 use crate::shared::{DeviceShared, GuestMem, Vring};
@@ -51,6 +51,8 @@ struct Slot {
     offset: u64,
     /// Completes on the deferred path whatever its outcome (the static form).
     defer: bool,
+    /// The guest's write cache was on (CONFIG_WCE) when the request was submitted.
+    writeback_at_submission: bool,
     /// The iovec storage, preallocated to the most iovecs a request may need and never grown:
     /// empty while the slot is idle, lent to the engine (with a guard on the guest memory the
     /// iovecs point into) from submission until the engine hands it back at completion.
@@ -149,6 +151,7 @@ impl QueueThread {
                         data_len: 0,
                         offset: 0,
                         defer: false,
+                        writeback_at_submission: true,
                         bufs: IoBuffers::with_capacity(iovec_capacity),
                         mem: None,
                     })
@@ -475,7 +478,11 @@ impl QueueThread {
                 data_len: slot.data_len,
                 offset: slot.offset,
                 evict: (is_write && dontcache).then_some((slot.offset, end)),
-                sync: is_write && !shared.writeback.load(Ordering::Relaxed),
+                sync: needs_sync(
+                    slot.request_type,
+                    slot.writeback_at_submission,
+                    shared.writeback.load(Ordering::Relaxed),
+                ),
                 mem,
             };
             let stats = shared.stats.queue(queue.index);
@@ -499,7 +506,7 @@ impl QueueThread {
                     *budget = Budget::default();
                 }
             }
-            match deferred.complete_in_task(done, |d| d.status != STATUS_OK || d.evict.is_some()) {
+            match deferred.complete_in_task(done, needs_deferred_path) {
                 None => QueueStats::add(&stats.deferred, 1),
                 Some(done) => {
                     if let Some(vring) = vrings.get(local) {
@@ -604,10 +611,11 @@ impl QueueThread {
         slot.data_len = request.data_len;
         let offset = request.sector << SECTOR_SHIFT;
         slot.offset = offset;
+        slot.writeback_at_submission = shared.writeback.load(Ordering::Relaxed);
         slot.defer = defer_at_submission(
             request.request_type,
             shared.image.cache_mode() == CacheMode::DontCache,
-            shared.writeback.load(Ordering::Relaxed),
+            slot.writeback_at_submission,
         );
         let user_data = ((local as u64) << 16) | u64::from(head);
 
