@@ -203,4 +203,54 @@ mod tests {
         assert!(defer_at_submission(RequestType::Flush, false, true));
         assert!(!defer_at_submission(RequestType::In, true, false));
     }
+
+    #[test]
+    fn write_zeroes_defers_under_writethrough_like_a_write() {
+        assert!(defer_at_submission(RequestType::WriteZeroes, false, false));
+        assert!(!defer_at_submission(RequestType::WriteZeroes, false, true));
+    }
+
+    /// The guest may flip CONFIG_WCE while a write is in flight: a write that was, or has
+    /// become, writethrough is synced before it completes.
+    #[test]
+    fn writethrough_at_submission_or_at_completion_means_fdatasync() {
+        for t in [RequestType::Out, RequestType::WriteZeroes] {
+            assert!(needs_sync(t, false, false), "{t:?} under writethrough");
+            assert!(
+                needs_sync(t, false, true),
+                "{t:?} submitted writethrough, write cache turned on before it completed"
+            );
+            assert!(
+                needs_sync(t, true, false),
+                "{t:?} submitted writeback, write cache turned off before it completed"
+            );
+            assert!(!needs_sync(t, true, true), "{t:?} under writeback");
+        }
+        for t in [RequestType::In, RequestType::Discard, RequestType::GetId] {
+            assert!(
+                !needs_sync(t, false, false),
+                "{t:?} changes nothing to sync"
+            );
+        }
+    }
+
+    /// A completion that must sync goes to the deferred path even when it was not marked for it
+    /// at submission (the write cache was turned off while it was in flight).
+    #[test]
+    fn a_completion_that_must_sync_takes_the_deferred_path() {
+        let done = |sync| Done {
+            local: 0,
+            head: 0,
+            request_type: RequestType::Out,
+            status: STATUS_OK,
+            status_addr: vm_memory::GuestAddress(0),
+            data_len: 4096,
+            offset: 0,
+            evict: None,
+            sync,
+            mem: Arc::new(crate::shared::GuestMem::new()),
+        };
+        assert!(needs_deferred_path(&done(true)));
+        assert!(!needs_deferred_path(&done(false)));
+    }
 }

@@ -12,7 +12,7 @@ use common::{
     pattern, Backend, BackendOpts, Layout, MemoryMessages, Options, RegionSpec, Segment, Transfer,
     SECTOR_SIZE, S_IOERR, S_OK, S_UNSUPP,
 };
-use vhost::vhost_user::VhostUserProtocolFeatures;
+use vhost::vhost_user::{VhostUserFrontend, VhostUserProtocolFeatures};
 
 fn spawn(opts: BackendOpts) -> Backend {
     Backend::spawn(&opts)
@@ -372,6 +372,42 @@ fn discard_releases_the_image_blocks_of_the_range() {
             "discard of 1 MiB with {io_engine} released its blocks: {before} -> {after}"
         );
     }
+}
+
+/// With the guest's write cache off (CONFIG_WCE 0: writethrough), a WRITE_ZEROES is made durable
+/// before it completes, as a write is: both complete through the deferred path, the one that
+/// syncs.
+#[test]
+fn write_zeroes_obeys_writethrough_like_a_write() {
+    let b = spawn(BackendOpts {
+        control: true,
+        ..BackendOpts::default()
+    });
+    let mut d = b.connect_queues(1);
+    assert!(d.has(feature::CONFIG_WCE), "CONFIG_WCE is advertised");
+    d.frontend()
+        .set_config(
+            blk::WRITEBACK_OFFSET,
+            vhost::vhost_user::message::VhostUserConfigFlags::WRITABLE,
+            &[0],
+        )
+        .expect("turning the write cache off");
+    assert_eq!(
+        d.get_config(blk::WRITEBACK_OFFSET, 1).expect("GET_CONFIG"),
+        vec![0],
+        "the write cache reads as off"
+    );
+    let deferred = |b: &Backend| {
+        b.stats()["queues"][0]["deferred"]
+            .as_u64()
+            .expect("the deferred count")
+    };
+    assert_eq!(d.write(0, 64, &pattern(3, 4096)).status, S_OK);
+    assert_eq!(deferred(&b), 1, "a writethrough write is synced");
+    let c = d.write_zeroes(0, &[Segment::new(64, 8)], false);
+    assert_eq!(c.status, S_OK);
+    assert_eq!(deferred(&b), 2, "a writethrough write-zeroes is synced too");
+    assert_eq!(d.read(0, 64, 4096).data, vec![0; 4096]);
 }
 
 #[test]

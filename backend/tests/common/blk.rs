@@ -12,6 +12,8 @@ pub const SECTOR_SIZE: u64 = 512;
 pub const ID_BYTES: usize = vb::VIRTIO_BLK_ID_BYTES as usize;
 /// Size of `struct virtio_blk_config`.
 pub const CONFIG_SIZE: usize = 96;
+/// Offset of the `writeback` byte in the config space (CONFIG_WCE).
+pub const WRITEBACK_OFFSET: u32 = 32;
 
 /// Request types.
 pub const T_IN: u32 = vb::VIRTIO_BLK_T_IN;
