@@ -166,29 +166,34 @@ impl BatchHandler<Done> for DeferredPath {
 }
 
 /// Whether a write completion must wait for durability or eviction (the static form: decided
-/// at submission).
+/// at submission). WRITE_ZEROES obeys writethrough as a write does.
 pub fn defer_at_submission(request_type: RequestType, dontcache: bool, writeback: bool) -> bool {
     match request_type {
         RequestType::Flush => true,
         RequestType::Out => dontcache || !writeback,
+        RequestType::WriteZeroes => !writeback,
         _ => false,
     }
 }
 
 /// Whether a completed request must be made durable (`fdatasync`) before the guest sees it,
-/// given whether the write cache was on at its submission and is on now.
+/// given whether the write cache was on at its submission and is on now: a write or a
+/// write-zeroes that was writethrough at either point. The guest may flip CONFIG_WCE while the
+/// request is in flight, and either reading may be the one its driver relies on.
 pub fn needs_sync(
     request_type: RequestType,
-    _writeback_at_submission: bool,
+    writeback_at_submission: bool,
     writeback_now: bool,
 ) -> bool {
-    request_type == RequestType::Out && !writeback_now
+    matches!(request_type, RequestType::Out | RequestType::WriteZeroes)
+        && !(writeback_at_submission && writeback_now)
 }
 
 /// Whether a completion that was not marked for the deferred path at submission needs it after
-/// all (the dynamic form): an error to report, a range to evict.
+/// all (the dynamic form): an error to report, a range to evict, or a sync because the write
+/// cache was turned off while it was in flight.
 pub fn needs_deferred_path(done: &Done) -> bool {
-    done.status != STATUS_OK || done.evict.is_some()
+    done.status != STATUS_OK || done.evict.is_some() || done.sync
 }
 
 #[cfg(test)]
