@@ -165,9 +165,12 @@ impl BlkDevice {
         let mut threads = Vec::with_capacity(queue_masks.len());
         let mut pins = Vec::with_capacity(queue_masks.len());
         for mask in &queue_masks {
-            pins.push(Arc::new(
-                PinControl::new().map_err(|e| Error::Daemon(format!("pin eventfd: {e}")))?,
-            ));
+            pins.push(Arc::new(PinControl::new().map_err(|source| {
+                Error::WorkerEvents {
+                    context: "creating a worker's re-pin eventfd",
+                    source,
+                }
+            })?));
             let queues: Vec<usize> = (0..num_queues).filter(|q| mask & (1 << q) != 0).collect();
             let depth = u32::from(settings.queue_size) * queues.len() as u32;
             let engine = disk::new_engine(settings.engine, image.clone(), depth)

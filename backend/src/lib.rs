@@ -62,9 +62,34 @@ pub enum Error {
         #[source]
         source: vhost::vhost_user::Error,
     },
-    /// The vhost-user daemon failed.
-    #[error("vhost-user daemon: {0}")]
-    Daemon(String),
+    /// A required option is missing (clap checks most; these depend on each other).
+    #[error("{0}")]
+    Usage(&'static str),
+    /// The vhost-user daemon could not be created, set up or started.
+    #[error("vhost-user daemon: {context}: {source}")]
+    Daemon {
+        /// What was being done.
+        context: &'static str,
+        /// What `vhost-user-backend` reported.
+        #[source]
+        source: DaemonError,
+    },
+    /// A worker thread's events could not be set up.
+    #[error("{context}: {source}")]
+    WorkerEvents {
+        /// Which event.
+        context: &'static str,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The QMP adapter could not be started.
+    #[error("QMP adapter: {source}")]
+    Qmp {
+        /// The qemu-qmp crate's error.
+        #[source]
+        source: qemu_qmp::Error,
+    },
     /// The control socket failed.
     #[error("control socket {}: {source}", path.display())]
     Control {
@@ -88,5 +113,93 @@ pub enum Error {
     Signals(#[source] std::io::Error),
 }
 
+/// An error of `vhost-user-backend`'s daemon, which does not implement `std::error::Error`
+/// itself: kept with its own source, so that the chain reaches the root cause.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Creating the per-connection handler failed.
+    #[error("creating the handler: {0}")]
+    Handler(#[source] vhost_user_backend::VhostUserHandlerError),
+    /// The vhost-user protocol layer failed (listener, request handler).
+    #[error("{what}: {source}")]
+    Vhost {
+        /// What failed.
+        what: &'static str,
+        /// The vhost crate's error.
+        #[source]
+        source: vhost::vhost_user::Error,
+    },
+    /// A thread or socket operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What failed.
+        what: &'static str,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The daemon thread could not be joined (it panicked).
+    #[error("the daemon thread panicked")]
+    Panicked,
+}
+
+impl From<vhost_user_backend::Error> for DaemonError {
+    fn from(e: vhost_user_backend::Error) -> Self {
+        use vhost_user_backend::Error as E;
+        match e {
+            E::NewVhostUserHandler(source) => Self::Handler(source),
+            E::CreateBackendListener(source) => Self::Vhost {
+                what: "creating the backend listener",
+                source,
+            },
+            E::CreateBackendReqHandler(source) => Self::Vhost {
+                what: "creating the request handler",
+                source,
+            },
+            E::CreateVhostUserListener(source) => Self::Vhost {
+                what: "creating the listener",
+                source,
+            },
+            E::HandleRequest(source) => Self::Vhost {
+                what: "handling a request",
+                source,
+            },
+            E::StartDaemon(source) => Self::Io {
+                what: "starting the daemon thread",
+                source,
+            },
+            E::WaitDaemon(_) => Self::Panicked,
+        }
+    }
+}
+
 /// Result of the backend's operations.
 pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The root cause of a start-up failure is reachable through `source()`, not only folded
+    /// into a message.
+    #[test]
+    fn a_daemon_error_keeps_its_root_cause() {
+        let root = std::io::Error::from_raw_os_error(libc::EMFILE);
+        let e = Error::Daemon {
+            context: "accepting a frontend",
+            source: vhost_user_backend::Error::StartDaemon(root).into(),
+        };
+        let mut chain: Vec<&dyn std::error::Error> = Vec::new();
+        let mut next: Option<&dyn std::error::Error> = Some(&e);
+        while let Some(err) = next {
+            chain.push(err);
+            next = err.source();
+        }
+        assert_eq!(chain.len(), 3, "error, daemon error, I/O error: {chain:?}");
+        let io = chain[2]
+            .downcast_ref::<std::io::Error>()
+            .expect("the root is the I/O error");
+        assert_eq!(io.raw_os_error(), Some(libc::EMFILE));
+        assert!(e.to_string().contains("accepting a frontend"), "{e}");
+    }
+}

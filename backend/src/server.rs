@@ -62,7 +62,7 @@ pub fn run(args: &BackendArgs) -> Result<()> {
     block_stop_signals()?;
     let Some(blk_file) = args.blk_file.clone() else {
         // clap requires it unless --print-capabilities, which main handles.
-        return Err(Error::Daemon("--blk-file is required".into()));
+        return Err(Error::Usage("--blk-file is required"));
     };
     let image = Arc::new(
         Image::open_with(
@@ -211,8 +211,13 @@ fn serve_one(
         workers.clone(),
         mem.clone(),
     )?);
-    let mut daemon = VhostUserDaemon::new("vhost-user-blk".into(), device.clone(), mem)
-        .map_err(|e| Error::Daemon(format!("creating the daemon: {e}")))?;
+    let mut daemon =
+        VhostUserDaemon::new("vhost-user-blk".into(), device.clone(), mem).map_err(|e| {
+            Error::Daemon {
+                context: "creating the daemon",
+                source: e.into(),
+            }
+        })?;
     for (thread, handler) in daemon.get_epoll_handlers().iter().enumerate() {
         let (Some(completions), Some(pin)) = (device.completion_fd(thread), device.pin_fd(thread))
         else {
@@ -221,12 +226,16 @@ fn serve_one(
         handler
             .register_listener(completions, EventSet::IN, device.completion_event_id())
             .and_then(|()| handler.register_listener(pin, EventSet::IN, device.pin_event_id()))
-            .map_err(|e| Error::Daemon(format!("registering worker events: {e}")))?;
+            .map_err(|source| Error::WorkerEvents {
+                context: "registering a worker's completion and re-pin events",
+                source,
+            })?;
     }
 
-    daemon
-        .start(listener)
-        .map_err(|e| Error::Daemon(format!("accepting a frontend: {e}")))?;
+    daemon.start(listener).map_err(|e| Error::Daemon {
+        context: "accepting a frontend",
+        source: e.into(),
+    })?;
     info!("frontend connected");
     device.publish_workers();
     hotplug.apply_pinning();
@@ -319,7 +328,7 @@ fn spawn_qmp_adapter(path: PathBuf, hotplug: Arc<Hotplug>) -> Result<QmpAdapter>
             AdapterEvent::Gone { vcpu } => info!("vCPU {vcpu} is gone"),
         }),
     )
-    .map_err(|e| Error::Daemon(format!("QMP adapter: {e}")))
+    .map_err(|source| Error::Qmp { source })
 }
 
 /// The listening socket: `--socket-path` (created, a stale file replaced) or `--fd`.
@@ -333,9 +342,7 @@ fn listen(args: &BackendArgs) -> Result<(Listener, String, Option<PathBuf>)> {
         return Ok((listener, name, Some(path.clone())));
     }
     let Some(fd) = args.fd else {
-        return Err(Error::Daemon(
-            "either --socket-path or --fd is required".into(),
-        ));
+        return Err(Error::Usage("either --socket-path or --fd is required"));
     };
     // The fd must be an open, listening unix socket; check before taking ownership of it.
     // SAFETY: fcntl(F_GETFD) only queries the descriptor's flags.
