@@ -551,6 +551,60 @@ mod tests {
         out
     }
 
+    /// Pushes `entry` on the engine's ring outside the engine's own paths (as code that got
+    /// hold of the ring could), submits it and returns its result.
+    fn raw(engine: &mut UringEngine, entry: squeue::Entry) -> i32 {
+        let entry = entry.user_data(u64::MAX);
+        // SAFETY: the entry's buffers (if any) live in the caller's frame until this returns,
+        // and the completion is waited for below.
+        unsafe { engine.ring.submission().push(&entry) }.expect("room in the ring");
+        engine.ring.submit_and_wait(1).expect("io_uring_enter");
+        let cqe = engine.ring.completion().next().expect("a completion");
+        assert_eq!(cqe.user_data(), u64::MAX);
+        cqe.result()
+    }
+
+    /// The ring takes only the opcodes the engine uses, on the image's fixed file: an opcode
+    /// outside the list is refused by the kernel (EACCES), as is a listed one on a descriptor
+    /// that is not the fixed image, while the listed ones work.
+    #[test]
+    fn the_ring_refuses_opcodes_and_files_outside_its_restrictions() {
+        let dir = TempDir::new();
+        let img = image(&dir.join("r.img"), CacheMode::Writeback, 1 << 20);
+        let mut engine = UringEngine::new(Arc::clone(&img), 8).unwrap();
+        assert!(engine.fixed, "the image is the ring's fixed file");
+        let mut buf = vec![0u8; 4096];
+        let iov = [libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+        let readv = opcode::Readv::new(types::Fixed(0), iov.as_ptr(), 1).build();
+        assert_eq!(raw(&mut engine, readv), 4096, "READV of the fixed image");
+        let read = opcode::Read::new(types::Fixed(0), buf.as_mut_ptr(), 4096).build();
+        assert_eq!(
+            raw(&mut engine, read),
+            -libc::EACCES,
+            "READ (not an opcode the engine uses) is refused"
+        );
+        let nop = opcode::Nop::new().build().flags(squeue::Flags::FIXED_FILE);
+        assert_eq!(raw(&mut engine, nop), -libc::EACCES, "NOP is refused");
+        let other = std::fs::File::open(dir.join("r.img")).unwrap();
+        let by_fd = opcode::Readv::new(types::Fd(other.as_raw_fd()), iov.as_ptr(), 1).build();
+        assert_eq!(
+            raw(&mut engine, by_fd),
+            -libc::EACCES,
+            "READV of a descriptor that is not the fixed image is refused"
+        );
+        assert!(
+            engine
+                .ring
+                .submitter()
+                .register_files_update(0, &[other.as_raw_fd()])
+                .is_err(),
+            "no registration after set-up"
+        );
+    }
+
     /// Submit `op` and wait for it: its result and the buffers handed back.
     fn run_back(engine: &mut dyn Engine, op: Op) -> (io::Result<u32>, Option<IoBuffers>) {
         engine.submit(op, 42).unwrap();
