@@ -36,8 +36,9 @@
 //! cluster over TCP, so Landlock then leaves TCP `connect` allowed ([`FileAccess::tcp_connect`])
 //! and the filter adds what a Ceph client calls ([`SeccompExtras::ceph_client`]).
 //!
-//! io_uring requests are not seen by seccomp; the rings only ever carry reads, writes, fsyncs
-//! and fallocates of the image, and Landlock still confines what a ring could open.
+//! io_uring requests are not seen by seccomp; the disk crate restricts each ring
+//! (`IORING_REGISTER_RESTRICTIONS`) to reads, writes, fsyncs and fallocates of the image's fixed
+//! file, and Landlock still confines what a ring could open.
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -165,6 +165,12 @@ pub enum Error {
         /// The underlying error.
         source: io::Error,
     },
+    /// Restricting an io_uring to the engine's operations, or enabling it, failed.
+    #[error("restricting the io_uring to the engine's operations: {source}")]
+    RingRestrict {
+        /// The underlying error.
+        source: io::Error,
+    },
     /// Creating or registering the completion eventfd failed.
     #[error("setting up the completion eventfd: {source}")]
     EventFd {

@@ -4,7 +4,9 @@
 //! `RWF_DONTCACHE` in `rw_flags` under `dontcache`), FLUSH becomes `FSYNC(DATASYNC)`, DISCARD and
 //! WRITE_ZEROES on files become `FALLOCATE`. The image's descriptor is registered with the ring
 //! (fixed file 0), to spare the kernel a descriptor lookup per request.
-//! The completion eventfd is registered with `IORING_REGISTER_EVENTFD`.
+//! The completion eventfd is registered with `IORING_REGISTER_EVENTFD`. The ring is created
+//! disabled and enabled only once `IORING_REGISTER_RESTRICTIONS` limits it to those opcodes on
+//! that fixed file, since seccomp cannot see what a ring runs.
 //!
 //! What the ring cannot do well runs at submission on the queue thread and waits in a ready list
 //! for [`Engine::reap`]: block-device `BLKDISCARD`/`BLKZEROOUT`, `O_DIRECT` requests whose buffers
@@ -27,7 +29,7 @@ use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::Arc;
 
-use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use io_uring::{cqueue, opcode, register::Restriction, squeue, types, IoUring};
 use log::{debug, warn};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -106,9 +108,18 @@ impl UringEngine {
     pub fn new(image: Arc<Image>, queue_depth: u32) -> Result<Self> {
         let depth = queue_depth.clamp(1, MAX_ENTRIES);
         let entries = depth.next_power_of_two();
-        let ring = IoUring::builder()
-            .build(entries)
-            .map_err(|source| Error::RingSetup { entries, source })?;
+        // Created disabled, so that the restrictions are in place before the first SQE.
+        let (ring, disabled) = match IoUring::builder().setup_r_disabled().build(entries) {
+            Ok(ring) => (ring, true),
+            // Before Linux 5.10: no restrictions to register.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (
+                IoUring::builder()
+                    .build(entries)
+                    .map_err(|source| Error::RingSetup { entries, source })?,
+                false,
+            ),
+            Err(source) => return Err(Error::RingSetup { entries, source }),
+        };
         let eventfd = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::EventFd { source })?;
         ring.submitter()
             .register_eventfd(eventfd.as_raw_fd())
@@ -119,6 +130,11 @@ impl UringEngine {
                 .register_files(&[image.as_raw_fd()])
                 .map_err(|e| debug!("io_uring: registering the image fd failed: {e}"))
                 .is_ok();
+        if disabled {
+            restrict(&ring, fixed)?;
+        } else {
+            warn!("io_uring: this kernel cannot restrict a ring (Linux 5.10); the ring takes any operation");
+        }
         let cq_entries = ring.params().cq_entries() as usize;
         Ok(UringEngine {
             image,
@@ -325,6 +341,37 @@ impl UringEngine {
         // SAFETY: as above.
         unsafe { self.image.rw_sync(write, iov, offset, 0, flags) }
     }
+}
+
+/// The opcodes the engine submits; the ring refuses every other one.
+const OPCODES: [u8; 4] = [
+    opcode::Readv::CODE,
+    opcode::Writev::CODE,
+    opcode::Fsync::CODE,
+    opcode::Fallocate::CODE,
+];
+
+/// Seccomp cannot see the operations an io_uring runs, so the ring itself is told what it may
+/// run (`IORING_REGISTER_RESTRICTIONS`): the engine's opcodes, only on the image's fixed file
+/// when it is registered, with no SQE flag but `IOSQE_ASYNC`, and no registration once enabled.
+/// Code that got hold of the ring could not open, read or send anything else through it.
+fn restrict(ring: &IoUring, fixed: bool) -> Result<()> {
+    let mut allowed = squeue::Flags::ASYNC;
+    if fixed {
+        allowed |= squeue::Flags::FIXED_FILE;
+    }
+    let mut rules: Vec<Restriction> = OPCODES.iter().map(|&op| Restriction::sqe_op(op)).collect();
+    rules.push(Restriction::sqe_flags_allowed(allowed.bits()));
+    if fixed {
+        rules.push(Restriction::sqe_flags_required(
+            squeue::Flags::FIXED_FILE.bits(),
+        ));
+    }
+    let submitter = ring.submitter();
+    submitter
+        .register_restrictions(&mut rules)
+        .and_then(|()| submitter.register_enable_rings())
+        .map_err(|source| Error::RingRestrict { source })
 }
 
 /// Build an SQE over the image's descriptor, fixed or plain.
