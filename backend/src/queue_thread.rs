@@ -24,8 +24,8 @@ use disk::{CacheMode, Completion, Engine, IoBuffers, MemoryGuard, Op};
 use log::{debug, error, warn};
 use vhost_user_backend::VringT;
 use virtio_blk::{
-    write_device_id, write_status, Request, RequestBuffers, RequestType, SECTOR_SHIFT,
-    STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
+    status_of_long_chain, write_device_id, write_status, Request, RequestBuffers, RequestType,
+    SECTOR_SHIFT, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
 };
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend};
@@ -266,7 +266,11 @@ impl QueueThread {
                     QueueStats::add(&self.shared.stats.queue(queue.index).dropped, 1);
                     continue;
                 }
-                match self.start_request(local, chain, &mem) {
+                let table = (
+                    GuestAddress(state.get_queue().desc_table()),
+                    state.get_queue().size(),
+                );
+                match self.start_request(local, chain, table, &mem) {
                     Started::InFlight => {}
                     Started::Done(used_len) => {
                         let index = self.queues[local].index;
@@ -543,10 +547,13 @@ impl QueueThread {
     }
 
     /// Parse one chain and either submit it or complete it at once.
+    /// `table` is the queue's descriptor table and size, to walk a chain that virtio-queue
+    /// stops walking at 4 GiB.
     fn start_request(
         &mut self,
         local: usize,
         chain: DescriptorChain<&GuestMem>,
+        table: (GuestAddress, u16),
         mem: &Arc<GuestMem>,
     ) -> Started {
         let shared = &*self.shared;
@@ -571,8 +578,16 @@ impl QueueThread {
 
         let request = match Request::parse(chain, &shared.limits, &mut queue.bufs) {
             Ok(request) => request,
-            Err(e) => {
+            Err(mut e) => {
                 QueueStats::add(&stats.requests, 1);
+                if matches!(e.error, virtio_blk::Error::ChainTruncated) {
+                    // Cut short by virtio-queue's 4 GiB limit, its end may still be walked to a
+                    // good status byte (a loop or a bad index still has none).
+                    e.status_addr = status_of_long_chain(&**mem, table.0, table.1, head);
+                    if e.status_addr.is_some() {
+                        e.error = virtio_blk::Error::DataTooLong;
+                    }
+                }
                 return match e.status_addr {
                     Some(addr) => {
                         let status = e.error.status();

@@ -10,6 +10,7 @@
 //! - [`protocol`]: the wire vocabulary (sector size, status bytes, request types), a leaf that
 //!   the other modules share.
 //! - [`request`]: request parsing and validation, status and device-ID writing.
+//! - [`walk`]: the status byte of a chain too long for virtio-queue to walk.
 //!
 //! Everything a guest controls is validated here, once, before it reaches an I/O engine: a
 //! malformed chain costs only itself.
@@ -19,6 +20,7 @@ pub mod error;
 pub mod features;
 pub mod protocol;
 pub mod request;
+pub mod walk;
 
 pub use config::{BlkConfig, CONFIG_SPACE_SIZE, WRITEBACK_OFFSET};
 pub use error::{Error, Result};
@@ -30,3 +32,4 @@ pub use request::{
     device_id, write_device_id, write_status, DataSegment, DiscardRange, Limits, ParseError,
     Request, RequestBuffers,
 };
+pub use walk::status_of_long_chain;
