@@ -727,6 +727,13 @@ impl Queue {
         }
     }
 
+    /// Whether the transfer's used entry has been seen (by [`Queue::wait_used`] while waiting
+    /// for others), so that [`Queue::complete`] will not wait for it.
+    pub fn is_complete(&mut self, ticket: &Ticket) -> bool {
+        while self.wait_used(Duration::ZERO).is_ok() {}
+        self.completed.contains_key(&ticket.head)
+    }
+
     /// Submits and completes.
     pub fn execute(&mut self, t: &Transfer) -> Completion {
         let ticket = self.submit(t);
