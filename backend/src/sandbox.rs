@@ -16,7 +16,8 @@
 //! (`io_uring_*`, `eventfd2`, `epoll_*`), the deferred path (`timerfd_*`, `fdatasync`,
 //! `sync_file_range`, `fadvise64`), the image's discard and write-zeroes (`fallocate`,
 //! `BLKDISCARD`/`BLKZEROOUT`), the synchronous engine (`preadv2`/`pwritev2`), thread pinning
-//! (`sched_setaffinity` of the calling thread only), the QMP adapter (`socket(AF_UNIX)`,
+//! (`sched_setaffinity` of the calling thread only), the disk engine's offload worker lowering
+//! its own priority (`setpriority` of the calling thread only), the QMP adapter (`socket(AF_UNIX)`,
 //! `connect`) and the socket file's removal at exit (`unlink`). Arguments are checked where that
 //! closes a door: no executable mappings, `clone` only for threads, `socket` only `AF_UNIX`,
 //! `ioctl` only the two block-range requests, `prctl` only `PR_SET_NAME`, `tgkill` only to our
@@ -567,6 +568,11 @@ pub fn allowed_syscalls() -> Result<BTreeMap<i64, Vec<SeccompRule>>> {
         // reads the vCPU threads' affinity; glibc reads a new thread's own.
         (libc::SYS_sched_getaffinity, any()),
         (libc::SYS_sched_setaffinity, arg_in(0, &[0])?),
+        // The disk engine's offload worker lowers its own priority (PRIO_PROCESS, itself).
+        (
+            libc::SYS_setpriority,
+            vec![args_eq(&[(0, libc::PRIO_PROCESS as u64), (1, 0)])?],
+        ),
         // The socket file, removed at exit.
         (libc::SYS_unlinkat, any()),
     ];

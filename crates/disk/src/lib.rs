@@ -34,6 +34,7 @@ mod buffers;
 mod fault;
 mod image;
 mod iov;
+mod offload;
 mod rbd_image;
 mod sync_engine;
 mod sys;

@@ -8,15 +8,19 @@
 //! disabled and enabled only once `IORING_REGISTER_RESTRICTIONS` limits it to those opcodes on
 //! that fixed file, since seccomp cannot see what a ring runs.
 //!
-//! What the ring cannot do well runs at submission on the queue thread and waits in a ready list
-//! for [`Engine::reap`]: block-device `BLKDISCARD`/`BLKZEROOUT`, `O_DIRECT` requests whose buffers
-//! are not aligned, requests with more iovecs than one call takes, null-image requests, injected
-//! faults, and buffered writes (`writeback`, `dontcache`). A buffered write is a copy into the
-//! page cache, but ext4 cannot take it without blocking (no `FMODE_BUF_WASYNC`), so io_uring
-//! hands every one to a kernel worker thread: measured with 4 KiB random writes at queue depth
-//! 32, that costs 3.4 µs of CPU per request against 2.2 µs for the same `pwritev2` done here, and
-//! half the IOPS. At reap, a short transfer is finished synchronously, and errors that have a
-//! fallback (`RWF_DONTCACHE` refused, `ZERO_RANGE` unsupported, `O_DIRECT` refused) get it.
+//! What the ring cannot run asynchronously and may take seconds goes to the engine's offload
+//! worker (`offload.rs`), which hands the completion back at [`Engine::reap`]: block-device
+//! `BLKDISCARD`/`BLKZEROOUT`, `O_DIRECT` requests whose buffers are not aligned (bounced through
+//! the buffered descriptor), and WRITE_ZEROES written out where the file system has no
+//! `ZERO_RANGE`. What is quick runs at submission on the queue thread and waits in a ready list:
+//! requests with more iovecs than one call takes, null-image requests, injected faults, and
+//! buffered writes (`writeback`, `dontcache`). A buffered write is a copy into the page cache,
+//! but ext4 cannot take it without blocking (no `FMODE_BUF_WASYNC`), so io_uring hands every one
+//! to a kernel worker thread: measured with 4 KiB random writes at queue depth 32, that costs
+//! 3.4 µs of CPU per request against 2.2 µs for the same `pwritev2` done here, and half the
+//! IOPS; the price of running it here is that a write held by the host's dirty throttling holds
+//! the queue too. At reap, a short transfer is finished synchronously, and errors that have a
+//! fallback (`RWF_DONTCACHE` refused, `O_DIRECT` refused) get it.
 //!
 //! Each request occupies a slot, preallocated for the queue depth, whose index is the SQE's
 //! `user_data`; nothing is allocated per request while the depth is respected. The slot owns the
@@ -34,6 +38,7 @@ use log::{debug, warn};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::image::zeroes_mode;
+use crate::offload::{self, Job, Offload};
 use crate::{
     iov, Completion, Engine, EngineKind, Error, Image, IoBuffers, Op, Result, SubmitError,
     RWF_DONTCACHE,
@@ -101,6 +106,8 @@ pub struct UringEngine {
     in_ring: usize,
     /// Completion queue size: `in_ring` never exceeds it, so the CQ never overflows.
     cq_entries: usize,
+    /// The worker for what may take seconds and the ring cannot run asynchronously.
+    offload: Offload,
 }
 
 impl UringEngine {
@@ -148,6 +155,7 @@ impl UringEngine {
             in_flight: 0,
             in_ring: 0,
             cq_entries,
+            offload: Offload::new(),
         })
     }
 
@@ -169,6 +177,15 @@ impl UringEngine {
     fn run_now(&mut self, op: Op, user_data: u64) {
         let result = self.image.execute(&op);
         self.complete_now(user_data, result, op.into_buffers());
+    }
+
+    /// Hand `job` to the offload worker, so that the queue thread goes on serving; run it here
+    /// if no worker can.
+    fn offload(&mut self, job: Job) {
+        if let Err(job) = self.offload.send(&self.image, &self.eventfd, job) {
+            let c = offload::run(&self.image, job);
+            self.complete_now(c.user_data, c.result, c.bufs);
+        }
     }
 
     fn alloc_slot(&mut self, slot: Slot) -> u32 {
@@ -278,8 +295,9 @@ impl UringEngine {
     }
 
     /// Turn the CQE of slot `idx` into a completion, finishing short transfers and applying
-    /// fallbacks.
-    fn finish(&mut self, idx: u64, res: i32) -> Completion {
+    /// fallbacks; `None` when the fallback went to the offload worker, whose completion comes
+    /// later.
+    fn finish(&mut self, idx: u64, res: i32) -> Option<Completion> {
         let Slot {
             user_data,
             op,
@@ -292,17 +310,22 @@ impl UringEngine {
             Op::Flush => errno_result(res),
             Op::Discard { .. } if res == -libc::EOPNOTSUPP => Ok(0),
             Op::Discard { .. } => errno_result(res),
-            Op::WriteZeroes { offset, len, .. } if res == -libc::EOPNOTSUPP => self
-                .image
-                .write_zeroes_by_writing(*offset, *len)
-                .map(|()| 0),
+            &Op::WriteZeroes { offset, len, .. } if res == -libc::EOPNOTSUPP => {
+                // No ZERO_RANGE here: up to a GiB to write out, off the queue thread.
+                self.offload(Job::ZeroesByWriting {
+                    user_data,
+                    offset,
+                    len,
+                });
+                return None;
+            }
             Op::WriteZeroes { .. } => errno_result(res),
         };
-        Completion {
+        Some(Completion {
             user_data,
             result,
             bufs: op.into_buffers(),
-        }
+        })
     }
 
     /// The result of a read or write whose CQE said `res`, finishing a short transfer or
@@ -414,9 +437,14 @@ impl Engine for UringEngine {
                         return Ok(());
                     }
                 };
+                if !self.image.dio_aligned(iov, offset) {
+                    // Through the buffered descriptor: a copy of up to a segment's worth, or a
+                    // write held by the host's dirty throttling; off the queue thread.
+                    self.offload(Job::Execute { user_data, op });
+                    return Ok(());
+                }
                 if iov.len() > IOV_MAX
                     || self.image.check_fault(offset, len.into()).is_err()
-                    || !self.image.dio_aligned(iov, offset)
                     || (write && !self.image.is_direct())
                 {
                     self.run_now(op, user_data);
@@ -455,11 +483,13 @@ impl Engine for UringEngine {
                 self.push(entry, Slot::new(user_data, op))
             }
             &Op::Discard { offset, len } | &Op::WriteZeroes { offset, len, .. } => {
-                if len == 0
-                    || self.image.is_block_device()
-                    || self.image.check_fault(offset, len).is_err()
-                {
+                if len == 0 || self.image.check_fault(offset, len).is_err() {
                     self.run_now(op, user_data);
+                    return Ok(());
+                }
+                if self.image.is_block_device() {
+                    // BLKDISCARD / BLKZEROOUT: up to 16 GiB a request, seconds on a slow device.
+                    self.offload(Job::Execute { user_data, op });
                     return Ok(());
                 }
                 let mode = match op {
@@ -496,15 +526,27 @@ impl Engine for UringEngine {
             f(c);
         }
         while let Some((idx, res)) = self.stash.pop_front() {
-            let c = self.finish(idx, res);
-            self.in_flight -= 1;
-            f(c);
+            if let Some(c) = self.finish(idx, res) {
+                self.in_flight -= 1;
+                f(c);
+            }
         }
         loop {
             let next: Option<cqueue::Entry> = self.ring.completion().next();
             let Some(cqe) = next else { break };
             self.in_ring -= 1;
-            let c = self.finish(cqe.user_data(), cqe.result());
+            if let Some(c) = self.finish(cqe.user_data(), cqe.result()) {
+                self.in_flight -= 1;
+                f(c);
+            }
+        }
+        // After the CQEs: a fallback handed over just now may already be done.
+        while let Some(c) = self.offload.next_finished() {
+            self.in_flight -= 1;
+            f(c);
+        }
+        // Completions queued by the fallbacks run here when no worker could.
+        while let Some(c) = self.ready.pop_front() {
             self.in_flight -= 1;
             f(c);
         }
@@ -512,7 +554,10 @@ impl Engine for UringEngine {
     }
 
     fn has_completions(&mut self) -> bool {
-        !self.ready.is_empty() || !self.stash.is_empty() || !self.ring.completion().is_empty()
+        !self.ready.is_empty()
+            || !self.stash.is_empty()
+            || !self.ring.completion().is_empty()
+            || self.offload.has_finished()
     }
 
     fn in_flight(&self) -> usize {
