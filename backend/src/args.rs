@@ -163,10 +163,11 @@ pub struct BackendArgs {
     #[arg(long, hide = true)]
     pub test_unlogged_reads: bool,
 
-    /// The order in which used entries are published: `avail` (available-ring order: a request
-    /// that completes early waits for the older ones, so that a crash loses and repeats nothing
-    /// when the VMM restarts the next backend at the used index) or `completion` (each at once).
-    #[arg(long, value_enum, default_value_t = UsedOrderMode::Avail, value_name = "ORDER")]
+    /// The order in which used entries are published: `completion` (each as it completes) or
+    /// `avail` (available-ring order: a request that completes early waits for the older ones,
+    /// so that a crash loses and repeats nothing when the VMM restarts the next backend at the
+    /// used index, at the price of waiting behind a slow FLUSH or discard).
+    #[arg(long, value_enum, default_value_t = UsedOrderMode::Completion, value_name = "ORDER")]
     pub used_order: UsedOrderMode,
 
     /// With --cache writeback: once this many bytes were written since the last eviction, a

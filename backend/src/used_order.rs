@@ -7,8 +7,13 @@
 //! runs the early one again and never runs the older one. Published in available-ring order
 //! instead, the used index never passes a request still in flight, so the next backend runs
 //! exactly the requests that never completed: a completion that finishes early waits for the
-//! older ones (`--used-order avail`, the default). `--used-order completion` publishes each at
-//! once, for a guest that would rather have the latency than crash exactness.
+//! older ones (`--used-order avail`).
+//!
+//! That wait is the price, and it is not only a crash's: behind a FLUSH waiting for
+//! `fdatasync`, or a discard of gigabytes, every younger request of the queue waits to be seen
+//! complete, however early it finished. So it is an option, for a VMM that reconnects
+//! (`reconnect-ms`) and a guest that prefers exactness after a crash to that latency; the
+//! default, `--used-order completion`, publishes each as it completes.
 //!
 //! One [`UsedOrder`] per queue, shared by the queue thread and its deferred worker; both take it
 //! only while holding the queue's vring lock, so it is never contended. Preallocated to the
@@ -28,10 +33,10 @@ use crate::shared::GuestMemAtomic;
 pub enum UsedOrderMode {
     /// In available-ring order: the used index never passes a request in flight, so a restart
     /// after a crash runs exactly the requests that never completed.
-    #[default]
     Avail,
-    /// As each request completes: lower latency for a request that finishes before older ones,
-    /// but a crash can make the next backend run some requests twice and lose others.
+    /// As each request completes: no request waits for an older one, but a crash can make the
+    /// next backend run some requests twice and lose others.
+    #[default]
     Completion,
 }
 

@@ -81,13 +81,15 @@ fn options() -> Options {
 }
 
 /// Writeback, with FLUSH held by the deferred worker: writes submitted after a flush complete
-/// before it.
+/// before it. Used entries in available-ring order, the option that makes a crash exact.
 const OUT_OF_ORDER: &[&str] = &[
     "--cache",
     "writeback",
     "--defer-delay-us",
     HOLD_US,
     "--strict-batching",
+    "--used-order",
+    "avail",
 ];
 
 /// The requests one test makes: a FLUSH, then `WRITES` 4 KiB writes, each a known pattern.
