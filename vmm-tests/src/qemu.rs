@@ -65,6 +65,9 @@ pub struct VhostUserDisk {
     pub num_queues: u16,
     /// Virtqueue size.
     pub queue_size: Option<u16>,
+    /// Reconnect to the socket this many ms after losing the backend (`reconnect-ms`), so that
+    /// the guest survives a backend restart.
+    pub reconnect_ms: Option<u32>,
 }
 
 impl VhostUserDisk {
@@ -74,7 +77,14 @@ impl VhostUserDisk {
             socket: socket.to_path_buf(),
             num_queues,
             queue_size: None,
+            reconnect_ms: None,
         }
+    }
+
+    /// The same disk, reconnecting `ms` after losing its backend.
+    pub fn reconnect_ms(mut self, ms: u32) -> Self {
+        self.reconnect_ms = Some(ms);
+        self
     }
 }
 
@@ -209,7 +219,13 @@ pub fn command(cfg: &VmConfig, assets: &GuestAssets, accel: Accel, qmp: &Path) -
     for (i, d) in cfg.disks.iter().enumerate() {
         c.args([
             "-chardev",
-            &format!("socket,id=vub{i},path={}", d.socket.display()),
+            &format!(
+                "socket,id=vub{i},path={}{}",
+                d.socket.display(),
+                d.reconnect_ms
+                    .map(|ms| format!(",reconnect-ms={ms}"))
+                    .unwrap_or_default()
+            ),
         ]);
         let mut dev = format!(
             "vhost-user-blk-pci,id=blk{i},chardev=vub{i},num-queues={}",
