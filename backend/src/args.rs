@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use disk::{CacheMode, EngineKind};
+use throttle::Spec;
 use vcpu::{QueueMap, VcpuAffinity};
 
 use crate::sandbox::{LandlockMode, SeccompMode};
@@ -46,9 +47,10 @@ pub struct CtlArgs {
     /// The control socket the backend was started with (`--control`).
     #[arg(long, value_name = "PATH")]
     pub control: PathBuf,
-    /// The command: `stats`, or a raw JSON request line.
-    #[arg(default_value = "stats")]
-    pub request: String,
+    /// The command: `stats`, `limits show`, `limits set SPEC`, ..., or a raw JSON request
+    /// line (its words are joined by spaces).
+    #[arg(default_value = "stats", num_args = 1.., trailing_var_arg = true)]
+    pub request: Vec<String>,
 }
 
 /// Options of the backend itself.
@@ -194,6 +196,13 @@ pub struct BackendArgs {
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
 
+    /// I/O limits, in QEMU's throttling vocabulary: `iops-total=N,bps-write=N,...` with
+    /// `iops`/`bps` × `total`/`read`/`write`, each also with `-max` (burst rate) and
+    /// `-max-length` (seconds a burst may last), and `iops-size=BYTES`. Changed live with
+    /// `ctl limits set SPEC`.
+    #[arg(long, value_name = "SPEC", value_parser = parse_limit)]
+    pub limit: Option<Spec>,
+
     /// System call filter, put on every thread once set up: `on` kills the process with SIGSYS
     /// on a call outside the allowlist (the kernel logs it: audit log or dmesg, type=1326);
     /// `log` allows and logs such calls, to find what the allowlist misses; `off`.
@@ -260,6 +269,10 @@ impl clap::builder::TypedValueParser for BlkFileParser {
         }
         Ok(PathBuf::from(value))
     }
+}
+
+fn parse_limit(s: &str) -> Result<Spec, String> {
+    Spec::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_queue_map(s: &str) -> Result<QueueMap, String> {
@@ -399,6 +412,51 @@ mod tests {
         assert_eq!(parse(&long).expect_err("4 KiB spec").exit_code(), 2);
         // A file name merely containing "rbd" is a file.
         assert!(parse("/var/lib/rbd:x").is_ok());
+    }
+
+    #[test]
+    fn limits_parse_or_name_the_bad_key() {
+        let base = [
+            "vhost-user-blk",
+            "--socket-path",
+            "/tmp/s",
+            "--blk-file",
+            "/tmp/i",
+        ];
+        let cli = Cli::try_parse_from(base.iter().chain(&["--limit", "iops-total=2000"]))
+            .expect("valid command line");
+        assert_eq!(
+            cli.backend.limit.map(|l| l.to_string()).as_deref(),
+            Some("iops-total=2000")
+        );
+        for (bad, names) in [
+            ("iops-total=0", "iops-total=0"),
+            ("iops-total=-1", "negative"),
+            ("iops-totl=5", "iops-totl"),
+            ("iops-total=5,iops-read=5", "iops-read"),
+        ] {
+            let e =
+                Cli::try_parse_from(base.iter().chain(&["--limit", bad])).expect_err("a bad limit");
+            assert!(e.to_string().contains(names), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn ctl_takes_several_words() {
+        let cli = Cli::try_parse_from([
+            "vhost-user-blk",
+            "ctl",
+            "--control",
+            "/tmp/c",
+            "limits",
+            "set",
+            "iops-total=5",
+        ])
+        .expect("valid command line");
+        let Some(Command::Ctl(ctl)) = cli.command else {
+            panic!("not ctl");
+        };
+        assert_eq!(ctl.request.join(" "), "limits set iops-total=5");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The control socket (`--control PATH`): line-delimited JSON, one request per line, one answer
-//! line each. `{"cmd":"stats"}` answers the per-queue counters; `vhost-user-blk ctl` is its
-//! client.
+//! line each. `{"cmd":"stats"}` answers the per-queue counters, `limits show` and
+//! `limits set SPEC` read and change the I/O limits; `vhost-user-blk ctl` is its client.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::hotplug::Hotplug;
+use crate::limits::IoLimits;
 use crate::stats::DeviceStats;
 use crate::workers::QueueWorkers;
 use crate::{Error, Result};
@@ -45,6 +46,8 @@ struct ControlRequest {
     map: Option<String>,
     /// For `set-cpu-affinity`: a CPU list such as "2-3".
     cpus: Option<String>,
+    /// For `limits-set`: the limits, `key=value,...` or `none`.
+    spec: Option<String>,
 }
 
 /// Bind the control socket and serve it on its own thread for the life of the process.
@@ -53,6 +56,7 @@ pub fn spawn(
     stats: Arc<DeviceStats>,
     workers: Arc<QueueWorkers>,
     hotplug: Arc<Hotplug>,
+    io_limits: Arc<IoLimits>,
     info: DeviceInfo,
 ) -> Result<()> {
     // A stale socket from an earlier run would make bind fail.
@@ -67,7 +71,7 @@ pub fn spawn(
             for conn in listener.incoming() {
                 match conn {
                     Ok(conn) => {
-                        if let Err(e) = serve(conn, &stats, &workers, &hotplug, &info) {
+                        if let Err(e) = serve(conn, &stats, &workers, &hotplug, &io_limits, &info) {
                             debug!("control connection ended: {e}");
                         }
                     }
@@ -87,6 +91,7 @@ fn serve(
     stats: &DeviceStats,
     workers: &QueueWorkers,
     hotplug: &Hotplug,
+    io_limits: &IoLimits,
     info: &DeviceInfo,
 ) -> std::io::Result<()> {
     let mut writer = conn.try_clone()?;
@@ -97,7 +102,7 @@ fn serve(
         if line.is_empty() {
             continue;
         }
-        let answer = answer(line, stats, workers, hotplug, info);
+        let answer = answer(line, stats, workers, hotplug, io_limits, info);
         writer.write_all(answer.to_string().as_bytes())?;
         writer.write_all(b"\n")?;
     }
@@ -110,6 +115,7 @@ pub fn answer(
     stats: &DeviceStats,
     workers: &QueueWorkers,
     hotplug: &Hotplug,
+    io_limits: &IoLimits,
     info: &DeviceInfo,
 ) -> serde_json::Value {
     let req = match serde_json::from_str::<ControlRequest>(line) {
@@ -157,6 +163,21 @@ pub fn answer(
                 (_, Err(e)) => json!({ "error": e.to_string() }),
             }
         }
+        "limits-show" => json!({
+            "limits": io_limits.spec().to_string(),
+            "waiting_queues": io_limits.buckets().waiting_queues(),
+        }),
+        // A bad specification changes nothing: the limits in force stay.
+        "limits-set" => match io_limits.set(req.spec.as_deref().unwrap_or("")) {
+            Ok(spec) => {
+                log::info!("I/O limits are now '{spec}'");
+                json!({ "ok": true, "limits": spec.to_string() })
+            }
+            Err(e) => json!({
+                "error": format!("limits unchanged: {e}"),
+                "limits": io_limits.spec().to_string(),
+            }),
+        },
         "stats" => {
             let deferred = workers.deferred_snapshot();
             let queues: Vec<serde_json::Value> = stats
@@ -171,6 +192,7 @@ pub fn answer(
                 .collect();
             json!({
                 "device": info,
+                "limits": io_limits.spec().to_string(),
                 "queue_map": hotplug.queue_map(),
                 "queues": queues,
                 "vcpus": hotplug.snapshot(),
@@ -180,7 +202,8 @@ pub fn answer(
     }
 }
 
-/// `stats`, `vcpu-unplug 1`, `set-queue-map 0=1,1=0`, `set-cpu-affinity 1 2-3`.
+/// `stats`, `vcpu-unplug 1`, `set-queue-map 0=1,1=0`, `set-cpu-affinity 1 2-3`,
+/// `limits show`, `limits set iops-total=2000`.
 fn from_words(line: &str) -> std::result::Result<ControlRequest, String> {
     let mut words = line.split_whitespace();
     let cmd = words.next().unwrap_or_default().to_owned();
@@ -189,6 +212,7 @@ fn from_words(line: &str) -> std::result::Result<ControlRequest, String> {
         vcpu: None,
         map: None,
         cpus: None,
+        spec: None,
     };
     let number = |w: Option<&str>| {
         w.map(|w| {
@@ -204,6 +228,22 @@ fn from_words(line: &str) -> std::result::Result<ControlRequest, String> {
             req.vcpu = number(words.next())?;
             req.cpus = words.next().map(str::to_owned);
         }
+        "limits" => match words.next() {
+            None | Some("show") => req.cmd = "limits-show".into(),
+            Some("set") => {
+                req.cmd = "limits-set".into();
+                let spec: Vec<&str> = words.collect();
+                if spec.is_empty() {
+                    return Err("'limits set' needs the limits: key=value,... or none".into());
+                }
+                req.spec = Some(spec.join(""));
+            }
+            Some(other) => {
+                return Err(format!(
+                    "'limits {other}': use 'limits show' or 'limits set SPEC'"
+                ))
+            }
+        },
         _ => {}
     }
     Ok(req)
@@ -242,7 +282,7 @@ mod tests {
         }
     }
 
-    fn setup(queues: usize) -> (Arc<DeviceStats>, Arc<QueueWorkers>, Hotplug) {
+    fn setup(queues: usize) -> (Arc<DeviceStats>, Arc<QueueWorkers>, Hotplug, IoLimits) {
         let stats = Arc::new(DeviceStats::new(queues));
         let workers = Arc::new(QueueWorkers::new(queues));
         let hotplug = Hotplug::new(
@@ -252,30 +292,58 @@ mod tests {
             vcpu::VcpuAffinity::default(),
             std::time::Duration::from_millis(1),
         );
-        (stats, workers, hotplug)
+        (
+            stats,
+            workers,
+            hotplug,
+            IoLimits::new(throttle::Spec::none()),
+        )
     }
 
     #[test]
     fn stats_lists_every_queue() {
-        let (stats, workers, hotplug) = setup(3);
-        let v = answer(r#"{"cmd":"stats"}"#, &stats, &workers, &hotplug, &info());
+        let (stats, workers, hotplug, limits) = setup(3);
+        let v = answer(
+            r#"{"cmd":"stats"}"#,
+            &stats,
+            &workers,
+            &hotplug,
+            &limits,
+            &info(),
+        );
         assert_eq!(v["queues"].as_array().map(Vec::len), Some(3));
         assert_eq!(v["queues"][2]["index"], 2);
         assert_eq!(v["device"]["capacity"], 1 << 20);
-        assert_eq!(answer("stats", &stats, &workers, &hotplug, &info()), v);
+        assert_eq!(
+            answer("stats", &stats, &workers, &hotplug, &limits, &info()),
+            v
+        );
     }
 
     #[test]
     fn unknown_and_malformed_requests_get_an_error() {
-        let (stats, workers, hotplug) = setup(1);
-        assert!(answer("frobnicate", &stats, &workers, &hotplug, &info())["error"].is_string());
-        assert!(answer("{not json", &stats, &workers, &hotplug, &info())["error"].is_string());
-        assert!(answer("vcpu-unplug x", &stats, &workers, &hotplug, &info())["error"].is_string());
+        let (stats, workers, hotplug, limits) = setup(1);
+        assert!(
+            answer("frobnicate", &stats, &workers, &hotplug, &limits, &info())["error"].is_string()
+        );
+        assert!(
+            answer("{not json", &stats, &workers, &hotplug, &limits, &info())["error"].is_string()
+        );
+        assert!(answer(
+            "vcpu-unplug x",
+            &stats,
+            &workers,
+            &hotplug,
+            &limits,
+            &info()
+        )["error"]
+            .is_string());
         assert!(answer(
             r#"{"cmd":"vcpu-plug"}"#,
             &stats,
             &workers,
             &hotplug,
+            &limits,
             &info()
         )["error"]
             .is_string());
@@ -283,24 +351,82 @@ mod tests {
 
     #[test]
     fn queue_map_is_checked_against_the_queue_count() {
-        let (stats, workers, hotplug) = setup(2);
-        let ok = answer("set-queue-map 0=1,1=0", &stats, &workers, &hotplug, &info());
+        let (stats, workers, hotplug, limits) = setup(2);
+        let ok = answer(
+            "set-queue-map 0=1,1=0",
+            &stats,
+            &workers,
+            &hotplug,
+            &limits,
+            &info(),
+        );
         assert_eq!(ok["ok"], true, "{ok}");
         assert_eq!(hotplug.queue_map(), "0=1,1=0");
-        let bad = answer("set-queue-map 2=0", &stats, &workers, &hotplug, &info());
+        let bad = answer(
+            "set-queue-map 2=0",
+            &stats,
+            &workers,
+            &hotplug,
+            &limits,
+            &info(),
+        );
         assert!(bad["error"].is_string(), "{bad}");
     }
 
     #[test]
     fn unplug_without_a_connection_reports_an_empty_drain() {
-        let (stats, workers, hotplug) = setup(2);
-        let v = answer("vcpu-unplug 1", &stats, &workers, &hotplug, &info());
+        let (stats, workers, hotplug, limits) = setup(2);
+        let v = answer(
+            "vcpu-unplug 1",
+            &stats,
+            &workers,
+            &hotplug,
+            &limits,
+            &info(),
+        );
         assert_eq!(v["vcpu"], 1);
         assert_eq!(v["drained"], 0);
-        let s = answer("stats", &stats, &workers, &hotplug, &info());
+        let s = answer("stats", &stats, &workers, &hotplug, &limits, &info());
         assert_eq!(s["vcpus"][0]["online"], false, "{s}");
-        answer("vcpu-plug 1", &stats, &workers, &hotplug, &info());
-        let s = answer("stats", &stats, &workers, &hotplug, &info());
+        answer("vcpu-plug 1", &stats, &workers, &hotplug, &limits, &info());
+        let s = answer("stats", &stats, &workers, &hotplug, &limits, &info());
         assert_eq!(s["vcpus"][0]["online"], true, "{s}");
+    }
+
+    #[test]
+    fn limits_are_shown_and_set_and_bad_ones_change_nothing() {
+        let (stats, workers, hotplug, limits) = setup(1);
+        let ask = |line: &str| answer(line, &stats, &workers, &hotplug, &limits, &info());
+        assert_eq!(ask("limits show")["limits"], "none");
+        let set = ask("limits set iops-total=2000,iops-total-max=4000");
+        assert_eq!(set["ok"], true, "{set}");
+        assert_eq!(set["limits"], "iops-total=2000,iops-total-max=4000");
+        for bad in [
+            "limits set iops-total=0",
+            "limits set iops-total=-3",
+            "limits set iops-total=99999999999",
+            "limits set speed=5",
+            "limits set",
+            "limits frob",
+            r#"{"cmd":"limits-set"}"#,
+            r#"{"cmd":"limits-set","spec":"bps-read-max=5"}"#,
+        ] {
+            let v = ask(bad);
+            assert!(v["error"].is_string(), "{bad}: {v}");
+        }
+        let v = ask("limits set iops-total=0");
+        let error = v["error"].as_str().unwrap_or_default();
+        assert!(error.contains("iops-total=0"), "{v}");
+        assert_eq!(
+            ask("limits")["limits"],
+            "iops-total=2000,iops-total-max=4000"
+        );
+        assert_eq!(
+            ask("stats")["limits"],
+            "iops-total=2000,iops-total-max=4000"
+        );
+        let json = ask(r#"{"cmd":"limits-set","spec":"none"}"#);
+        assert_eq!(json["limits"], "none", "{json}");
+        assert_eq!(ask(r#"{"cmd":"limits-show"}"#)["limits"], "none");
     }
 }

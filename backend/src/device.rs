@@ -23,6 +23,7 @@ use vmm_sys_util::event::{
 
 use crate::deferred_path::DeferredPath;
 use crate::dirty_log::{self, DirtyBitmap};
+use crate::limits::{IoLimits, WakeTimer};
 use crate::queue_thread::QueueThread;
 use crate::shared::{DeviceShared, GuestMemAtomic, Vring};
 use crate::stats::DeviceStats;
@@ -70,6 +71,8 @@ pub struct DeviceSettings {
     pub log_reads: bool,
     /// The order in which used entries are published.
     pub used_order: UsedOrderMode,
+    /// The I/O limits, shared by every connection.
+    pub io_limits: Arc<IoLimits>,
 }
 
 /// A virtio-blk device for one vhost-user connection.
@@ -159,6 +162,8 @@ impl BlkDevice {
             taking_chains: AtomicBool::new(true),
             frontend_gone: AtomicBool::new(false),
             in_flight: (0..num_queues).map(|_| AtomicU64::new(0)).collect(),
+            io_limits: settings.io_limits.clone(),
+            draining: AtomicBool::new(false),
         });
 
         let queue_masks: Vec<u64> = (0..num_queues).map(|q| 1u64 << q).collect();
@@ -198,6 +203,10 @@ impl BlkDevice {
                 )
                 .map_err(|source| Error::Deferred { source })?,
             );
+            let timer = WakeTimer::new().map_err(|source| Error::WorkerEvents {
+                context: "creating a worker's I/O limits timerfd",
+                source,
+            })?;
             threads.push(Mutex::new(QueueThread::new(
                 engine,
                 &queues,
@@ -205,6 +214,7 @@ impl BlkDevice {
                 shared.clone(),
                 deferred,
                 deferred_path,
+                timer,
             )));
         }
 
@@ -242,6 +252,23 @@ impl BlkDevice {
         self.threads.get(thread).map(|t| lock(t).completion_fd())
     }
 
+    /// The epoll id of a worker's I/O limits timerfd.
+    pub fn timer_event_id(&self) -> u64 {
+        u64::from(self.settings.num_queues) + 3
+    }
+
+    /// The I/O limits timerfd of worker thread `thread`, to register with its epoll loop.
+    pub fn timer_fd(&self, thread: usize) -> Option<RawFd> {
+        self.threads.get(thread).map(|t| lock(t).timer_fd())
+    }
+
+    /// The connection is ending: let requests waiting for tokens go at once (accounted), so
+    /// that the drain does not wait for the limits. Their threads see it on their next wake-up,
+    /// within the refill period.
+    pub fn release_throttled(&self) {
+        self.shared.draining.store(true, Ordering::Relaxed);
+    }
+
     /// Make this connection's queue threads the ones that `stats`, GET_VRING_BASE and the hotplug
     /// path see.
     /// Called once the frontend is accepted, so that between connections the last one's figures
@@ -268,6 +295,9 @@ impl BlkDevice {
     /// whether the device went idle.
     pub fn quiesce(&self, timeout: Duration) -> bool {
         self.shared.taking_chains.store(false, Ordering::Release);
+        // Requests waiting for tokens go at once (still counted against the limits): a planned
+        // stop must not wait for a rate.
+        self.release_throttled();
         let deferred: Vec<_> = self
             .threads
             .iter()
@@ -437,7 +467,9 @@ impl VhostUserBackend for BlkDevice {
     fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
         // GET_VRING_BASE: the ring is no longer ready, so nothing new is popped; complete what the
         // deferred worker holds now rather than after its delay, and wait for what is in flight,
-        // so that the frontend gets every used entry before it takes the ring back.
+        // so that the frontend gets every used entry before it takes the ring back. Requests
+        // waiting for tokens of the I/O limits are in flight too: their thread sees the ring
+        // stopped on its next wake-up (within the refill period) and lets them go at once.
         if let Some(deferred) = self.workers.deferred(queue_index as usize) {
             deferred.drain();
         }
@@ -473,6 +505,8 @@ impl VhostUserBackend for BlkDevice {
         } else if u64::from(device_event) == self.completion_event_id() {
             thread.reap(vrings);
             thread.poll(vrings);
+        } else if u64::from(device_event) == self.timer_event_id() {
+            thread.serve_waiting(vrings);
         } else if u64::from(device_event) == self.pin_event_id() {
             if let Some(pin) = self.pins.get(thread_id) {
                 pin.apply();

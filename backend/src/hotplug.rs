@@ -19,6 +19,7 @@ use log::info;
 use serde::Serialize;
 use vcpu::{format_cpu_list, CpuList, QueueMap, VcpuAffinity};
 
+use crate::limits::IoLimits;
 use crate::workers::QueueWorkers;
 
 /// Most drain latencies kept per vCPU for the percentiles.
@@ -86,6 +87,8 @@ pub struct Hotplug {
     /// `--defer-delay-us`: the batching delay of queues whose vCPU is online.
     batch_delay: Duration,
     state: Mutex<State>,
+    /// The I/O limits, whose waiting requests an unplug lets go at once.
+    io_limits: Option<Arc<IoLimits>>,
 }
 
 impl Hotplug {
@@ -119,7 +122,15 @@ impl Hotplug {
                 affinity,
                 vcpus,
             }),
+            io_limits: None,
         }
+    }
+
+    /// Let an unplug release the requests of the departing vCPU's queues that wait for tokens
+    /// of `io_limits`: the guest's CPU offline waits for them, and a limit must not hold it up.
+    pub fn with_io_limits(mut self, io_limits: Arc<IoLimits>) -> Self {
+        self.io_limits = Some(io_limits);
+        self
     }
 
     /// Replace the queue map (the guest's, read from its sysfs) and re-pin.
@@ -178,6 +189,9 @@ impl Hotplug {
                 }
             }
         }
+        if let Some(limits) = &self.io_limits {
+            limits.release(&queues, true);
+        }
         for w in &workers {
             w.disable();
         }
@@ -216,7 +230,18 @@ impl Hotplug {
 
     /// vCPU `vcpu` is back: re-home its queues to it and re-pin.
     pub fn plug(&self, vcpu: usize) {
-        self.lock().vcpus.entry(vcpu).or_default().online = true;
+        let back: Vec<usize> = {
+            let mut state = self.lock();
+            state.vcpus.entry(vcpu).or_default().online = true;
+            // Without a map every queue was released; only once no vCPU is away do they wait
+            // for tokens again.
+            (0..self.num_queues)
+                .filter(|&q| !Self::vcpu_away(&state, q))
+                .collect()
+        };
+        if let Some(limits) = &self.io_limits {
+            limits.release(&back, false);
+        }
         info!("vCPU {vcpu} plugged");
         self.apply_pinning();
     }

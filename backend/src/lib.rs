@@ -3,9 +3,10 @@
 //! The binary is a thin shell over this library: [`args`] parses the command line, [`server`]
 //! accepts one VMM connection after another, [`device`] is the virtio-blk device that
 //! `vhost-user-backend` drives, [`queue_thread`] is the fast path of each queue thread,
-//! [`deferred_path`] the deferred path, [`complete`] the completion step both paths end in,
-//! [`used_order`] the order it publishes used entries in, [`guest_warnings`] the rate limit on
-//! the warnings a guest can trigger, [`hotplug`] the vCPU pinning and unplug path, [`shared`]
+//! [`limits`] the I/O limits it enforces, [`deferred_path`] the deferred path, [`complete`] the
+//! completion step both paths end in, [`used_order`] the order it publishes used entries in,
+//! [`guest_warnings`] the rate limit on the warnings a guest can trigger, [`hotplug`] the vCPU
+//! pinning and unplug path, [`shared`]
 //! the device state the request paths read, [`dirty_log`] the dirty-page log of live migration,
 //! [`stats`] the counters, [`workers`] the registry of the threads serving each queue,
 //! [`control`] the control socket that reports them and takes commands, and [`sandbox`] the
@@ -19,6 +20,7 @@ pub mod device;
 pub mod dirty_log;
 pub mod guest_warnings;
 pub mod hotplug;
+pub mod limits;
 pub mod queue_thread;
 pub mod sandbox;
 pub mod server;

@@ -12,7 +12,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     if let Some(Command::Ctl(ctl)) = cli.command {
-        return match control::request(&ctl.control, &ctl.request) {
+        return match control::request(&ctl.control, &ctl.request.join(" ")) {
             Ok(answer) => {
                 println!("{answer}");
                 ExitCode::SUCCESS

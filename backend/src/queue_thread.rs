@@ -14,7 +14,13 @@
 //! for eviction, a flush, a writethrough write, an I/O error to report, the page-cache budget
 //! exceeded — leaves for the deferred path (`deferred_path.rs`) instead, so that the queue thread
 //! never sleeps and one pass of the deferred worker serves a whole batch.
+//!
+//! With I/O limits set (`limits.rs`), a parsed read, write, discard or write-zeroes takes its
+//! tokens before it is submitted; one that finds none waits, with its slot ready to submit, in
+//! its queue's FIFO, and the thread's timerfd wakes it when tokens are due. Without limits that
+//! is one relaxed load and a branch per request.
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,10 +28,11 @@ use std::time::{Duration, Instant};
 use completion::DeferredCompletions;
 use disk::{CacheMode, Completion, Engine, IoBuffers, MemoryGuard, Op};
 use log::{debug, error, warn};
+use throttle::{Dir, Io};
 use vhost_user_backend::VringT;
 use virtio_blk::{
-    status_of_long_chain, write_device_id, write_status, Request, RequestBuffers, RequestType,
-    SECTOR_SHIFT, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
+    status_of_long_chain, write_device_id, write_status, DiscardRange, Request, RequestBuffers,
+    RequestType, SECTOR_SHIFT, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
 };
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend};
@@ -34,6 +41,7 @@ use crate::complete::{complete, count_done, signal_if_needed, Done};
 use crate::deferred_path::{defer_at_submission, needs_deferred_path, needs_sync, DeferredPath};
 use crate::dirty_log::mark_host_range;
 use crate::guest_warnings::GuestWarnings;
+use crate::limits::WakeTimer;
 use crate::shared::{DeviceShared, GuestMem, Vring};
 use crate::stats::QueueStats;
 use crate::used_order::{self, UsedOrder};
@@ -57,6 +65,12 @@ struct Slot {
     /// empty while the slot is idle, lent to the engine (with a guard on the guest memory the
     /// iovecs point into) from submission until the engine hands it back at completion.
     bufs: IoBuffers,
+    /// A discard's or write-zeroes' ranges, kept until it is submitted (it may wait for
+    /// tokens); grows once, to the most ranges a request carries, on the slot's first one.
+    ranges: Vec<DiscardRange>,
+    /// Waiting for tokens since this instant (`CLOCK_MONOTONIC` ns): in the queue's FIFO, its
+    /// iovecs ready in `bufs`.
+    waiting_since: Option<u64>,
     /// Keeps the guest memory of the status byte mapped until completion.
     mem: Option<Arc<GuestMem>>,
 }
@@ -76,6 +90,10 @@ struct QueueContext {
     order: Arc<Mutex<UsedOrder>>,
     /// The budget of warnings the guest can trigger on this queue.
     warnings: GuestWarnings,
+    /// This queue's handle on the device's I/O limits.
+    throttle: throttle::Queue,
+    /// Heads waiting for tokens, oldest first; preallocated to the queue size.
+    waiting: VecDeque<u16>,
 }
 
 /// What became of a popped chain.
@@ -114,6 +132,8 @@ pub struct QueueThread {
     polling: bool,
     /// The next poll's window, shrunk after polls that found nothing (`None`: the full one).
     poll_window: Option<Duration>,
+    /// Wakes the thread when requests waiting for tokens may go.
+    timer: WakeTimer,
 }
 
 impl Drop for QueueThread {
@@ -133,6 +153,7 @@ impl QueueThread {
         shared: Arc<DeviceShared>,
         deferred: Arc<DeferredCompletions<Done>>,
         deferred_path: Arc<DeferredPath>,
+        timer: WakeTimer,
     ) -> Self {
         // A data segment crosses at most one guest memory region boundary in practice; allow
         // twice the segment limit and reject a request that would need more.
@@ -153,6 +174,8 @@ impl QueueThread {
                         defer: false,
                         writeback_at_submission: true,
                         bufs: IoBuffers::with_capacity(iovec_capacity),
+                        ranges: Vec::new(),
+                        waiting_since: None,
                         mem: None,
                     })
                     .collect(),
@@ -167,6 +190,8 @@ impl QueueThread {
                         crate::used_order::UsedOrderMode::Completion,
                     )))
                 }),
+                throttle: throttle::Queue::new(shared.io_limits.buckets().clone()),
+                waiting: VecDeque::with_capacity(queue_size),
             })
             .collect();
         Self {
@@ -179,6 +204,7 @@ impl QueueThread {
             in_engine: 0,
             polling: false,
             poll_window: None,
+            timer,
         }
     }
 
@@ -203,6 +229,83 @@ impl QueueThread {
     /// The engine's completion eventfd, to register in this thread's epoll loop.
     pub fn completion_fd(&self) -> std::os::unix::io::RawFd {
         self.engine.completion_fd()
+    }
+
+    /// The timerfd that wakes requests waiting for tokens, to register in the same loop.
+    pub fn timer_fd(&self) -> std::os::unix::io::RawFd {
+        self.timer.fd()
+    }
+
+    /// The wake-up timer fired: submit, oldest first, the waiting requests whose tokens are
+    /// due, and sleep again until the next are. Requests go without tokens (still accounted)
+    /// when their ring was stopped (GET_VRING_BASE), the connection is ending, or their vCPU is
+    /// unplugged: a drain must not wait for a limit.
+    pub fn serve_waiting(&mut self, vrings: &[Vring]) {
+        self.timer.fired();
+        let now = throttle::now();
+        let draining = self.shared.draining.load(Ordering::Relaxed);
+        let mut next_due: Option<u64> = None;
+        let mut submitted = false;
+        for local in 0..self.queues.len() {
+            if self.queues[local].waiting.is_empty() {
+                continue;
+            }
+            let index = self.queues[local].index;
+            let release = draining
+                || self.shared.io_limits.is_released(index)
+                || !vrings
+                    .get(local)
+                    .is_some_and(|v| v.get_ref().get_queue().ready());
+            loop {
+                let queue = &mut self.queues[local];
+                let Some(&head) = queue.waiting.front() else {
+                    queue.throttle.caught_up();
+                    break;
+                };
+                let Some(slot) = queue.slots.get_mut(usize::from(head)) else {
+                    queue.waiting.pop_front();
+                    continue;
+                };
+                let io = limited_io(slot.request_type, slot.data_len, &slot.ranges);
+                if release {
+                    queue.throttle.force(io, now);
+                } else if let Err(due) = queue.throttle.take(io, now) {
+                    next_due = Some(next_due.map_or(due, |n| n.min(due)));
+                    break;
+                }
+                queue.waiting.pop_front();
+                let waited = now.saturating_sub(slot.waiting_since.take().unwrap_or(now));
+                let stats = self.shared.stats.queue(index);
+                QueueStats::sub(&stats.throttle_waiting, 1);
+                QueueStats::add(&stats.throttle_wait_us, waited / 1000);
+                if let Started::Done(used_len) = self.submit_slot(local, head, true) {
+                    // Published as the pop path publishes: in its place in the used order, and
+                    // never to the rings of a frontend that has gone.
+                    if let Some(vring) = vrings.get(local) {
+                        let mut state = vring.get_mut();
+                        if !self.shared.frontend_gone() {
+                            let order = Arc::clone(&self.queues[local].order);
+                            if used_order::lock(&order).complete(&mut state, index, head, used_len)
+                            {
+                                self.queues[local].needs_signal = true;
+                            }
+                        }
+                    }
+                }
+                submitted = true;
+            }
+        }
+        if let Some(due) = next_due {
+            if let Err(e) = self.timer.arm(throttle::next_wake(due, now)) {
+                error!("arming the I/O limits timer: {e}");
+            }
+        }
+        if submitted {
+            if let Err(e) = self.engine.commit() {
+                error!("submitting to the engine: {e}");
+            }
+        }
+        self.reap(vrings);
     }
 
     /// A kick on the thread's `local`-th vring: serve every available chain.
@@ -565,7 +668,7 @@ impl QueueThread {
             error!("queue {}: head {head} beyond the slot table", queue.index);
             return Started::Ignored;
         };
-        if slot.pending > 0 {
+        if slot.pending > 0 || slot.waiting_since.is_some() {
             queue.warnings.warn(
                 queue.index,
                 format_args!(
@@ -632,9 +735,7 @@ impl QueueThread {
             shared.image.cache_mode() == CacheMode::DontCache,
             slot.writeback_at_submission,
         );
-        let user_data = ((local as u64) << 16) | u64::from(head);
-
-        let ops = match request.request_type {
+        match request.request_type {
             RequestType::In | RequestType::Out => {
                 let (mut iovecs, _) = std::mem::take(&mut slot.bufs).into_parts();
                 iovecs.clear();
@@ -642,23 +743,18 @@ impl QueueThread {
                 let guard: MemoryGuard = Arc::<GuestMem>::clone(mem);
                 // SAFETY: every iovec `fill_iovecs` makes is a slice that `get_slices` returned
                 // from a region of `mem`, and the guard is `mem`, which keeps its regions mapped.
-                let bufs = unsafe { IoBuffers::new(iovecs, Some(guard)) };
+                slot.bufs = unsafe { IoBuffers::new(iovecs, Some(guard)) };
                 if let Err(reason) = filled {
-                    slot.bufs = bufs;
                     slot.bufs.clear();
                     queue
                         .warnings
                         .warn(queue.index, format_args!("head {head}: {reason}"));
                     return complete_now(mem, slot, stats, STATUS_IOERR, 1);
                 }
-                if request.request_type == RequestType::In {
-                    OpList::One(Op::Read { offset, bufs })
-                } else {
-                    OpList::One(Op::Write { offset, bufs })
-                }
             }
             RequestType::Flush => {
                 // fdatasync sleeps: straight to the deferred worker, which syncs once per batch.
+                // Never limited, as in QEMU: it covers only writes that have completed.
                 let done = Done {
                     local,
                     head,
@@ -678,7 +774,10 @@ impl QueueThread {
                 QueueStats::add(&stats.deferred, 1);
                 return Started::InFlight;
             }
-            RequestType::Discard | RequestType::WriteZeroes => OpList::Ranges,
+            RequestType::Discard | RequestType::WriteZeroes => {
+                slot.ranges.clear();
+                slot.ranges.extend_from_slice(&queue.bufs.ranges);
+            }
             RequestType::GetId => {
                 return match write_device_id(&**mem, &queue.bufs.data, &shared.serial) {
                     Ok(n) => complete_now(mem, slot, stats, STATUS_OK, n + 1),
@@ -694,11 +793,63 @@ impl QueueThread {
                 debug!("queue {}: unsupported request type {t}", queue.index);
                 return complete_now(mem, slot, stats, STATUS_UNSUPP, 1);
             }
-        };
-
+        }
         slot.mem = Some(Arc::clone(mem));
+
+        // The I/O limits: one relaxed load without them. With requests already waiting, a new
+        // one queues behind them whatever the buckets hold, so that the queue keeps its order.
+        if shared.io_limits.buckets().is_limited() || !queue.waiting.is_empty() {
+            let now = throttle::now();
+            let wait = if queue.waiting.is_empty() {
+                let io = limited_io(slot.request_type, slot.data_len, &slot.ranges);
+                queue.throttle.take(io, now).err().map(Some)
+            } else {
+                // The timer is armed already: it is whenever the FIFO is not empty.
+                Some(None)
+            };
+            if let Some(due) = wait {
+                slot.waiting_since = Some(now);
+                queue.waiting.push_back(head);
+                shared.request_started(queue.index);
+                QueueStats::add(&stats.in_flight, 1);
+                QueueStats::add(&stats.throttled, 1);
+                QueueStats::add(&stats.throttle_waiting, 1);
+                if let Some(due) = due {
+                    if let Err(e) = self.timer.arm(throttle::next_wake(due, now)) {
+                        error!("queue {}: arming the I/O limits timer: {e}", queue.index);
+                    }
+                }
+                return Started::InFlight;
+            }
+        }
+        self.submit_slot(local, head, false)
+    }
+
+    /// Submit the prepared slot of `head` to the engine: its iovecs (a read or write) or its
+    /// ranges (a discard or write-zeroes). `counted`: it is in `in_flight` already (it waited
+    /// for tokens).
+    fn submit_slot(&mut self, local: usize, head: u16, counted: bool) -> Started {
+        let shared = &*self.shared;
+        let queue = &mut self.queues[local];
+        let stats = shared.stats.queue(queue.index);
+        let Some(slot) = queue.slots.get_mut(usize::from(head)) else {
+            return Started::Ignored;
+        };
+        let Some(mem) = slot.mem.clone() else {
+            error!(
+                "queue {}: head {head} submitted without its memory",
+                queue.index
+            );
+            return Started::Ignored;
+        };
+        let user_data = ((local as u64) << 16) | u64::from(head);
         let mut submitted = 0u32;
         let mut failed = false;
+        let request_type = slot.request_type;
+        let offset = slot.offset;
+        // A read's or write's iovecs move into the engine; the slot gets them back at completion.
+        let mut data = matches!(request_type, RequestType::In | RequestType::Out)
+            .then(|| std::mem::take(&mut slot.bufs));
         let slot_bufs = &mut slot.bufs;
         let mut submit = |engine: &mut Box<dyn Engine>, op: Op| match engine.submit(op, user_data) {
             Ok(()) => submitted += 1,
@@ -711,13 +862,21 @@ impl QueueThread {
                 }
             }
         };
-        match ops {
-            OpList::One(op) => submit(&mut self.engine, op),
-            OpList::Ranges => {
-                for range in &queue.bufs.ranges {
+        match request_type {
+            RequestType::In | RequestType::Out => {
+                let bufs = data.take().unwrap_or_default();
+                let op = if request_type == RequestType::In {
+                    Op::Read { offset, bufs }
+                } else {
+                    Op::Write { offset, bufs }
+                };
+                submit(&mut self.engine, op);
+            }
+            RequestType::Discard | RequestType::WriteZeroes => {
+                for range in &slot.ranges {
                     let offset = range.sector << SECTOR_SHIFT;
                     let len = u64::from(range.num_sectors) << SECTOR_SHIFT;
-                    let op = if request.request_type == RequestType::Discard {
+                    let op = if request_type == RequestType::Discard {
                         Op::Discard { offset, len }
                     } else {
                         Op::WriteZeroes {
@@ -729,27 +888,55 @@ impl QueueThread {
                     submit(&mut self.engine, op);
                 }
             }
+            RequestType::Flush | RequestType::GetId | RequestType::Unsupported(_) => {}
         }
         if failed {
             slot.status = STATUS_IOERR;
         }
         if submitted == 0 {
             let status = if failed { STATUS_IOERR } else { STATUS_OK };
-            return complete_now(mem, slot, stats, status, 1);
+            slot.mem = None;
+            if counted {
+                QueueStats::sub(&stats.in_flight, 1);
+                shared.request_finished(queue.index);
+            }
+            return complete_now(&mem, slot, stats, status, 1);
         }
         slot.pending = submitted;
         self.in_engine += 1;
-        shared.request_started(queue.index);
-        QueueStats::add(&stats.in_flight, 1);
+        if !counted {
+            shared.request_started(queue.index);
+            QueueStats::add(&stats.in_flight, 1);
+        }
         Started::InFlight
     }
 }
 
-/// The engine operations a request turns into.
-enum OpList {
-    One(Op),
-    /// One operation per discard / write-zeroes range in the request buffers.
-    Ranges,
+/// What a request asks of the I/O limits. Discards count as one write operation and no bytes:
+/// they move no data (QEMU counts their length, which makes a guest's trim of a large disk wait
+/// for minutes). Write-zeroes count their length, which the disk may have to write.
+fn limited_io(request_type: RequestType, data_len: u32, ranges: &[DiscardRange]) -> Io {
+    match request_type {
+        RequestType::In => Io {
+            dir: Dir::Read,
+            bytes: u64::from(data_len),
+        },
+        RequestType::WriteZeroes => Io {
+            dir: Dir::Write,
+            bytes: ranges
+                .iter()
+                .map(|r| u64::from(r.num_sectors) << SECTOR_SHIFT)
+                .sum(),
+        },
+        RequestType::Discard => Io {
+            dir: Dir::Write,
+            bytes: 0,
+        },
+        _ => Io {
+            dir: Dir::Write,
+            bytes: u64::from(data_len),
+        },
+    }
 }
 
 /// Push a completion marked at submission onto the deferred batch. With nothing else in the

@@ -35,6 +35,7 @@ use crate::args::BackendArgs;
 use crate::control::{self, DeviceInfo};
 use crate::device::{BlkDevice, DeviceSettings};
 use crate::hotplug::Hotplug;
+use crate::limits::IoLimits;
 use crate::sandbox::{self, FileAccess};
 use crate::stats::DeviceStats;
 use crate::workers::QueueWorkers;
@@ -93,6 +94,10 @@ pub fn run(args: &BackendArgs) -> Result<()> {
     // Before the first thread is spawned, so that every thread inherits the domain.
     sandbox::restrict_file_access(args.landlock, &file_access(args, &image))?;
     let serial = virtio_blk::device_id(args.serial.as_deref().unwrap_or("").as_bytes());
+    let io_limits = Arc::new(IoLimits::new(args.limit.unwrap_or_default()));
+    if let Some(spec) = &args.limit {
+        info!("I/O limits: {spec}");
+    }
     let settings = DeviceSettings {
         num_queues: args.num_queues,
         queue_size: args.queue_size,
@@ -108,6 +113,7 @@ pub fn run(args: &BackendArgs) -> Result<()> {
         poll_device: args.poll_device,
         log_reads: !args.test_unlogged_reads,
         used_order: args.used_order,
+        io_limits: io_limits.clone(),
     };
     info!(
         "image {} ({} bytes{}), cache {} (eviction path {}), engine {}, {} queue(s) of {}, deferred completion delay {} us (at once from {} bytes), polling {} us{}, used entries in {} order",
@@ -133,13 +139,16 @@ pub fn run(args: &BackendArgs) -> Result<()> {
     }
     let stats = Arc::new(DeviceStats::new(usize::from(args.num_queues)));
     let workers = Arc::new(QueueWorkers::new(usize::from(args.num_queues)));
-    let hotplug = Arc::new(Hotplug::new(
-        usize::from(args.num_queues),
-        workers.clone(),
-        args.queue_map.clone().unwrap_or_default(),
-        args.cpu_affinity.clone().unwrap_or_default(),
-        Duration::from_micros(args.defer_delay_us),
-    ));
+    let hotplug = Arc::new(
+        Hotplug::new(
+            usize::from(args.num_queues),
+            workers.clone(),
+            args.queue_map.clone().unwrap_or_default(),
+            args.cpu_affinity.clone().unwrap_or_default(),
+            Duration::from_micros(args.defer_delay_us),
+        )
+        .with_io_limits(io_limits.clone()),
+    );
     // Kept alive for the life of the process: dropping it stops the adapter.
     let _qmp = match &args.qmp {
         Some(path) => Some(spawn_qmp_adapter(path.clone(), hotplug.clone())?),
@@ -151,6 +160,7 @@ pub fn run(args: &BackendArgs) -> Result<()> {
             stats.clone(),
             workers.clone(),
             hotplug.clone(),
+            io_limits.clone(),
             DeviceInfo {
                 image: image.path().display().to_string(),
                 capacity: image.capacity(),
@@ -219,15 +229,19 @@ fn serve_one(
             }
         })?;
     for (thread, handler) in daemon.get_epoll_handlers().iter().enumerate() {
-        let (Some(completions), Some(pin)) = (device.completion_fd(thread), device.pin_fd(thread))
-        else {
+        let (Some(completions), Some(pin), Some(timer)) = (
+            device.completion_fd(thread),
+            device.pin_fd(thread),
+            device.timer_fd(thread),
+        ) else {
             continue;
         };
         handler
             .register_listener(completions, EventSet::IN, device.completion_event_id())
             .and_then(|()| handler.register_listener(pin, EventSet::IN, device.pin_event_id()))
+            .and_then(|()| handler.register_listener(timer, EventSet::IN, device.timer_event_id()))
             .map_err(|source| Error::WorkerEvents {
-                context: "registering a worker's completion and re-pin events",
+                context: "registering a worker's completion, re-pin and limits-timer events",
                 source,
             })?;
     }
@@ -263,6 +277,7 @@ fn serve_one(
         state.device = None;
     }
 
+    device.release_throttled();
     if !device.wait_idle(None, DRAIN_TIMEOUT) {
         error!(
             "{} request(s) still in flight {DRAIN_TIMEOUT:?} after the connection ended",

@@ -1,6 +1,6 @@
 //! What every request path of one device reads: the [`DeviceShared`] state (limits, image,
-//! counters, guest memory, the guest's write-cache setting, the tuning from the command line)
-//! and the guest-memory and vring types the backend uses.
+//! counters, guest memory, the guest's write-cache setting, the tuning from the command line,
+//! the I/O limits) and the guest-memory and vring types the backend uses.
 //!
 //! The device builds one [`DeviceShared`] per connection and hands an `Arc` of it to each queue
 //! thread and deferred path; this module knows nothing of them, so they can all depend on it.
@@ -15,6 +15,7 @@ use virtio_blk::{Limits, DEVICE_ID_LEN};
 use vm_memory::GuestMemoryAtomic;
 
 use crate::dirty_log::LoggedMemory;
+use crate::limits::IoLimits;
 use crate::stats::DeviceStats;
 
 /// Guest memory as the backend maps it, with the dirty-page log of live migration.
@@ -63,6 +64,10 @@ pub struct DeviceShared {
     /// wait for. The stats' counters span connections, and a request stuck since an earlier
     /// one must not hold this one's.
     pub in_flight: Vec<AtomicU64>,
+    /// The I/O limits.
+    pub io_limits: Arc<IoLimits>,
+    /// The connection is ending: requests waiting for tokens go at once.
+    pub draining: AtomicBool,
 }
 
 impl DeviceShared {

@@ -46,6 +46,12 @@ pub struct QueueStats {
     pub polls: AtomicU64,
     /// Of those, sessions that found a chain or a finished request to serve.
     pub poll_hits: AtomicU64,
+    /// Requests that waited for tokens of the I/O limits (`--limit`).
+    pub throttled: AtomicU64,
+    /// Requests waiting for tokens now (counted in `in_flight` too).
+    pub throttle_waiting: AtomicU64,
+    /// Time those requests spent waiting for tokens, in microseconds.
+    pub throttle_wait_us: AtomicU64,
 }
 
 impl QueueStats {
@@ -82,6 +88,9 @@ impl QueueStats {
             signals: get(&self.signals),
             polls: get(&self.polls),
             poll_hits: get(&self.poll_hits),
+            throttled: get(&self.throttled),
+            throttle_waiting: get(&self.throttle_waiting),
+            throttle_wait_us: get(&self.throttle_wait_us),
         }
     }
 }
@@ -123,6 +132,12 @@ pub struct QueueStatsSnapshot {
     pub polls: u64,
     /// Busy-poll sessions that found work.
     pub poll_hits: u64,
+    /// Requests that waited for tokens of the I/O limits.
+    pub throttled: u64,
+    /// Requests waiting for tokens now.
+    pub throttle_waiting: u64,
+    /// Time requests spent waiting for tokens, in microseconds.
+    pub throttle_wait_us: u64,
 }
 
 /// The deferred worker's batch statistics for one queue, as the control socket reports them.
