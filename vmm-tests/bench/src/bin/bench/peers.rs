@@ -47,6 +47,12 @@ pub enum Kind {
         direct: bool,
         /// The file driver's `aio=` (`io_uring`, `threads`).
         aio: String,
+        /// Serve QEMU's `null-co` driver instead of the image (requests complete without I/O).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        null: bool,
+        /// Behind a throttle group with this `x-iops-total`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        iops_total: Option<u64>,
     },
     /// cloud-hypervisor's `vhost_user_block`.
     Ch {
@@ -128,6 +134,8 @@ impl Peer {
             kind: Kind::Qsd {
                 direct,
                 aio: aio.into(),
+                null: false,
+                iops_total: None,
             },
             mode: if direct { Mode::Direct } else { Mode::Buffered },
         }
@@ -196,10 +204,47 @@ impl Peer {
             },
             mode: Mode::Null,
         });
+        // The I/O limits on the null image, so that only the limiter sets the pace: how close
+        // the achieved rate comes to the configured one, and what a limit far above the load
+        // (the largest accepted, 10^8 IOPS, which never bites) costs against none.
+        for (variant, spec) in [
+            ("limit1k", "iops-total=1000"),
+            ("limit10k", "iops-total=10000"),
+            ("limit100k", "iops-total=100000"),
+            ("bps100m", "bps-total=104857600"),
+            ("nobite", "iops-total=100000000"),
+        ] {
+            v.push(Peer {
+                name: format!("ours-null-{variant}"),
+                kind: Kind::Ours {
+                    cache: "null".into(),
+                    engine: "io-uring".into(),
+                    extra: vec!["--limit".into(), spec.into()],
+                },
+                mode: Mode::Null,
+            });
+        }
         for direct in [true, false] {
             for aio in ["io_uring", "threads"] {
                 v.push(Peer::qsd(direct, aio));
             }
+        }
+        // qemu-storage-daemon's null-co driver, bare and behind a throttle group: the peer of
+        // the ours-null-limit* runs.
+        for iops_total in [None, Some(1000), Some(10_000), Some(100_000)] {
+            v.push(Peer {
+                name: match iops_total {
+                    None => "qsd-null".into(),
+                    Some(n) => format!("qsd-null-limit{}k", n / 1000),
+                },
+                kind: Kind::Qsd {
+                    direct: true,
+                    aio: "threads".into(),
+                    null: true,
+                    iops_total,
+                },
+                mode: Mode::Null,
+            });
         }
         if with_ch {
             v.push(Peer::ch(true));
@@ -302,14 +347,33 @@ fn command(
             c.args(extra);
             c
         }
-        Kind::Qsd { direct, aio } => {
+        Kind::Qsd {
+            direct,
+            aio,
+            null,
+            iops_total,
+        } => {
             let mut c = Command::new(&progs.qsd);
-            c.arg("--blockdev").arg(format!(
-                "driver=file,node-name=f,filename={img},cache.direct={},aio={aio}",
-                if *direct { "on" } else { "off" }
-            ));
+            if *null {
+                c.arg("--blockdev").arg(format!(
+                    "driver=null-co,node-name=f,size={image_size},read-zeroes=off"
+                ));
+            } else {
+                c.arg("--blockdev").arg(format!(
+                    "driver=file,node-name=f,filename={img},cache.direct={},aio={aio}",
+                    if *direct { "on" } else { "off" }
+                ));
+            }
+            let mut node = "f";
+            if let Some(iops) = iops_total {
+                c.arg("--object")
+                    .arg(format!("throttle-group,id=tg,x-iops-total={iops}"));
+                c.arg("--blockdev")
+                    .arg("driver=throttle,node-name=t,throttle-group=tg,file=f");
+                node = "t";
+            }
             c.arg("--export").arg(format!(
-                "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={sock},writable=on,num-queues={queues}"
+                "type=vhost-user-blk,id=e,node-name={node},addr.type=unix,addr.path={sock},writable=on,num-queues={queues}"
             ));
             c
         }
