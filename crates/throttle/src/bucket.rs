@@ -37,6 +37,15 @@
 //! handle; the only shared word is the count of waiting queues. With no queue waiting, nobody
 //! pays for fairness: the share is checked only under contention.
 //!
+//! # Groups
+//!
+//! Every word the buckets share — the TATs, the count of waiting queues, the spec (under a
+//! sequence counter) and its generation — lives in one [`SharedState`] of plain atomics in a
+//! fixed layout, and the clock is `CLOCK_MONOTONIC`, the same in every process of the host. So
+//! the backends of several disks share one limit by mapping one file holding a
+//! [`SharedState`] ([`Buckets::join`]): no process is in another's request path, none leads,
+//! and any member's `limits set` changes the group's limits.
+//!
 //! # Changes
 //!
 //! [`Buckets::set`] swaps in a new configuration (a short lock taken only by the control path)
@@ -44,8 +53,8 @@
 //! whose rate changed forgives its debt, so a raised limit takes effect at once rather than
 //! after the old limit's debt is paid.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::spec::{Limit, Scope, Spec, Unit};
 
@@ -219,31 +228,242 @@ fn cost(rate: &Rate, io: Io, iops_size: Option<u64>) -> u64 {
 
 /// A TAT on a cache line of its own: the queue threads of a device all write them.
 #[derive(Debug, Default)]
-#[repr(align(64))]
+#[repr(C, align(64))]
 struct Tat(AtomicU64);
 
-/// A device's buckets, shared by its queue threads (and by every connection of the process).
-#[derive(Debug)]
-pub struct Buckets {
+/// Words of an encoded [`Spec`] in [`SharedState`].
+const SPEC_WORDS: usize = 19;
+/// [`SharedState::header`]: nobody has set the state up yet (a new, zeroed file).
+const HEADER_NEW: u64 = 0;
+/// [`SharedState::header`]: a process is setting the state up.
+const HEADER_BUSY: u64 = 1;
+/// [`SharedState::header`]: set up, layout version 1.
+const HEADER_READY: u64 = 0x7468_726f_0001;
+/// How many times a reader or writer of the shared spec looks before it gives up waiting for a
+/// writer that may have died half-way (each look yields the CPU).
+const SPEC_PATIENCE: u32 = 10_000;
+
+/// Everything the buckets of a device share, as plain atomics in a fixed layout: in this
+/// process's memory, or in a file that every process of a group maps (all-zero is a valid,
+/// not yet set up state, which is what a new file holds).
+#[derive(Debug, Default)]
+#[repr(C)]
+pub struct SharedState {
+    /// [`HEADER_NEW`], [`HEADER_BUSY`] or [`HEADER_READY`].
+    header: AtomicU64,
     /// Whether any limit is set: the one load a request pays without limits.
-    limited: AtomicBool,
+    limited: AtomicU64,
     /// Bumped on every change; queues reload the configuration when it moves.
     generation: AtomicU64,
-    config: Mutex<Arc<Config>>,
+    /// Queues with requests waiting for tokens (of every process of the group).
+    waiting: AtomicU64,
+    /// Sequence counter of `spec`: odd while a writer changes it.
+    seq: AtomicU64,
+    /// The spec, encoded by `encode`.
+    spec: [AtomicU64; SPEC_WORDS],
     tats: [Tat; SLOTS],
-    /// Queues with requests waiting for tokens.
-    waiting: AtomicU32,
+}
+
+impl SharedState {
+    /// Bytes a mapping must hold.
+    pub const SIZE: usize = std::mem::size_of::<SharedState>();
+
+    fn write_spec(&self, spec: &Spec) {
+        let words = encode(spec);
+        let mut seq = self.seq.load(Ordering::Relaxed);
+        for _ in 0..SPEC_PATIENCE {
+            if seq % 2 == 0 {
+                match self.seq.compare_exchange_weak(
+                    seq,
+                    seq + 1,
+                    Ordering::Acquire,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => break,
+                    Err(now) => seq = now,
+                }
+            } else {
+                std::thread::yield_now();
+                seq = self.seq.load(Ordering::Relaxed);
+            }
+        }
+        // Held (or taken over from a writer that died half-way): odd while the words change.
+        let seq = seq | 1;
+        self.seq.store(seq, Ordering::Relaxed);
+        std::sync::atomic::fence(Ordering::Release);
+        for (word, value) in self.spec.iter().zip(words) {
+            word.store(value, Ordering::Relaxed);
+        }
+        self.seq.store(seq + 1, Ordering::Release);
+        self.limited
+            .store(u64::from(!spec.is_none()), Ordering::Relaxed);
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    fn read_spec(&self) -> Option<Spec> {
+        let mut words = [0u64; SPEC_WORDS];
+        for _ in 0..SPEC_PATIENCE {
+            let before = self.seq.load(Ordering::Acquire);
+            if before % 2 == 1 {
+                std::thread::yield_now();
+                continue;
+            }
+            for (value, word) in words.iter_mut().zip(&self.spec) {
+                *value = word.load(Ordering::Relaxed);
+            }
+            std::sync::atomic::fence(Ordering::Acquire);
+            if self.seq.load(Ordering::Relaxed) == before {
+                return decode(&words);
+            }
+        }
+        None
+    }
+}
+
+/// The spec as words: per unit and scope, the rate, the burst rate (0: none) and its length;
+/// then `iops-size` (0: none).
+fn encode(spec: &Spec) -> [u64; SPEC_WORDS] {
+    let mut words = [0u64; SPEC_WORDS];
+    for (u, unit) in [Unit::Iops, Unit::Bps].into_iter().enumerate() {
+        for (s, scope) in [Scope::Total, Scope::Read, Scope::Write]
+            .into_iter()
+            .enumerate()
+        {
+            if let Some(l) = spec.get(unit, scope) {
+                let i = (u * 3 + s) * 3;
+                words[i] = l.avg;
+                words[i + 1] = l.max.unwrap_or(0);
+                words[i + 2] = l.max_length;
+            }
+        }
+    }
+    words[SPEC_WORDS - 1] = spec.iops_size().unwrap_or(0);
+    words
+}
+
+/// The spec `encode` wrote, checked by the parser like any other (`None` if it does not pass,
+/// which only a foreign or damaged file can cause).
+fn decode(words: &[u64; SPEC_WORDS]) -> Option<Spec> {
+    let mut text = String::new();
+    for (u, unit) in ["iops", "bps"].into_iter().enumerate() {
+        for (s, scope) in ["total", "read", "write"].into_iter().enumerate() {
+            let i = (u * 3 + s) * 3;
+            if words[i] == 0 {
+                continue;
+            }
+            text.push_str(&format!("{unit}-{scope}={},", words[i]));
+            if words[i + 1] != 0 {
+                text.push_str(&format!(
+                    "{unit}-{scope}-max={},{unit}-{scope}-max-length={},",
+                    words[i + 1],
+                    words[i + 2]
+                ));
+            }
+        }
+    }
+    if words[SPEC_WORDS - 1] != 0 {
+        text.push_str(&format!("iops-size={},", words[SPEC_WORDS - 1]));
+    }
+    let text = text.trim_end_matches(',');
+    Spec::parse(if text.is_empty() { "none" } else { text }).ok()
+}
+
+/// Why a group's shared state could not be joined.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GroupError {
+    /// The group runs with other limits than this process was given.
+    #[error("the group's limits are '{group}', not '{ours}': leave --limit out to join it, or change the group's with 'limits set'")]
+    Mismatch {
+        /// The group's.
+        group: String,
+        /// This process's.
+        ours: String,
+    },
+    /// The state is not (or not yet) a group's.
+    #[error("not a limit group's state (header {0:#x}); another program's file, or a member that died while setting it up")]
+    BadHeader(u64),
+}
+
+/// Where a [`Buckets`]' shared words live.
+#[derive(Debug)]
+enum Storage {
+    Own(Box<SharedState>),
+    Group(&'static SharedState),
+}
+
+/// A device's buckets, shared by its queue threads (and by every connection of the process, and
+/// with [`Buckets::join`] by every process of a group).
+#[derive(Debug)]
+pub struct Buckets {
+    storage: Storage,
+    /// The configuration decoded from the shared spec, and the generation it was decoded at.
+    config: Mutex<(u64, Arc<Config>)>,
 }
 
 impl Buckets {
-    /// Buckets enforcing `spec`, full.
+    /// Buckets enforcing `spec`, full, private to this process.
     pub fn new(spec: Spec) -> Self {
+        let state = Box::<SharedState>::default();
+        state.write_spec(&spec);
+        state.header.store(HEADER_READY, Ordering::Release);
+        let generation = state.generation.load(Ordering::Acquire);
         Self {
-            limited: AtomicBool::new(!spec.is_none()),
-            generation: AtomicU64::new(0),
-            config: Mutex::new(Arc::new(Config::new(spec))),
-            tats: Default::default(),
-            waiting: AtomicU32::new(0),
+            storage: Storage::Own(state),
+            config: Mutex::new((generation, Arc::new(Config::new(spec)))),
+        }
+    }
+
+    /// Join the group whose state is `state` (a file every member maps). A new, zeroed state
+    /// is set up with `spec` (none if not given); an existing group keeps its limits, and a
+    /// `spec` that differs from them is refused, so that members cannot silently disagree.
+    pub fn join(state: &'static SharedState, spec: Option<Spec>) -> Result<Self, GroupError> {
+        match state.header.compare_exchange(
+            HEADER_NEW,
+            HEADER_BUSY,
+            Ordering::Acquire,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => {
+                state.write_spec(&spec.unwrap_or_default());
+                state.header.store(HEADER_READY, Ordering::Release);
+            }
+            Err(_) => {
+                // Another member is setting it up: a few stores, give it a moment.
+                for _ in 0..SPEC_PATIENCE {
+                    if state.header.load(Ordering::Acquire) != HEADER_BUSY {
+                        break;
+                    }
+                    std::thread::yield_now();
+                }
+                let header = state.header.load(Ordering::Acquire);
+                if header != HEADER_READY {
+                    return Err(GroupError::BadHeader(header));
+                }
+            }
+        }
+        let generation = state.generation.load(Ordering::Acquire);
+        let group = state
+            .read_spec()
+            .ok_or(GroupError::BadHeader(HEADER_READY))?;
+        if let Some(ours) = spec {
+            if ours != group {
+                return Err(GroupError::Mismatch {
+                    group: group.to_string(),
+                    ours: ours.to_string(),
+                });
+            }
+        }
+        Ok(Self {
+            storage: Storage::Group(state),
+            config: Mutex::new((generation, Arc::new(Config::new(group)))),
+        })
+    }
+
+    #[inline]
+    fn state(&self) -> &SharedState {
+        match &self.storage {
+            Storage::Own(state) => state,
+            Storage::Group(state) => state,
         }
     }
 
@@ -251,17 +471,17 @@ impl Buckets {
     /// request or wake-up).
     #[inline]
     pub fn is_limited(&self) -> bool {
-        self.limited.load(Ordering::Relaxed)
+        self.state().limited.load(Ordering::Relaxed) != 0
     }
 
     /// The limits in force.
     pub fn spec(&self) -> Spec {
-        self.lock().spec
+        self.config().spec
     }
 
-    /// Queues with requests waiting for tokens now.
+    /// Queues with requests waiting for tokens now (in every process of a group).
     pub fn waiting_queues(&self) -> u32 {
-        self.waiting.load(Ordering::Relaxed)
+        u32::try_from(self.state().waiting.load(Ordering::Relaxed)).unwrap_or(u32::MAX)
     }
 
     /// Enforce `spec` from now on.
@@ -271,22 +491,32 @@ impl Buckets {
 
     /// Enforce `spec` from `now` on (nanoseconds, `CLOCK_MONOTONIC`): a bucket whose rate or
     /// size changed forgives the debt run up under the old one, a bucket that appears starts
-    /// full, and requests already waiting see the change on their next look.
+    /// full, and requests already waiting see the change on their next look (in every process
+    /// of a group).
     pub fn set_at(&self, spec: Spec, now: u64) {
-        let mut config = self.lock();
+        let old = self.config();
         let new = Config::new(spec);
-        for (slot, tat) in self.tats.iter().enumerate() {
-            if config.rate_of_slot(slot) != new.rate_of_slot(slot) {
+        let state = self.state();
+        for (slot, tat) in state.tats.iter().enumerate() {
+            if old.rate_of_slot(slot) != new.rate_of_slot(slot) {
                 tat.0.fetch_min(now, Ordering::Relaxed);
             }
         }
-        *config = Arc::new(new);
-        self.limited.store(!spec.is_none(), Ordering::Relaxed);
-        self.generation.fetch_add(1, Ordering::Release);
+        state.write_spec(&spec);
     }
 
-    fn lock(&self) -> MutexGuard<'_, Arc<Config>> {
-        self.config.lock().unwrap_or_else(|e| e.into_inner())
+    /// The configuration of the shared spec's current generation.
+    fn config(&self) -> Arc<Config> {
+        let state = self.state();
+        let generation = state.generation.load(Ordering::Acquire);
+        let mut cached = self.config.lock().unwrap_or_else(|e| e.into_inner());
+        if cached.0 != generation {
+            // A spec that does not decode (a damaged group file) leaves the last good one.
+            if let Some(spec) = state.read_spec() {
+                *cached = (generation, Arc::new(Config::new(spec)));
+            }
+        }
+        cached.1.clone()
     }
 }
 
@@ -305,8 +535,8 @@ pub struct Queue {
 impl Queue {
     /// A handle for one queue thread.
     pub fn new(buckets: Arc<Buckets>) -> Self {
-        let generation = buckets.generation.load(Ordering::Acquire);
-        let config = buckets.lock().clone();
+        let generation = buckets.state().generation.load(Ordering::Acquire);
+        let config = buckets.config();
         Self {
             buckets,
             config,
@@ -328,9 +558,9 @@ impl Queue {
     }
 
     fn refresh(&mut self) {
-        let generation = self.buckets.generation.load(Ordering::Acquire);
+        let generation = self.buckets.state().generation.load(Ordering::Acquire);
         if generation != self.generation {
-            self.config = self.buckets.lock().clone();
+            self.config = self.buckets.config();
             self.generation = generation;
         }
     }
@@ -348,7 +578,9 @@ impl Queue {
         let mut dominant = 0u64;
         let mut low = false;
         for rate in rates {
-            let tat = self.buckets.tats[rate.slot].0.load(Ordering::Relaxed);
+            let tat = self.buckets.state().tats[rate.slot]
+                .0
+                .load(Ordering::Relaxed);
             due = due.max((tat + 1).saturating_sub(rate.tau));
             dominant = dominant.max(cost(rate, io, iops_size));
             low |= tat.saturating_add(RESERVE_NS) >= now.saturating_add(rate.tau);
@@ -356,7 +588,12 @@ impl Queue {
         // Shares apply to the last tokens of a bucket only: above the reserve there is enough
         // for everyone waiting, and a queue whose thread is late (preempted, say) must not make
         // the others leave tokens to spill over a full bucket.
-        let others = self.buckets.waiting.load(Ordering::Relaxed) - u32::from(self.waiting);
+        let others = self
+            .buckets
+            .state()
+            .waiting
+            .load(Ordering::Relaxed)
+            .saturating_sub(u64::from(self.waiting));
         let shared = others > 0 && low;
         if shared {
             due = due.max((self.share_tat + 1).saturating_sub(SHARE_TAU_NS));
@@ -364,13 +601,13 @@ impl Queue {
         if due > now {
             if !self.waiting {
                 self.waiting = true;
-                self.buckets.waiting.fetch_add(1, Ordering::Relaxed);
+                self.buckets.state().waiting.fetch_add(1, Ordering::Relaxed);
             }
             return Err(due);
         }
         self.charge(rates, io, iops_size, now);
         if shared {
-            let share = u64::from(others) + 1;
+            let share = others.saturating_add(1);
             self.share_tat = self.share_tat.max(now) + dominant.saturating_mul(share);
         }
         Ok(())
@@ -391,7 +628,7 @@ impl Queue {
 
     fn charge(&self, rates: &[Rate], io: Io, iops_size: Option<u64>, now: u64) {
         for rate in rates {
-            let tat = &self.buckets.tats[rate.slot].0;
+            let tat = &self.buckets.state().tats[rate.slot].0;
             tat.fetch_max(now, Ordering::Relaxed);
             tat.fetch_add(cost(rate, io, iops_size), Ordering::Relaxed);
         }
@@ -400,7 +637,12 @@ impl Queue {
     /// This queue has no request waiting for tokens any more.
     pub fn caught_up(&mut self) {
         if std::mem::take(&mut self.waiting) {
-            self.buckets.waiting.fetch_sub(1, Ordering::Relaxed);
+            // Never below zero, even if a member of the group that died left it counted.
+            let _ = self.buckets.state().waiting.fetch_update(
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+                |n| Some(n.saturating_sub(1)),
+            );
         }
     }
 }
@@ -679,5 +921,90 @@ mod tests {
         assert_eq!(b.waiting_queues(), 1);
         drop(q);
         assert_eq!(b.waiting_queues(), 0);
+    }
+
+    /// A group's state as a file mapping would give it: zeroed, shared, never freed.
+    fn group_state() -> &'static SharedState {
+        Box::leak(Box::default())
+    }
+
+    #[test]
+    fn group_members_share_tokens_and_changes() {
+        let state = group_state();
+        let spec = Spec::parse("iops-total=1000").expect("valid");
+        let first = Arc::new(Buckets::join(state, Some(spec)).expect("a new group"));
+        let second = Arc::new(Buckets::join(state, None).expect("an existing group"));
+        assert_eq!(second.spec(), spec);
+        let mut a = Queue::new(first.clone());
+        let mut b = Queue::new(second.clone());
+        // One bucket for both: what one member takes, the other does not find.
+        assert_eq!(take_all(&mut a, read(4096), T0), 100);
+        assert_eq!(take_all(&mut b, read(4096), T0), 0);
+        assert_eq!(
+            first.waiting_queues(),
+            2,
+            "waiting queues are counted group-wide"
+        );
+        // A change by one member reaches the other's waiting requests.
+        second.set_at(Spec::parse("iops-total=2000").expect("valid"), T0 + MS);
+        assert_eq!(first.spec().to_string(), "iops-total=2000");
+        b.caught_up();
+        assert_eq!(take_all(&mut a, read(4096), T0 + MS), 200);
+        second.set_at(Spec::none(), T0 + 2 * MS);
+        assert!(!first.is_limited());
+        assert_eq!(a.take(read(4096), T0 + 2 * MS), Ok(()));
+    }
+
+    #[test]
+    fn a_member_with_other_limits_is_refused() {
+        let state = group_state();
+        let spec = |s: &str| Some(Spec::parse(s).expect("valid"));
+        Buckets::join(
+            state,
+            spec("iops-total=1000,bps-write-max=5000,bps-write=100"),
+        )
+        .expect("a new group");
+        assert!(Buckets::join(
+            state,
+            spec("iops-total=1000,bps-write=100,bps-write-max=5000")
+        )
+        .is_ok());
+        let e = Buckets::join(state, spec("iops-total=999")).expect_err("other limits");
+        assert!(matches!(e, GroupError::Mismatch { .. }), "{e}");
+        assert!(e.to_string().contains("iops-total=999"), "{e}");
+    }
+
+    #[test]
+    fn the_shared_layout_is_stable() {
+        // A group's file is read by every member: its layout must not move between builds.
+        assert_eq!(SharedState::SIZE, 960);
+        assert_eq!(std::mem::align_of::<SharedState>(), 64);
+    }
+
+    #[test]
+    fn a_foreign_file_is_refused() {
+        let state = group_state();
+        state.header.store(0xdead_beef, Ordering::Relaxed);
+        assert_eq!(
+            Buckets::join(state, None).expect_err("foreign").to_string(),
+            GroupError::BadHeader(0xdead_beef).to_string()
+        );
+    }
+
+    #[test]
+    fn specs_survive_the_shared_words() {
+        for text in [
+            "none",
+            "iops-total=5",
+            "iops-read=100,iops-read-max=400,iops-read-max-length=3,iops-write=50,bps-total=1048576,bps-total-max=2097152,iops-size=8192",
+        ] {
+            let spec = Spec::parse(text).expect("valid");
+            assert_eq!(decode(&encode(&spec)), Some(spec), "{text}");
+        }
+        // Words no spec encodes to are not taken for one.
+        let mut words = [0u64; SPEC_WORDS];
+        words[0] = 5;
+        words[1] = 1;
+        assert_eq!(decode(&words), None, "a burst below the rate");
     }
 }

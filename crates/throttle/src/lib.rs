@@ -27,5 +27,7 @@
 mod bucket;
 mod spec;
 
-pub use bucket::{next_wake, now, Buckets, Dir, Io, Queue, MAX_SLEEP_NS, MIN_SLEEP_NS};
+pub use bucket::{
+    next_wake, now, Buckets, Dir, GroupError, Io, Queue, SharedState, MAX_SLEEP_NS, MIN_SLEEP_NS,
+};
 pub use spec::{Limit, Scope, Spec, SpecError, Unit};
