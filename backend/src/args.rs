@@ -203,6 +203,13 @@ pub struct BackendArgs {
     #[arg(long, value_name = "SPEC", value_parser = parse_limit)]
     pub limit: Option<Spec>,
 
+    /// Share the I/O limits with every backend started with the same group file (created if
+    /// missing; e.g. under /dev/shm): their disks together get one limit. A new group takes
+    /// --limit; an existing one keeps its limits (a --limit that differs is refused), and
+    /// `ctl limits set` on any member changes the group's.
+    #[arg(long, value_name = "PATH")]
+    pub limit_group: Option<PathBuf>,
+
     /// System call filter, put on every thread once set up: `on` kills the process with SIGSYS
     /// on a call outside the allowlist (the kernel logs it: audit log or dmesg, type=1326);
     /// `log` allows and logs such calls, to find what the allowlist misses; `off`.

@@ -165,6 +165,7 @@ pub fn answer(
         }
         "limits-show" => json!({
             "limits": io_limits.spec().to_string(),
+            "group": io_limits.group().map(|p| p.display().to_string()),
             "waiting_queues": io_limits.buckets().waiting_queues(),
         }),
         // A bad specification changes nothing: the limits in force stay.

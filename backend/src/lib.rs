@@ -110,6 +110,14 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The limit group's file could not be joined.
+    #[error("limit group {}: {reason}", path.display())]
+    LimitGroup {
+        /// The group's file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// Setting up signal handling failed.
     #[error("signal handling: {0}")]
     Signals(#[source] std::io::Error),

@@ -9,12 +9,20 @@
 //! change of limits, or a drain, reaches waiting requests in time. A drain — GET_VRING_BASE, the
 //! end of a connection (the VMM left, or SIGTERM), a vCPU unplug — does not wait for tokens: the
 //! waiting requests go at once, still accounted, so that the requests after them pay.
+//!
+//! With `--limit-group PATH`, the buckets live in a file that every member of the group maps
+//! (`MAP_SHARED`), so that the disks of several backend processes share one limit.
 
+use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use throttle::{Buckets, Spec, SpecError};
+use throttle::{Buckets, SharedState, Spec, SpecError};
+
+use crate::Error;
 
 /// The process's limits: the buckets every connection's queue threads share, and which queues
 /// let their waiting requests go without tokens.
@@ -23,6 +31,8 @@ pub struct IoLimits {
     buckets: Arc<Buckets>,
     /// Bit `q`: queue `q`'s vCPU is unplugged, its waiting requests go at once.
     released: AtomicU64,
+    /// The group's file, when the limits are shared with other processes.
+    group: Option<PathBuf>,
 }
 
 impl IoLimits {
@@ -31,7 +41,30 @@ impl IoLimits {
         Self {
             buckets: Arc::new(Buckets::new(spec)),
             released: AtomicU64::new(0),
+            group: None,
         }
+    }
+
+    /// Limits shared with every backend that maps the group file `path` (created if missing).
+    /// A new group takes `spec`; an existing one keeps its limits, and a `spec` that differs
+    /// from them is refused.
+    pub fn join_group(path: &Path, spec: Option<Spec>) -> crate::Result<Self> {
+        let fail = |reason: String| Error::LimitGroup {
+            path: path.to_owned(),
+            reason,
+        };
+        let state = map_group(path).map_err(|e| fail(e.to_string()))?;
+        let buckets = Buckets::join(state, spec).map_err(|e| fail(e.to_string()))?;
+        Ok(Self {
+            buckets: Arc::new(buckets),
+            released: AtomicU64::new(0),
+            group: Some(path.to_owned()),
+        })
+    }
+
+    /// The group's file, if the limits are a group's.
+    pub fn group(&self) -> Option<&Path> {
+        self.group.as_deref()
     }
 
     /// The buckets, for a queue thread's [`throttle::Queue`].
@@ -68,6 +101,43 @@ impl IoLimits {
     pub fn is_released(&self, queue: usize) -> bool {
         queue < 64 && self.released.load(Ordering::Relaxed) & (1 << queue) != 0
     }
+}
+
+/// Map the group file `path` (created, and sized, if needed) for the rest of the process.
+fn map_group(path: &Path) -> std::io::Result<&'static SharedState> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    let size = SharedState::SIZE;
+    if file.metadata()?.len() < size as u64 {
+        // Zeroes: the state of a group nobody has set up yet.
+        file.set_len(size as u64)?;
+    }
+    // SAFETY: a fresh shared read-write mapping of `size` bytes of an open file at least that
+    // long; the result is checked.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the mapping is page-aligned (more than `SharedState`'s 64 bytes), `size` bytes
+    // long, and never unmapped, so the reference lives as long as the process. `SharedState`
+    // is atomics only: every bit pattern is a valid value (a foreign file is refused by its
+    // header), and other processes writing it concurrently is what atomics are for. The
+    // mapping keeps the file's pages once `file` is closed.
+    Ok(unsafe { &*ptr.cast::<SharedState>() })
 }
 
 /// A non-blocking `CLOCK_MONOTONIC` timerfd armed at absolute instants: the wake-up of a queue
@@ -164,6 +234,26 @@ mod tests {
         assert_eq!(limits.spec().to_string(), "iops-total=100");
         assert!(limits.set("bps-write=1048576").is_ok());
         assert_eq!(limits.spec().to_string(), "bps-write=1048576");
+    }
+
+    #[test]
+    fn group_members_see_one_limit() {
+        let dir = std::env::temp_dir().join(format!("limits-group-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let path = dir.join("group");
+        let spec = Spec::parse("iops-total=300").expect("valid");
+        let first = IoLimits::join_group(&path, Some(spec)).expect("a new group");
+        let second = IoLimits::join_group(&path, None).expect("joining");
+        assert_eq!(second.spec(), spec);
+        assert_eq!(second.group(), Some(path.as_path()));
+        assert!(second.set("iops-total=400").is_ok());
+        assert_eq!(first.spec().to_string(), "iops-total=400");
+        let e = IoLimits::join_group(&path, Some(spec)).expect_err("other limits");
+        assert!(e.to_string().contains("iops-total=400"), "{e}");
+        std::fs::write(dir.join("foreign"), vec![7u8; 4096]).expect("write");
+        let e = IoLimits::join_group(&dir.join("foreign"), None).expect_err("foreign");
+        assert!(e.to_string().contains("not a limit group"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

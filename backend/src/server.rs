@@ -91,13 +91,23 @@ pub fn run(args: &BackendArgs) -> Result<()> {
     if args.dontcache_eviction == "fallback" && args.cache == CacheMode::DontCache {
         image.force_dontcache_fallback();
     }
+    // Mapped before the sandbox: the mapping outlives the Landlock rules, the path need not.
+    let io_limits = Arc::new(match &args.limit_group {
+        Some(path) => IoLimits::join_group(path, args.limit)?,
+        None => IoLimits::new(args.limit.unwrap_or_default()),
+    });
+    match io_limits.group() {
+        Some(path) => info!(
+            "I/O limits of group {}: {}",
+            path.display(),
+            io_limits.spec()
+        ),
+        None if args.limit.is_some() => info!("I/O limits: {}", io_limits.spec()),
+        None => {}
+    }
     // Before the first thread is spawned, so that every thread inherits the domain.
     sandbox::restrict_file_access(args.landlock, &file_access(args, &image))?;
     let serial = virtio_blk::device_id(args.serial.as_deref().unwrap_or("").as_bytes());
-    let io_limits = Arc::new(IoLimits::new(args.limit.unwrap_or_default()));
-    if let Some(spec) = &args.limit {
-        info!("I/O limits: {spec}");
-    }
     let settings = DeviceSettings {
         num_queues: args.num_queues,
         queue_size: args.queue_size,

@@ -229,6 +229,70 @@ fn a_change_through_the_control_socket_takes_effect_at_once() {
 }
 
 #[test]
+fn two_backends_of_a_group_share_one_limit() {
+    let _serial = serial();
+    let dir = common::TempDir::new("limit-group");
+    let group = dir.path().join("group");
+    let start = |limit: Option<&str>| {
+        let mut extra_args = vec!["--limit-group".to_string(), group.display().to_string()];
+        if let Some(limit) = limit {
+            extra_args.extend(["--limit".to_string(), limit.to_string()]);
+        }
+        Backend::spawn(&BackendOpts {
+            control: true,
+            extra_args,
+            ..BackendOpts::default()
+        })
+    };
+    let first = start(Some("iops-total=2000"));
+    // The second joins with the group's limits; other ones would be refused.
+    let second = start(None);
+    assert_eq!(
+        second.control(&json!({"cmd": "limits-show"}))["limits"],
+        "iops-total=2000"
+    );
+    attempts(|| {
+        let mut d1 = first.connect_queues(1);
+        let mut d2 = second.connect_queues(1);
+        let stop = |t: Duration| t >= Duration::from_millis(3500);
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(|| load(d1.queue(0), 32, stop));
+            let b = s.spawn(|| load(d2.queue(0), 32, stop));
+            (a.join().expect("load"), b.join().expect("load"))
+        });
+        let window = (Duration::from_millis(500), Duration::from_millis(3500));
+        let (ra, rb) = (rate(&a, window.0, window.1), rate(&b, window.0, window.1));
+        // Together the limit; each about half of it (the fair share spans the group).
+        if within(ra + rb, 2000.0, 0.05) && within(ra, 1000.0, 0.2) && within(rb, 1000.0, 0.2) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{ra:.0} + {rb:.0} IOPS under a group's iops-total=2000"
+            ))
+        }
+    });
+    // A change through either member is the group's.
+    let answer = second.control(&json!({"cmd": "limits-set", "spec": "iops-total=500"}));
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_eq!(first.stats()["limits"], "iops-total=500");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"))
+        .args([
+            "--socket-path",
+            "/nonexistent/s",
+            "--blk-file",
+            "null:1048576",
+        ])
+        .arg("--limit-group")
+        .arg(&group)
+        .args(["--limit", "iops-total=2000"])
+        .output()
+        .expect("running the backend");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("iops-total=500"), "{stderr}");
+}
+
+#[test]
 fn bad_limits_are_refused_and_change_nothing() {
     let _serial = serial();
     let b = spawn(Some("iops-total=2000"));
