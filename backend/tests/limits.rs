@@ -427,3 +427,40 @@ fn sigterm_completes_the_requests_waiting_for_tokens() {
     }
     assert!(b.log().contains("every in-flight request has completed"));
 }
+
+#[test]
+fn a_vcpu_unplug_lets_its_queues_waiting_requests_go() {
+    let _serial = serial();
+    let b = spawn(Some("iops-total=10"));
+    let mut d = b.connect_queues(1);
+    let tickets = thirty_one_waiting(&b, &mut d);
+    // Without a queue map an unplug drains every queue: the guest's CPU offline waits for these
+    // requests, and the limit must not hold it up for the 3 s it would take.
+    let start = Instant::now();
+    let report = b.control(&json!({"cmd": "vcpu-unplug", "vcpu": 0}));
+    assert_eq!(report["vcpu"], 0, "{report}");
+    let q = d.queue(0);
+    for t in tickets {
+        assert_eq!(q.complete(t).status, S_OK);
+    }
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "the waiting requests took {took:?}"
+    );
+    // Plugged back: the limit holds again, and the released requests were accounted: the next
+    // ones pay for their 3 s.
+    b.control(&json!({"cmd": "vcpu-plug", "vcpu": 0}));
+    let t0 = Instant::now();
+    let more: Vec<_> = (0..5u64)
+        .map(|k| q.submit(&Transfer::blk(T_IN, k * 8, &[], 4096)))
+        .collect();
+    for t in more {
+        assert_eq!(q.complete(t).status, S_OK);
+    }
+    assert!(
+        t0.elapsed() >= Duration::from_secs(2),
+        "5 requests at 10 IOPS after 30 released ones took {:?}",
+        t0.elapsed()
+    );
+}
