@@ -124,13 +124,54 @@ const SLOTS: usize = 12;
 /// One bucket as a configuration sets it up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Rate {
-    /// Index of its TAT in [`Buckets::tats`].
+    /// Index of its TAT in [`SharedState::tats`].
     slot: usize,
     unit: Unit,
     /// Units per second.
     rate: u64,
     /// Size in time: the TAT may run this far ahead of now.
     tau: u64,
+    /// Nanoseconds per unit (an operation, or a byte).
+    per_unit: PerUnit,
+    /// For an operation limit with `iops-size`: nanoseconds per byte of a larger request.
+    per_sized_byte: PerUnit,
+}
+
+/// A cost per unit in nanoseconds as a 64.64 fixed-point number, computed once per change, so
+/// that a request's cost is two multiplications rather than a 128-bit division.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct PerUnit {
+    whole: u64,
+    frac: u64,
+}
+
+impl PerUnit {
+    /// `NS / den` nanoseconds per unit.
+    fn new(den: u128) -> Self {
+        let den = den.max(1);
+        let rem = NS % den;
+        Self {
+            whole: saturate(NS / den),
+            // `rem < den`, and every `den` here is below 2^64 (rates are bounded), so the
+            // shift cannot overflow; were it ever larger, the fraction is dropped.
+            frac: rem
+                .checked_shl(64)
+                .and_then(|r| u64::try_from(r / den).ok())
+                .unwrap_or(0),
+        }
+    }
+
+    /// The cost of `n` units, rounded up.
+    #[inline]
+    fn times(self, n: u64) -> u64 {
+        let whole = n.saturating_mul(self.whole);
+        let frac = (u128::from(n) * u128::from(self.frac)) >> 64;
+        let round = u64::from(self.frac != 0);
+        whole
+            .saturating_add(frac as u64)
+            .saturating_add(round)
+            .min(u64::MAX / 4)
+    }
 }
 
 /// An immutable configuration: the spec and, per direction, the buckets a request passes.
@@ -153,17 +194,13 @@ impl Config {
                     continue;
                 };
                 let slot = u * 3 + s;
-                all.push((scope, main_rate(slot, unit, &limit)));
+                let iops_size = spec.iops_size();
+                all.push((
+                    scope,
+                    rate(slot, unit, limit.avg, main_tau(&limit), iops_size),
+                ));
                 if let (Some(max), true) = (limit.max, limit.max_length > 1) {
-                    all.push((
-                        scope,
-                        Rate {
-                            slot: slot + 6,
-                            unit,
-                            rate: max,
-                            tau: TENTH_NS,
-                        },
-                    ));
+                    all.push((scope, rate(slot + 6, unit, max, TENTH_NS, iops_size)));
                 }
             }
         }
@@ -188,16 +225,22 @@ impl Config {
     }
 }
 
-fn main_rate(slot: usize, unit: Unit, limit: &Limit) -> Rate {
-    let tau = match limit.max {
+/// The size in time of a limit's sustained-rate bucket.
+fn main_tau(limit: &Limit) -> u64 {
+    match limit.max {
         None => TENTH_NS,
         Some(_) => saturate(limit.bucket_units() * NS / u128::from(limit.avg)),
-    };
+    }
+}
+
+fn rate(slot: usize, unit: Unit, rate: u64, tau: u64, iops_size: Option<u64>) -> Rate {
     Rate {
         slot,
         unit,
-        rate: limit.avg,
+        rate,
         tau,
+        per_unit: PerUnit::new(u128::from(rate)),
+        per_sized_byte: PerUnit::new(u128::from(iops_size.unwrap_or(1)) * u128::from(rate)),
     }
 }
 
@@ -206,22 +249,15 @@ fn saturate(v: u128) -> u64 {
     u64::try_from(v).unwrap_or(u64::MAX / 4).min(u64::MAX / 4)
 }
 
-/// `n * NS / d`, rounded up: the nanoseconds `n` units cost at `d` per second.
-fn cost_ns(n: u128, d: u128) -> u64 {
-    saturate((n * NS).div_ceil(d.max(1)))
-}
-
 /// What `io` costs in a bucket, in nanoseconds of that bucket's time.
+#[inline]
 fn cost(rate: &Rate, io: Io, iops_size: Option<u64>) -> u64 {
     match rate.unit {
-        Unit::Bps => cost_ns(u128::from(io.bytes), u128::from(rate.rate)),
+        Unit::Bps => rate.per_unit.times(io.bytes),
         Unit::Iops => match iops_size {
             // A large request counts as bytes / iops-size operations.
-            Some(size) if io.bytes > size => cost_ns(
-                u128::from(io.bytes),
-                u128::from(size) * u128::from(rate.rate),
-            ),
-            _ => cost_ns(1, u128::from(rate.rate)),
+            Some(size) if io.bytes > size => rate.per_sized_byte.times(io.bytes),
+            _ => rate.per_unit.times(1),
         },
     }
 }
@@ -574,15 +610,19 @@ impl Queue {
         let config = &*self.config;
         let rates = &config.rates[io.dir as usize];
         let iops_size = config.spec.iops_size();
+        let tats = &self.buckets.state().tats;
         let mut due = 0u64;
         let mut dominant = 0u64;
         let mut low = false;
-        for rate in rates {
-            let tat = self.buckets.state().tats[rate.slot]
-                .0
-                .load(Ordering::Relaxed);
+        // What each bucket held when checked, and what the request costs there: at most the
+        // sustained and burst buckets of two units and two scopes.
+        let mut seen = [(0u64, 0u64); 8];
+        for (rate, seen) in rates.iter().zip(&mut seen) {
+            let tat = tats[rate.slot].0.load(Ordering::Relaxed);
+            let cost = cost(rate, io, iops_size);
+            *seen = (tat, cost);
             due = due.max((tat + 1).saturating_sub(rate.tau));
-            dominant = dominant.max(cost(rate, io, iops_size));
+            dominant = dominant.max(cost);
             low |= tat.saturating_add(RESERVE_NS) >= now.saturating_add(rate.tau);
         }
         // Shares apply to the last tokens of a bucket only: above the reserve there is enough
@@ -605,7 +645,9 @@ impl Queue {
             }
             return Err(due);
         }
-        self.charge(rates, io, iops_size, now);
+        for (rate, &(tat, cost)) in rates.iter().zip(&seen) {
+            charge(&tats[rate.slot].0, tat, cost, now);
+        }
         if shared {
             let share = others.saturating_add(1);
             self.share_tat = self.share_tat.max(now) + dominant.saturating_mul(share);
@@ -617,20 +659,12 @@ impl Queue {
     /// (a drain). Later requests pay for it.
     pub fn force(&mut self, io: Io, now: u64) {
         self.refresh();
-        let config = self.config.clone();
-        self.charge(
-            &config.rates[io.dir as usize],
-            io,
-            config.spec.iops_size(),
-            now,
-        );
-    }
-
-    fn charge(&self, rates: &[Rate], io: Io, iops_size: Option<u64>, now: u64) {
-        for rate in rates {
-            let tat = &self.buckets.state().tats[rate.slot].0;
-            tat.fetch_max(now, Ordering::Relaxed);
-            tat.fetch_add(cost(rate, io, iops_size), Ordering::Relaxed);
+        let config = &*self.config;
+        let tats = &self.buckets.state().tats;
+        for rate in &config.rates[io.dir as usize] {
+            let tat = &tats[rate.slot].0;
+            let seen = tat.load(Ordering::Relaxed);
+            charge(tat, seen, cost(rate, io, config.spec.iops_size()), now);
         }
     }
 
@@ -644,6 +678,22 @@ impl Queue {
                 |n| Some(n.saturating_sub(1)),
             );
         }
+    }
+}
+
+/// Advance a bucket's TAT by `cost` from `now` if it lies in the past: one compare-and-swap
+/// from the value `seen` at the check when no other thread took meanwhile, else the two
+/// wait-free steps (`fetch_max(now)`, `fetch_add(cost)`), which add up right whatever the
+/// interleaving.
+#[inline]
+fn charge(tat: &AtomicU64, seen: u64, cost: u64, now: u64) {
+    let next = seen.max(now).saturating_add(cost);
+    if tat
+        .compare_exchange(seen, next, Ordering::Relaxed, Ordering::Relaxed)
+        .is_err()
+    {
+        tat.fetch_max(now, Ordering::Relaxed);
+        tat.fetch_add(cost, Ordering::Relaxed);
     }
 }
 
