@@ -134,6 +134,8 @@ pub struct QueueThread {
     poll_window: Option<Duration>,
     /// Wakes the thread when requests waiting for tokens may go.
     timer: WakeTimer,
+    /// The clock as the I/O limits read it, once per pass over a ring (`None`: not read yet).
+    pass_now: Option<u64>,
 }
 
 impl Drop for QueueThread {
@@ -205,6 +207,7 @@ impl QueueThread {
             polling: false,
             poll_window: None,
             timer,
+            pass_now: None,
         }
     }
 
@@ -320,6 +323,8 @@ impl QueueThread {
         self.deferred_path.set_vrings(vrings);
         let mem = self.shared.mem.memory().into_inner();
         let event_idx = self.shared.event_idx.load(Ordering::Relaxed);
+        // The chains of one pass share one reading of the clock (microseconds apart at most).
+        self.pass_now = None;
         loop {
             let mut state = vring.get_mut();
             // Stopped by GET_VRING_BASE: the frontend owns the ring again. Stopping (SIGTERM) or
@@ -799,7 +804,7 @@ impl QueueThread {
         // The I/O limits: one relaxed load without them. With requests already waiting, a new
         // one queues behind them whatever the buckets hold, so that the queue keeps its order.
         if shared.io_limits.buckets().is_limited() || !queue.waiting.is_empty() {
-            let now = throttle::now();
+            let now = *self.pass_now.get_or_insert_with(throttle::now);
             let wait = if queue.waiting.is_empty() {
                 let io = limited_io(slot.request_type, slot.data_len, &slot.ranges);
                 queue.throttle.take(io, now).err().map(Some)

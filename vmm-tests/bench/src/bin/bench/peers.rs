@@ -193,6 +193,14 @@ impl Peer {
                     "polldev",
                     &["--poll-us", "1000", "--poll-device"],
                 ));
+                // A limit far above the load (the largest accepted): what limits cost when they
+                // never bite, on a real disk.
+                v.push(Peer::ours_with(
+                    cache,
+                    "io-uring",
+                    "nobite",
+                    &["--limit", "iops-total=100000000"],
+                ));
             }
         }
         v.push(Peer {
