@@ -542,6 +542,7 @@ mod tests {
             poll_device: false,
             log_reads: true,
             used_order: UsedOrderMode::Avail,
+            io_limits: Arc::new(crate::limits::IoLimits::new(throttle::Spec::none())),
         }
     }
 
