@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use disk::{EngineKind, Image};
+use disk::{CacheMode, EngineKind, Image};
 use log::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringT};
@@ -478,6 +478,18 @@ impl VhostUserBackend for BlkDevice {
             // Their completions must not reach the ring the frontend hands over next.
             for thread in &self.threads {
                 lock(thread).forget_unpublished(queue_index as usize);
+            }
+        }
+        // An RBD image is shared with other hosts: at the end of a live migration the
+        // destination's backend, another librbd client, reads what the guest wrote here, and a
+        // read does not move the exclusive lock (which would have made librbd write back).
+        // Writes the guest saw complete may still sit in librbd's cache (writeback policy) or be
+        // on their way to the OSDs (writearound, librbd's default): write them back before the
+        // frontend takes the ring. Nothing to do without librbd's cache; a file's page cache is
+        // the host's own.
+        if self.shared.image.is_rbd() && self.shared.image.cache_mode() == CacheMode::Writeback {
+            if let Err(e) = self.shared.image.flush() {
+                warn!("queue {queue_index}: writing librbd's cache back at GET_VRING_BASE: {e}");
             }
         }
         Ok(())

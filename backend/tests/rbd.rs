@@ -304,6 +304,55 @@ fn two_backends_hand_the_image_over() {
     }
 }
 
+#[test]
+fn a_writeback_backend_writes_its_cache_back_when_the_frontend_stops_the_ring() {
+    // Live migration's hand-over: QEMU stops the source's rings (GET_VRING_BASE) and the
+    // destination's backend, another librbd client, reads what the guest wrote before it writes
+    // anything itself (a read does not move the exclusive lock). What sits in the source's
+    // librbd cache then has to be in the cluster by the time GET_VRING_BASE is answered. The
+    // client config picks librbd's writeback policy (its default, writearound, acknowledges a
+    // write while it is still on its way to the OSD: the same hazard, for a shorter time) and
+    // a long dirty age, so that librbd does not write the data back on its own while the test
+    // looks.
+    let (_shared, c) = shared_cluster();
+    c.create_image("wb-stop", 4 << 20);
+    let dir = TempDir::new("rbd-conf");
+    let conf = dir.path().join("client.conf");
+    let mut text = std::fs::read_to_string(c.conf()).unwrap();
+    text.push_str("\n[client]\nrbd cache policy = writeback\nrbd cache max dirty age = 60\n");
+    std::fs::write(&conf, text).unwrap();
+
+    let a = spawn_rbd("wb-stop", Some(conf.clone()), &["--cache", "writeback"]);
+    let mut da = a.connect_queues(1);
+    // librbd's cache stays write-through until the first flush (as a guest's first fsync).
+    assert_eq!(da.flush(0).status, S_OK);
+    let data = pattern(51, 64 << 10);
+    assert_eq!(da.write(0, 0, &data).status, S_OK);
+    assert!(
+        c.export("wb-stop")[..data.len()] != data[..],
+        "the write waits in A's librbd cache (the test shows nothing otherwise)"
+    );
+    da.get_vring_base(0).unwrap();
+
+    // The destination opens the image while A still holds it, and reads first.
+    let b = spawn_rbd("wb-stop", Some(conf), &["--cache", "writeback"]);
+    let mut db = b.connect_queues(1);
+    let r = db.read(0, 0, data.len() as u32);
+    assert_eq!(r.status, S_OK);
+    assert!(
+        r.data == data,
+        "the destination reads what the guest wrote before the ring stopped"
+    );
+    assert!(
+        c.export("wb-stop")[..data.len()] == data[..],
+        "the cluster holds it"
+    );
+    drop(db);
+    stop(b);
+    drop(da);
+    stop(a);
+}
+
 /// Run the backend to its exit; returns (status code, stderr).
 fn run_to_exit(args: &[&str]) -> (Option<i32>, String, Duration) {
     let dir = TempDir::new("rbd-exit");
