@@ -16,12 +16,13 @@
 //!   only the backend's log reports), checks it, and at the end of the round checks every buffer
 //!   again from memory: a buffer still poisoned on the destination is a read the log lost.
 //! - The writer writes a random block of its region under a fresh seed with `O_DIRECT`, reads it
-//!   back and checks it, and remembers each block's last seed.
+//!   back and checks it, and remembers each block's last seed and its longest round (write and
+//!   read back, in guest time: a migration's downtime does not count, a stall after it does).
 //!
 //! It prints `AGENT-READY {"workload":"<instance>"}` once all three run, and stops them when the
 //! stop block holds the magic. It then checks the region from the cache and every buffer once
 //! more, reads back every block written (each must hold its last seed), and reports how many
-//! passes each did.
+//! passes each did and the writer's longest round (`max_write_ms`).
 
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
@@ -146,15 +147,23 @@ fn direct_reader(r: Region, stop: &AtomicBool, rounds: &AtomicU64) -> Result<()>
 }
 
 /// Write a random block under a fresh seed, read it back, check; until `stop`. Returns each
-/// block's last seed (0: never written).
-fn writer(base: u64, len: u64, bs: u64, seed: u64, stop: &AtomicBool) -> Result<Vec<u64>> {
+/// block's last seed (0: never written) and the longest round.
+fn writer(
+    base: u64,
+    len: u64,
+    bs: u64,
+    seed: u64,
+    stop: &AtomicBool,
+) -> Result<(Vec<u64>, Duration)> {
     let f = sys::open(Path::new(DISK), true, true).ctx(|| format!("open {DISK} O_DIRECT"))?;
     let slots = len / bs;
     let mut seeds = vec![0u64; slots as usize];
     let mut buf = AlignedBuf::new(bs as usize);
     let mut rng = seed | 1;
     let mut n = 0u64;
+    let mut longest = Duration::ZERO;
     while !stop.load(Ordering::Relaxed) {
+        let round = Instant::now();
         rng ^= rng >> 12;
         rng ^= rng << 25;
         rng ^= rng >> 27;
@@ -170,8 +179,9 @@ fn writer(base: u64, len: u64, bs: u64, seed: u64, stop: &AtomicBool) -> Result<
         f.read_exact_at(&mut buf, off)
             .ctx(|| format!("read {DISK} at {off}"))?;
         verify_pattern(DISK, s, off, &buf)?;
+        longest = longest.max(round.elapsed());
     }
-    Ok(seeds)
+    Ok((seeds, longest))
 }
 
 /// Whether the host set the stop block.
@@ -267,7 +277,7 @@ pub fn run(p: &Params) -> Result<Value> {
     });
     cached?;
     direct?;
-    let seeds = written?;
+    let (seeds, longest_write) = written?;
     waited?;
     let load_secs = start.elapsed().as_secs_f64();
 
@@ -287,5 +297,6 @@ pub fn run(p: &Params) -> Result<Value> {
         "page_cache_passes": cache_passes.load(Ordering::Relaxed),
         "direct_rounds": direct_rounds.load(Ordering::Relaxed),
         "blocks_verified": verified,
+        "max_write_ms": longest_write.as_secs_f64() * 1000.0,
     }))
 }
