@@ -194,6 +194,17 @@ impl PingPong<'_> {
         image: &Path,
         before_hops: impl FnOnce(&mut Harness, &mut Qemu) -> Result<()>,
     ) -> Result<PingPongRun> {
+        self.run_with_stop(h, || set_stop(image), before_hops)
+    }
+
+    /// As [`PingPong::run`], on an image that is not a file on this host (an RBD image):
+    /// `stop` sets the stop block, as [`set_stop`] does for a file.
+    pub fn run_with_stop(
+        &self,
+        h: &mut Harness,
+        stop: impl FnOnce() -> Result<()>,
+        before_hops: impl FnOnce(&mut Harness, &mut Qemu) -> Result<()>,
+    ) -> Result<PingPongRun> {
         let plan = plan();
         let mut current = h.start_vm(&vm_config(&plan, self.backends[0], self.memory_mib, None))?;
         current.wait_hello()?;
@@ -230,7 +241,7 @@ impl PingPong<'_> {
             }
         }
         let verdict = run_for(&mut current, self.settle)
-            .and_then(|()| set_stop(image))
+            .and_then(|()| stop())
             .and_then(|()| {
                 let earlier: Vec<&Qemu> = earlier.iter().collect();
                 current.wait_done_migrated(&earlier, self.finish_timeout)
