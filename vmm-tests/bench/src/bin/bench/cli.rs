@@ -10,6 +10,7 @@ use clap::Parser;
 use super::error::{bail, Context, Result};
 use super::machine;
 use super::peers::{Peer, Programs};
+use super::rbd::{self, Cluster, RbdImage};
 use super::report::{self, Results};
 use super::runner::{self, Plan};
 use super::workload::Workload;
@@ -38,9 +39,23 @@ pub struct Args {
     /// `(rand)read|write-<bs>-qd<N>-q<N>`), `default` or `all`.
     #[arg(long, default_value = "default")]
     pub workloads: String,
-    /// Comma-separated peers, `default` or `all` (see --list).
+    /// Comma-separated peers, `default`, `all` (the local-image ones) or
+    /// `rbd` (see --list). The `*-rbd` peers run on their own, on one Ceph
+    /// RBD image: on a throw-away cluster the bench starts
+    /// (vmm-tests/scripts/ceph-cluster.sh) and stops, or on --rbd-conf's.
     #[arg(long, default_value = "default")]
     pub peers: String,
+    /// RBD peers: the config file of an existing cluster to use instead of
+    /// starting one (the image is created in --rbd-pool if missing).
+    #[arg(long)]
+    pub rbd_conf: Option<PathBuf>,
+    /// RBD peers: the pool of the image.
+    #[arg(long, default_value = "rbd")]
+    pub rbd_pool: String,
+    /// RBD peers: the image (created with the `layering` feature only and
+    /// filled once; the same image serves every peer).
+    #[arg(long, default_value = "bench")]
+    pub rbd_image: String,
     /// List the workloads and peers and exit.
     #[arg(long)]
     pub list: bool,
@@ -49,9 +64,10 @@ pub struct Args {
     /// <workspace>/target/bench].
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
-    /// Image size (bytes, or with K/M/G).
-    #[arg(long, default_value = "1G")]
-    pub image_size: String,
+    /// Image size (bytes, or with K/M/G) [default: 1G; RBD: 256M, kept in
+    /// the throw-away cluster's RAM].
+    #[arg(long)]
+    pub image_size: Option<String>,
     /// Wait up to this many seconds before each run for the rest of the
     /// host to go idle (< 0.25 cores busy).
     #[arg(long, default_value_t = 2.0)]
@@ -168,7 +184,9 @@ pub fn main() -> Result<()> {
             let d = if defaults.contains(&w) { "*" } else { " " };
             println!("  {d} {}", w.name());
         }
-        println!("peers (default marked *; ch-* need --ch or BENCH_CH_BLOCK):");
+        println!(
+            "peers (default marked *; ch-* need --ch or BENCH_CH_BLOCK; *-rbd run alone, `--peers rbd`):"
+        );
         let defaults = Peer::defaults(true);
         for p in Peer::all(true) {
             let d = if defaults.contains(&p) { "*" } else { " " };
@@ -199,7 +217,13 @@ pub fn main() -> Result<()> {
         eprintln!("bench: rewrote {}", out.display());
         return Ok(());
     }
-    let image_size = parse_size(&args.image_size)?;
+    let rbd_run = args.peers == "rbd";
+    let image_size =
+        parse_size(
+            args.image_size
+                .as_deref()
+                .unwrap_or(if rbd_run { "256M" } else { "1G" }),
+        )?;
     let workloads = pick(
         &args.workloads,
         Workload::defaults(),
@@ -207,13 +231,31 @@ pub fn main() -> Result<()> {
         Workload::name,
         Workload::parse,
     )?;
-    let peers = pick(
-        &args.peers,
-        Peer::defaults(with_ch),
-        Peer::all(with_ch),
-        |p| p.name.clone(),
-        |s| bail!("unknown peer {s:?} (see --list)"),
-    )?;
+    let peers = if rbd_run {
+        Peer::rbd()
+    } else {
+        pick(
+            &args.peers,
+            Peer::defaults(with_ch),
+            Peer::all(with_ch)
+                .into_iter()
+                .filter(|p| args.peers != "all" || !p.is_rbd())
+                .collect(),
+            |p| p.name.clone(),
+            |s| bail!("unknown peer {s:?} (see --list)"),
+        )?
+    };
+    let rbd_peers = peers.iter().filter(|p| p.is_rbd()).count();
+    if rbd_peers > 0 && rbd_peers < peers.len() {
+        bail!("the *-rbd peers run on their own (--peers rbd, or a list of *-rbd peers only)");
+    }
+    // Hold the cluster (if the bench starts one) until the run ends.
+    let (rbd, _cluster) = if rbd_peers > 0 {
+        let (r, c) = rbd_target(&args, &ws, &work_dir, image_size, &peers)?;
+        (Some(r), c)
+    } else {
+        (None, None)
+    };
     let (reps, runtime, ramp) = if args.quick {
         (1, 1.0, 0.2)
     } else {
@@ -236,6 +278,7 @@ pub fn main() -> Result<()> {
             fio: args.fio.clone(),
             ch: args.ch.clone(),
         },
+        rbd: rbd.clone(),
     };
     eprintln!(
         "bench: {} workloads × {} peers × {} reps, {:.1}+{:.1} s per run; backend {}",
@@ -262,7 +305,19 @@ pub fn main() -> Result<()> {
         reps: plan.reps,
         ramp_s: plan.ramp.as_secs_f64(),
         runtime_s: plan.runtime.as_secs_f64(),
-        image: work_dir.display().to_string(),
+        image: match &rbd {
+            Some(r) => format!(
+                "{}/{}{}",
+                r.pool,
+                r.image,
+                if r.osd_pid_file.is_some() {
+                    ", on a throw-away cluster: one monitor, one memstore OSD, 127.0.0.1"
+                } else {
+                    ""
+                }
+            ),
+            None => work_dir.display().to_string(),
+        },
         image_size,
         workloads: plan.workloads.iter().map(Workload::name).collect(),
         peers: plan.peers.iter().map(|p| p.name.clone()).collect(),
@@ -278,6 +333,48 @@ pub fn main() -> Result<()> {
         out.display()
     );
     Ok(())
+}
+
+/// The RBD image of an RBD run, after checking that the peers' programs
+/// can reach it: on --rbd-conf's cluster, or on a throw-away one started in
+/// `<work dir>/ceph` (returned, stopped when dropped).
+fn rbd_target(
+    args: &Args,
+    ws: &std::path::Path,
+    work_dir: &std::path::Path,
+    image_size: u64,
+    peers: &[Peer],
+) -> Result<(RbdImage, Option<Cluster>)> {
+    if peers.iter().any(|p| p.name == "qsd-rbd") {
+        if let Some(why) = rbd::qsd_rbd_missing(&args.qsd) {
+            bail!("qsd-rbd: {why}");
+        }
+    }
+    if peers.iter().any(|p| p.name == "fio-rbd") {
+        if let Some(why) = rbd::fio_rbd_missing(&args.fio) {
+            bail!("fio-rbd: {why}");
+        }
+    }
+    std::fs::create_dir_all(work_dir).ctx(|| format!("mkdir {}", work_dir.display()))?;
+    let (conf, osd_pid_file, cluster) = match &args.rbd_conf {
+        Some(conf) => (conf.clone(), None, None),
+        None => {
+            // The memstore holds the image (and RADOS's overhead) in RAM.
+            let store_mb = (image_size >> 20) * 2 + 512;
+            let c = Cluster::start(ws, &work_dir.join("ceph"), &args.rbd_pool, store_mb)?;
+            (c.conf(), Some(c.osd_pid_file()), Some(c))
+        }
+    };
+    let image = RbdImage {
+        conf,
+        pool: args.rbd_pool.clone(),
+        image: args.rbd_image.clone(),
+        osd_pid_file,
+        fio_conf: work_dir.join("fio-rbd.conf"),
+    };
+    image.write_fio_conf()?;
+    image.prepare(image_size)?;
+    Ok((image, cluster))
 }
 
 fn command_line() -> String {

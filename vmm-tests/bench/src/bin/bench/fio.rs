@@ -1,6 +1,8 @@
 //! fio on the host, straight on the image: the ceiling without any
 //! virtualization. Same workload, one fio job per queue, io_uring, the page
-//! cache left as the benchmark set it (`--invalidate=0`).
+//! cache left as the benchmark set it (`--invalidate=0`). On an RBD image,
+//! fio's `rbd` engine instead: librbd straight from fio, one image handle
+//! per job.
 
 use std::path::Path;
 use std::process::Command;
@@ -10,6 +12,7 @@ use serde_json::Value;
 
 use super::driver::RawRun;
 use super::error::{bail, Context, Result};
+use super::peers::Store;
 use super::workload::{Op, Pattern, Workload};
 use vmm_bench::procstat::host_cpu;
 
@@ -21,10 +24,10 @@ pub struct FioRun {
     pub pcts: [f64; 3],
 }
 
-/// Runs `w` with fio on `image`.
+/// Runs `w` with fio on `store` (`direct` applies to a file only).
 pub fn run(
     fio: &Path,
-    image: &Path,
+    store: Store<'_>,
     image_size: u64,
     w: &Workload,
     direct: bool,
@@ -38,21 +41,39 @@ pub fn run(
         (Pattern::Sequential, Op::Write) => "write",
     };
     let mut cmd = Command::new(fio);
-    cmd.arg("--name=bench")
-        .arg(format!("--filename={}", image.display()))
-        .arg(format!("--rw={rw}"))
+    cmd.arg("--name=bench");
+    let rbd = match store {
+        Store::Rbd(r) => Some(r),
+        Store::File(_) => None,
+    };
+    match store {
+        Store::File(image) => {
+            cmd.arg(format!("--filename={}", image.display()))
+                .arg("--ioengine=io_uring")
+                .arg(format!("--direct={}", u8::from(direct)))
+                .arg("--invalidate=0");
+        }
+        Store::Rbd(r) => {
+            // fio's rbd engine reads librados's default config: point it at
+            // the cluster's, with librbd's cache off as for the other RBD
+            // peers.
+            cmd.env("CEPH_CONF", &r.fio_conf)
+                .arg("--ioengine=rbd")
+                .arg("--clientname=admin")
+                .arg(format!("--pool={}", r.pool))
+                .arg(format!("--rbdname={}", r.image));
+        }
+    }
+    cmd.arg(format!("--rw={rw}"))
         .arg(format!("--bs={}", w.block_size))
         .arg(format!("--iodepth={}", w.iodepth))
         .arg(format!("--numjobs={}", w.queues))
-        .arg("--ioengine=io_uring")
-        .arg(format!("--direct={}", u8::from(direct)))
         .arg("--time_based")
         .arg(format!("--runtime={}ms", runtime.as_millis().max(1)))
         .arg(format!("--ramp_time={}ms", ramp.as_millis()))
         .arg("--group_reporting")
         .arg("--output-format=json")
         .arg("--percentile_list=50:99:99.9")
-        .arg("--invalidate=0")
         .arg("--randrepeat=0")
         .arg("--norandommap")
         .arg("--thread");
@@ -95,6 +116,12 @@ pub fn run(
         0.0
     };
     run.raw.others_s = (host.busy - (c1 - c0)).max(0.0) * share;
+    if rbd.is_some() {
+        // librbd works in its own threads, which fio's per-job CPU figures
+        // leave out: charge fio the whole process's, scaled to the window.
+        run.raw.backend_cpu_s = (c1 - c0) * share;
+        run.raw.client_cpu_s = run.raw.backend_cpu_s;
+    }
     run.raw.steal_s = host.steal * share;
     Ok(run)
 }

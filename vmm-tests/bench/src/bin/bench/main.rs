@@ -16,6 +16,7 @@
 //!   cloud-hypervisor's `vhost_user_block`, fio on the host);
 //! - [`driver`]: the libblkio client that drives a vhost-user socket;
 //! - [`fio`]: the no-virtualization ceiling;
+//! - [`rbd`]: the Ceph cluster and image of the `*-rbd` peers;
 //! - [`cache`]: the image and the page-cache reset before every run;
 //! - [`runner`]: the interleaved run loop and its progress line;
 //! - [`stats`], [`report`], [`machine`]: medians, JSON, markdown, SVG.
@@ -27,6 +28,7 @@ mod error;
 mod fio;
 mod machine;
 mod peers;
+mod rbd;
 mod report;
 mod runner;
 mod stats;

@@ -1,7 +1,8 @@
 //! The peers a run compares: this backend in each cache mode and I/O
 //! engine and on a null image, qemu-storage-daemon's vhost-user-blk export,
 //! cloud-hypervisor's `vhost_user_block` (when a binary is given), and fio
-//! straight on the image as the no-virtualization ceiling.
+//! straight on the image as the no-virtualization ceiling; and the same
+//! three on a Ceph RBD image (`*-rbd`, see [`super::rbd`]).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::error::{bail, Context, Result};
+use super::rbd::RbdImage;
 
 /// The page-cache mode a peer runs the image in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -24,6 +26,9 @@ pub enum Mode {
     Dontcache,
     /// No image at all (our `null:SIZE`): the virtqueue cost alone.
     Null,
+    /// A Ceph RBD image (librbd's cache off unless the peer says so); no
+    /// local file, no page cache.
+    Rbd,
 }
 
 /// Which program serves the requests, and how.
@@ -64,6 +69,20 @@ pub enum Kind {
         /// `--direct=1`.
         direct: bool,
     },
+    /// This backend on the RBD image (`--blk-file rbd:POOL/IMAGE`).
+    OursRbd {
+        /// `--cache` value (`none`: librbd's cache off; `writeback`: on).
+        cache: String,
+        /// More backend arguments, passed as they are.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        extra: Vec<String>,
+    },
+    /// `qemu-storage-daemon --blockdev driver=rbd` exported as
+    /// vhost-user-blk, `cache.direct=on` (QEMU then turns librbd's cache off).
+    QsdRbd,
+    /// fio's `rbd` engine on the host, straight on the image through
+    /// librbd (no vhost-user at all).
+    FioRbd,
 }
 
 /// One peer: a name and how to run it.
@@ -260,7 +279,36 @@ impl Peer {
         }
         v.push(Peer::fio(true));
         v.push(Peer::fio(false));
+        v.extend(Peer::rbd());
         v
+    }
+
+    /// The RBD peers, which run on their own (`--peers rbd`): our backend
+    /// with librbd's cache off (`ours-rbd`) and on (`ours-rbd-writeback`),
+    /// qemu-storage-daemon's rbd driver and fio's rbd engine.
+    pub fn rbd() -> Vec<Peer> {
+        let ours = |name: &str, cache: &str| Peer {
+            name: name.into(),
+            kind: Kind::OursRbd {
+                cache: cache.into(),
+                extra: Vec::new(),
+            },
+            mode: Mode::Rbd,
+        };
+        vec![
+            ours("ours-rbd", "none"),
+            ours("ours-rbd-writeback", "writeback"),
+            Peer {
+                name: "qsd-rbd".into(),
+                kind: Kind::QsdRbd,
+                mode: Mode::Rbd,
+            },
+            Peer {
+                name: "fio-rbd".into(),
+                kind: Kind::FioRbd,
+                mode: Mode::Rbd,
+            },
+        ]
     }
 
     /// The default set: each of our cache modes on io_uring plus the
@@ -295,17 +343,48 @@ impl Peer {
 
     /// Whether this peer is our backend.
     pub fn is_ours(&self) -> bool {
-        matches!(self.kind, Kind::Ours { .. })
+        matches!(self.kind, Kind::Ours { .. } | Kind::OursRbd { .. })
     }
 
-    /// Whether the peer touches the image (all but the null image).
+    /// Whether the peer touches the local image file (all but the null
+    /// image and the RBD peers).
     pub fn uses_image(&self) -> bool {
-        self.mode != Mode::Null
+        !matches!(self.mode, Mode::Null | Mode::Rbd)
+    }
+
+    /// Whether the peer serves the RBD image.
+    pub fn is_rbd(&self) -> bool {
+        self.mode == Mode::Rbd
     }
 
     /// Whether the run starts with the image hot in the page cache.
     pub fn wants_warm_cache(&self) -> bool {
         self.mode == Mode::Buffered
+    }
+}
+
+/// What a peer serves.
+#[derive(Clone, Copy, Debug)]
+pub enum Store<'a> {
+    /// A local image file.
+    File(&'a Path),
+    /// The Ceph RBD image.
+    Rbd(&'a RbdImage),
+}
+
+impl<'a> Store<'a> {
+    fn file(self, peer: &Peer) -> Result<&'a Path> {
+        match self {
+            Store::File(p) => Ok(p),
+            Store::Rbd(_) => bail!("{}: serves a local image, not an RBD one", peer.name),
+        }
+    }
+
+    fn rbd(self, peer: &Peer) -> Result<&'a RbdImage> {
+        match self {
+            Store::Rbd(r) => Ok(r),
+            Store::File(_) => bail!("{}: no RBD image given", peer.name),
+        }
     }
 }
 
@@ -324,13 +403,13 @@ pub struct Server {
 fn command(
     peer: &Peer,
     progs: &Programs,
-    image: &Path,
+    store: Store<'_>,
     image_size: u64,
     queues: u32,
     socket: &Path,
     control: Option<&Path>,
 ) -> Result<Command> {
-    let img = image.display().to_string();
+    let img = || -> Result<String> { Ok(store.file(peer)?.display().to_string()) };
     let sock = socket.display().to_string();
     Ok(match &peer.kind {
         Kind::Ours {
@@ -345,7 +424,7 @@ fn command(
             if cache == "null" {
                 c.arg("--blk-file").arg(format!("null:{image_size}"));
             } else {
-                c.arg("--blk-file").arg(image);
+                c.arg("--blk-file").arg(store.file(peer)?);
                 c.arg("--cache").arg(cache);
                 c.arg("--io-engine").arg(engine);
             }
@@ -368,7 +447,8 @@ fn command(
                 ));
             } else {
                 c.arg("--blockdev").arg(format!(
-                    "driver=file,node-name=f,filename={img},cache.direct={},aio={aio}",
+                    "driver=file,node-name=f,filename={},cache.direct={},aio={aio}",
+                    img()?,
                     if *direct { "on" } else { "off" }
                 ));
             }
@@ -391,11 +471,39 @@ fn command(
             };
             let mut c = Command::new(ch);
             c.arg("--block-backend").arg(format!(
-                "path={img},socket={sock},num_queues={queues},queue_size=256,direct={direct}"
+                "path={},socket={sock},num_queues={queues},queue_size=256,direct={direct}",
+                img()?
             ));
             c
         }
-        Kind::Fio { .. } => bail!("{}: fio runs without a server", peer.name),
+        Kind::OursRbd { cache, extra } => {
+            let mut c = Command::new(&progs.backend);
+            c.arg("--socket-path").arg(socket);
+            c.arg("--num-queues").arg(queues.to_string());
+            c.arg("--queue-size").arg("256");
+            c.arg("--blk-file").arg(store.rbd(peer)?.spec());
+            c.arg("--cache").arg(cache);
+            if let Some(ctl) = control {
+                c.arg("--control").arg(ctl);
+            }
+            c.args(extra);
+            c
+        }
+        Kind::QsdRbd => {
+            let r = store.rbd(peer)?;
+            let mut c = Command::new(&progs.qsd);
+            c.arg("--blockdev").arg(format!(
+                "driver=rbd,node-name=f,pool={},image={},conf={},cache.direct=on",
+                r.pool,
+                r.image,
+                r.conf.display()
+            ));
+            c.arg("--export").arg(format!(
+                "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={sock},writable=on,num-queues={queues}"
+            ));
+            c
+        }
+        Kind::Fio { .. } | Kind::FioRbd => bail!("{}: fio runs without a server", peer.name),
     })
 }
 
@@ -406,7 +514,7 @@ impl Server {
     pub fn start(
         peer: &Peer,
         progs: &Programs,
-        image: &Path,
+        store: Store<'_>,
         image_size: u64,
         queues: u32,
         dir: &Path,
@@ -422,7 +530,7 @@ impl Server {
         let mut cmd = command(
             peer,
             progs,
-            image,
+            store,
             image_size,
             queues,
             &socket,
@@ -543,6 +651,13 @@ mod tests {
     }
 
     fn args(p: &Peer, control: Option<&Path>) -> Vec<String> {
+        let rbd = RbdImage {
+            conf: "/c/ceph.conf".into(),
+            pool: "rbd".into(),
+            image: "bench".into(),
+            osd_pid_file: None,
+            fio_conf: "/w/fio.conf".into(),
+        };
         let progs = Programs {
             backend: "vhost-user-blk".into(),
             qsd: "qemu-storage-daemon".into(),
@@ -552,7 +667,11 @@ mod tests {
         let cmd = command(
             p,
             &progs,
-            Path::new("/img"),
+            if p.is_rbd() {
+                Store::Rbd(&rbd)
+            } else {
+                Store::File(Path::new("/img"))
+            },
             1 << 30,
             2,
             Path::new("/w/p.sock"),
@@ -628,5 +747,31 @@ mod tests {
         // Other peers get no control socket even if one is passed.
         let qsd = args(&peer("qsd-direct-uring"), Some(Path::new("/w/p.ctl"))).join(" ");
         assert!(!qsd.contains("--control"), "{qsd}");
+    }
+
+    #[test]
+    fn rbd_peers_share_one_image() {
+        let ours = args(&peer("ours-rbd"), Some(Path::new("/w/p.ctl"))).join(" ");
+        assert!(
+            ours.contains("--blk-file rbd:rbd/bench:conf=/c/ceph.conf --cache none"),
+            "{ours}"
+        );
+        assert!(ours.contains("--control /w/p.ctl") && !ours.contains("--io-engine"));
+        let wb = args(&peer("ours-rbd-writeback"), None).join(" ");
+        assert!(wb.contains("--cache writeback"), "{wb}");
+        let qsd = args(&peer("qsd-rbd"), None).join(" ");
+        assert!(
+            qsd.contains(
+                "driver=rbd,node-name=f,pool=rbd,image=bench,conf=/c/ceph.conf,cache.direct=on"
+            ),
+            "{qsd}"
+        );
+        assert!(qsd.contains("num-queues=2"), "{qsd}");
+        for p in Peer::rbd() {
+            assert!(p.is_rbd() && !p.uses_image(), "{}", p.name);
+        }
+        assert!(peer("ours-rbd").is_ours() && !peer("qsd-rbd").is_ours());
+        // Not in the default (file) set: they need a cluster.
+        assert!(!Peer::defaults(true).iter().any(Peer::is_rbd));
     }
 }

@@ -10,7 +10,8 @@ use super::cache;
 use super::driver;
 use super::error::{Context, Result};
 use super::fio;
-use super::peers::{Kind, Peer, Programs, Server};
+use super::peers::{Kind, Peer, Programs, Server, Store};
+use super::rbd::RbdImage;
 use super::stats::{percentiles_us, BackendFigures, Sample};
 use super::workload::Workload;
 use vmm_bench::procstat;
@@ -40,13 +41,20 @@ pub struct Plan {
     pub work_dir: PathBuf,
     /// The programs.
     pub progs: Programs,
+    /// The RBD image of the `*-rbd` peers, when they run.
+    pub rbd: Option<RbdImage>,
 }
 
 /// Runs the plan; a failed run is recorded, not fatal.
 pub fn run(plan: &Plan) -> Result<Vec<Sample>> {
     std::fs::create_dir_all(&plan.work_dir).ctx(|| format!("mkdir {}", plan.work_dir.display()))?;
-    cache::prepare_image(&plan.image_cold, plan.image_size)?;
-    cache::prepare_image(&plan.image_hot, plan.image_size)?;
+    if plan.peers.iter().any(Peer::uses_image) {
+        cache::prepare_image(&plan.image_cold, plan.image_size)?;
+        cache::prepare_image(&plan.image_hot, plan.image_size)?;
+    }
+    if let Some(r) = &plan.rbd {
+        r.prepare(plan.image_size)?;
+    }
     let total = plan.reps as usize * plan.workloads.len() * plan.peers.len();
     let mut progress = Progress::new(total, plan);
     let mut samples = Vec::with_capacity(total);
@@ -81,6 +89,7 @@ fn run_one(plan: &Plan, rep: u32, w: &Workload, p: &Peer) -> Sample {
         signals_per_req: None,
         mean_batch: None,
         deferred_p99_us: None,
+        osd_cpu_us: None,
         error: None,
     };
     if let Err(e) = measure(plan, w, p, &mut s) {
@@ -99,14 +108,28 @@ fn measure(plan: &Plan, w: &Workload, p: &Peer, s: &mut Sample) -> Result<()> {
         s.cache_resident = cache::reset(image, p.wants_warm_cache())?;
     }
     wait_idle(plan.max_idle_wait)?;
+    let rbd = plan.rbd.as_ref().filter(|_| p.is_rbd());
+    if p.is_rbd() && rbd.is_none() {
+        return Err(super::error::Error::msg("no RBD image (see --rbd-conf)"));
+    }
+    // The OSD's CPU over the run's whole drive (ramp included, as the
+    // request rate is the same then): an RBD peer's cost the backend's
+    // figure leaves out.
+    let osd = rbd.and_then(RbdImage::osd_pid);
+    let osd0 = osd.map(|pid| (procstat::cpu_seconds(pid), Instant::now()));
+    let store = match rbd {
+        Some(r) => Store::Rbd(r),
+        None => Store::File(image),
+    };
     let (raw, pcts) = match &p.kind {
-        Kind::Fio { direct } => {
+        Kind::Fio { .. } | Kind::FioRbd => {
+            let direct = matches!(p.kind, Kind::Fio { direct: true });
             let f = fio::run(
                 &plan.progs.fio,
-                image,
+                store,
                 plan.image_size,
                 w,
-                *direct,
+                direct,
                 plan.ramp,
                 plan.runtime,
             )?;
@@ -116,7 +139,7 @@ fn measure(plan: &Plan, w: &Workload, p: &Peer, s: &mut Sample) -> Result<()> {
             let mut server = Server::start(
                 p,
                 &plan.progs,
-                image,
+                store,
                 plan.image_size,
                 w.queues,
                 &plan.work_dir,
@@ -148,6 +171,16 @@ fn measure(plan: &Plan, w: &Workload, p: &Peer, s: &mut Sample) -> Result<()> {
         return Err(super::error::Error::msg("no request completed"));
     }
     s.iops = raw.ios as f64 / raw.seconds;
+    if let (Some(pid), Some((Ok(c0), t0))) = (osd, osd0) {
+        if let Ok(c1) = procstat::cpu_seconds(pid) {
+            // The server's start and stop fall in the window too; the OSD
+            // idles then, so this slightly understates it.
+            let cores = (c1 - c0) / t0.elapsed().as_secs_f64();
+            s.osd_cpu_us = Some(cores * 1e6 / s.iops);
+            // The OSD works for this run: not noise.
+            s.others_cores = (s.others_cores - cores).max(0.0);
+        }
+    }
     s.mib_s = raw.bytes as f64 / raw.seconds / f64::from(1 << 20);
     s.lat_us = pcts;
     s.backend_cpu_us = raw.backend_cpu_s * 1e6 / raw.ios as f64;

@@ -55,6 +55,10 @@ pub struct Sample {
     /// at the end of the window (cumulative over the run, ramp included).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deferred_p99_us: Option<f64>,
+    /// RBD peers on a cluster the bench started: the OSD's CPU time per
+    /// request, µs (over the whole drive, ramp included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub osd_cpu_us: Option<f64>,
     /// Why the run failed, if it did (its figures are then zero).
     pub error: Option<String>,
 }
@@ -100,6 +104,9 @@ pub struct Cell {
     /// Our backend's worst-queue deferred p99, µs (runs that have it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deferred_p99_us: Option<Spread>,
+    /// The OSD's CPU µs per request (RBD runs that have it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub osd_cpu_us: Option<Spread>,
     /// The first failure, if any.
     pub error: Option<String>,
 }
@@ -131,6 +138,7 @@ impl Cell {
             signals_per_req: some(&|s| s.signals_per_req),
             mean_batch: some(&|s| s.mean_batch),
             deferred_p99_us: some(&|s| s.deferred_p99_us),
+            osd_cpu_us: some(&|s| s.osd_cpu_us),
             error: samples.iter().find_map(|s| s.error.clone()),
         }
     }
@@ -328,6 +336,7 @@ mod tests {
             signals_per_req: spr,
             mean_batch: None,
             deferred_p99_us: None,
+            osd_cpu_us: None,
             error: err.map(String::from),
         };
         let v = [
