@@ -10,7 +10,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use guest_agent::protocol::{MIGRATE_STOP, RESULT_PREFIX};
+use guest_agent::protocol::{MIGRATE_STEP, MIGRATE_STOP, READY_PREFIX, RESULT_PREFIX};
 
 use crate::agent::{pattern, AgentPlan, AgentRun};
 use crate::backend::{Backend, BackendConfig, BackendKind};
@@ -56,17 +56,119 @@ pub fn prepare_image(h: &Harness) -> Result<PathBuf> {
     Ok(image)
 }
 
-/// Tells the guest to stop its load and check everything.
-pub fn set_stop(image: &Path) -> Result<()> {
+/// The stop block that tells the guest to stop its load and check everything.
+pub fn stop_block() -> Vec<u8> {
+    let mut block = vec![0u8; 4096];
+    block[..MIGRATE_STOP.len()].copy_from_slice(MIGRATE_STOP);
+    block
+}
+
+/// The stop block that moves the guest's sentinel check to `step`.
+pub fn step_block(step: u64) -> Vec<u8> {
+    let mut block = vec![0u8; 4096];
+    block[..MIGRATE_STEP.len()].copy_from_slice(MIGRATE_STEP);
+    block[MIGRATE_STEP.len()..MIGRATE_STEP.len() + 8].copy_from_slice(&step.to_le_bytes());
+    block
+}
+
+/// Writes `block` (one of [`stop_block`], [`step_block`]) over the stop block of `image`.
+pub fn write_control(image: &Path, block: &[u8]) -> Result<()> {
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(image)
         .map_err(|e| Error::io(format!("open {}", image.display()), e))?;
-    let mut block = vec![0u8; 4096];
-    block[..MIGRATE_STOP.len()].copy_from_slice(MIGRATE_STOP);
-    f.write_all_at(&block, STOP_MIB * MIB)
+    f.write_all_at(block, STOP_MIB * MIB)
         .and_then(|()| f.sync_all())
         .map_err(|e| Error::io("write the stop block", e))
+}
+
+/// Waits for the agent on `q` to say `AGENT-READY` as `step` (`migrate/read/1`, ...); when it
+/// does not, the error carries the agent's result lines (a failed check).
+fn wait_step(q: &Qemu, step: &str) -> Result<()> {
+    q.wait_ready(step).map_err(|e| {
+        let results: Vec<String> = q
+            .console()
+            .lines()
+            .into_iter()
+            .filter(|l| l.contains(RESULT_PREFIX))
+            .collect();
+        Error::Agent(format!(
+            "the guest never said {step} ({e}): {}",
+            results.join("; ")
+        ))
+    })
+}
+
+/// Waits until the migration under way on `q` has finished its first pass over RAM (its second
+/// dirty-bitmap sync: every page has been sent once), then holds it open: a switchover
+/// threshold of 1 byte (1000 B/s for 1 ms) lets QEMU complete only after a sync that finds no
+/// page dirty (0 would not do: QEMU then completes without a last sync), and a bandwidth of one
+/// page or two per 100 ms window spaces the syncs out so that the running guest always dirties
+/// some page between two of them. The pages dirtied during the first pass keep QEMU sending
+/// at full speed for a while after that sync, long enough for the bandwidth to be lowered.
+fn hold_after_first_pass(q: &mut Qemu) -> Result<()> {
+    q.set_migration_parameters(serde_json::json!({
+        "max-bandwidth": 1024 * MIB,
+        "downtime-limit": 1,
+        "avail-switchover-bandwidth": 1000,
+    }))?;
+    let deadline = Instant::now() + MIGRATION_TIMEOUT;
+    loop {
+        let v = q.qmp()?.execute("query-migrate", None)?;
+        let status = v["status"].as_str().unwrap_or("");
+        let syncs = v["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
+        match status {
+            "active" if syncs >= 2 => break,
+            "completed" | "failed" | "cancelled" => {
+                return Err(Error::Qmp(format!(
+                    "the migration ended ({status}) while it was to be held open: {v}"
+                )))
+            }
+            _ if Instant::now() > deadline => {
+                return Err(Error::Qmp(format!(
+                    "the migration's first pass did not end within {MIGRATION_TIMEOUT:?}: {v}"
+                )))
+            }
+            _ => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+    q.set_migration_parameters(serde_json::json!({ "max-bandwidth": 64 << 10 }))
+}
+
+/// Waits for the agent on `q` to say `AGENT-READY` as `step` while `q`'s migration is held
+/// open; fails when the migration ends first (the hold did not hold) or the guest stops (the
+/// error then carries the agent's result lines).
+fn wait_step_held(q: &mut Qemu, step: &str) -> Result<()> {
+    let tag = format!("\"workload\":\"{step}\"");
+    let deadline = Instant::now() + MIGRATION_TIMEOUT;
+    loop {
+        let lines = q.console().lines();
+        if lines
+            .iter()
+            .any(|l| l.contains(READY_PREFIX) && l.contains(&tag))
+        {
+            return Ok(());
+        }
+        let results: Vec<&String> = lines.iter().filter(|l| l.contains(RESULT_PREFIX)).collect();
+        if !results.is_empty() {
+            return Err(Error::Agent(format!(
+                "the guest stopped before saying {step}: {results:?}"
+            )));
+        }
+        let m = q.query_migration()?;
+        if m.status != "active" {
+            return Err(Error::Qmp(format!(
+                "the migration ended ({}) before the guest said {step}: it was not held open",
+                m.status
+            )));
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Agent(format!(
+                "the guest did not say {step} within {MIGRATION_TIMEOUT:?}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// One backend process named `name` (its own socket, control socket and log) of `kind` on
@@ -174,6 +276,11 @@ pub struct PingPong<'a> {
     pub settle: Duration,
     /// How long the guest may take to finish once stopped (`None`: the harness's default).
     pub finish_timeout: Option<Duration>,
+    /// Whether each hop runs the guest's sentinel check: the migration is held open after its
+    /// first pass (a switchover threshold of 1 byte, so it cannot converge) while the guest reads into
+    /// buffers that pass sent poisoned, then let finish; after the hop the guest checks them.
+    /// Without the backend's dirty log that check fails on every hop. Off for timing.
+    pub sentinel: bool,
 }
 
 /// What a [`PingPong`] run gave.
@@ -194,15 +301,15 @@ impl PingPong<'_> {
         image: &Path,
         before_hops: impl FnOnce(&mut Harness, &mut Qemu) -> Result<()>,
     ) -> Result<PingPongRun> {
-        self.run_with_stop(h, || set_stop(image), before_hops)
+        self.run_with_control(h, |block| write_control(image, block), before_hops)
     }
 
     /// As [`PingPong::run`], on an image that is not a file on this host (an RBD image):
-    /// `stop` sets the stop block, as [`set_stop`] does for a file.
-    pub fn run_with_stop(
+    /// `control` writes a block over the stop block, as [`write_control`] does for a file.
+    pub fn run_with_control(
         &self,
         h: &mut Harness,
-        stop: impl FnOnce() -> Result<()>,
+        mut control: impl FnMut(&[u8]) -> Result<()>,
         before_hops: impl FnOnce(&mut Harness, &mut Qemu) -> Result<()>,
     ) -> Result<PingPongRun> {
         let plan = plan();
@@ -223,8 +330,34 @@ impl PingPong<'_> {
                 self.memory_mib,
                 &format!("hop{}", hop + 1),
             )?;
-            current.set_migration_parameters(serde_json::json!({ "max-bandwidth": 1024 * MIB }))?;
-            let migration = current.migrate(&uri, MIGRATION_TIMEOUT)?;
+            let n = hop as u64 + 1;
+            let migration = if self.sentinel {
+                current.start_migration(&uri)?;
+                hold_after_first_pass(&mut current)?;
+                control(&step_block(2 * n - 1))?;
+                wait_step_held(&mut current, &format!("migrate/read/{n}"))?;
+                current.set_migration_parameters(serde_json::json!({
+                    "max-bandwidth": 1024 * MIB,
+                    "downtime-limit": 300,
+                    "avail-switchover-bandwidth": 0,
+                }))?;
+                let m = current.wait_migration(MIGRATION_TIMEOUT)?;
+                if m.status != "completed" {
+                    return Err(Error::Qmp(format!(
+                        "migration {name} {}: {}",
+                        m.status,
+                        m.error.as_deref().unwrap_or("no error given")
+                    )));
+                }
+                m
+            } else {
+                current.set_migration_parameters(serde_json::json!({
+                    "max-bandwidth": 1024 * MIB,
+                    "downtime-limit": 300,
+                    "avail-switchover-bandwidth": 0,
+                }))?;
+                current.migrate(&uri, MIGRATION_TIMEOUT)?
+            };
             println!(
                 "migration {name}: {} in {} ms, downtime {} ms, {:.1} MiB of RAM sent",
                 migration.status,
@@ -236,12 +369,16 @@ impl PingPong<'_> {
             current.quit()?;
             std::mem::swap(&mut current, &mut target);
             earlier.push(target);
+            if self.sentinel {
+                control(&step_block(2 * n))?;
+                wait_step(&current, &format!("migrate/armed/{}", n + 1))?;
+            }
             if hop + 1 < self.hops {
                 run_for(&mut current, self.settle)?;
             }
         }
         let verdict = run_for(&mut current, self.settle)
-            .and_then(|()| stop())
+            .and_then(|()| control(&stop_block()))
             .and_then(|()| {
                 let earlier: Vec<&Qemu> = earlier.iter().collect();
                 current.wait_done_migrated(&earlier, self.finish_timeout)

@@ -5,8 +5,11 @@
 //! the guest goes A → B → A; at the end it checks every byte it read and wrote.
 //!
 //! The reads are what the dirty log is for: the backend writes those guest pages by DMA, which
-//! QEMU sees only through the log. `VMM_TESTS_MIGRATION_UNLOGGED=1` starts the backends with
-//! `--test-unlogged-reads` (the data of reads left out of the log), and the test must then fail.
+//! QEMU sees only through the log. Each hop is held open after QEMU's first pass over RAM while
+//! the guest reads into buffers that pass sent poisoned (the agent's sentinel); nothing but the
+//! log makes QEMU send them again, so without it the guest finds the poison after every hop.
+//! `VMM_TESTS_MIGRATION_UNLOGGED=1` starts the backends with `--test-unlogged-reads` (the data
+//! of reads left out of the log), and the test then fails on the first hop.
 
 use std::time::{Duration, Instant};
 
@@ -41,6 +44,7 @@ fn live_migration_cancel_then_ping_pong_with_io_running() {
             hops: 2,
             settle: Duration::from_secs(2),
             finish_timeout: None,
+            sentinel: true,
         };
         let result = scenario.run(h, &image, |h, source| {
             // A migration cancelled half-way: throttled so that it still runs when cancelled.
@@ -90,6 +94,13 @@ fn live_migration_cancel_then_ping_pong_with_io_running() {
             if data[key].as_u64().unwrap_or(0) == 0 {
                 return Err(Error::Agent(format!("migrate: no {key}: {data}")));
             }
+        }
+        let checked = data["sentinel_hops"].as_u64().unwrap_or(0);
+        if checked != result.hops.len() as u64 {
+            return Err(Error::Agent(format!(
+                "migrate: the sentinel checked {checked} hops of {}: {data}",
+                result.hops.len()
+            )));
         }
         a.check_alive()?;
         b.check_alive()?;

@@ -36,10 +36,10 @@ const MAX_DOWNTIME: Duration = Duration::from_secs(3);
 /// Longest acceptable write round in the guest (a write and its read-back), across the hops.
 const MAX_WRITE_MS: f64 = 5000.0;
 
-/// Writes the stop block into the RBD image as one more librbd client: it takes the image's
+/// Writes `block` over the stop block of the RBD image as one more librbd client: it takes the image's
 /// exclusive lock from the backend serving the guest, writes, and closes the image (releasing
 /// the lock, which the backend takes back at its next write).
-fn set_rbd_stop(conf: &std::path::Path) -> Result<()> {
+fn write_rbd_control(conf: &std::path::Path, block: &[u8]) -> Result<()> {
     let fail = |what: &str, e: &dyn std::fmt::Display| Error::Backend(format!("{what}: {e}"));
     let opts = rbd::ClusterOptions {
         conf: Some(conf.to_path_buf()),
@@ -52,8 +52,7 @@ fn set_rbd_stop(conf: &std::path::Path) -> Result<()> {
     };
     let image =
         Arc::new(rbd::Image::open(&opts, &spec, false).map_err(|e| fail("open the image", &e))?);
-    let mut block = vec![0u8; 4096];
-    block[..MIGRATE_STOP.len()].copy_from_slice(MIGRATE_STOP);
+    let mut block = block.to_vec();
     let iov = libc::iovec {
         iov_base: block.as_mut_ptr().cast(),
         iov_len: block.len(),
@@ -117,8 +116,10 @@ fn live_migration_ping_pong_on_an_rbd_image_with_io_running() {
             hops: 2,
             settle: Duration::from_secs(2),
             finish_timeout: None,
+            sentinel: true,
         };
-        let result = scenario.run_with_stop(h, || set_rbd_stop(c.conf()), |_, _| Ok(()))?;
+        let result =
+            scenario.run_with_control(h, |b| write_rbd_control(c.conf(), b), |_, _| Ok(()))?;
         let run = result.verdict?;
         run.expect_all_ok()?;
         let data = run.ok("migrate")?;
@@ -127,6 +128,13 @@ fn live_migration_ping_pong_on_an_rbd_image_with_io_running() {
             if data[key].as_u64().unwrap_or(0) == 0 {
                 return Err(Error::Agent(format!("migrate: no {key}: {data}")));
             }
+        }
+        let checked = data["sentinel_hops"].as_u64().unwrap_or(0);
+        if checked != result.hops.len() as u64 {
+            return Err(Error::Agent(format!(
+                "migrate: the sentinel checked {checked} hops of {}: {data}",
+                result.hops.len()
+            )));
         }
         let longest = data["max_write_ms"].as_f64().unwrap_or(f64::INFINITY);
         if longest > MAX_WRITE_MS {

@@ -35,6 +35,12 @@ pub const EXT4_HELLO: &str = "hello from the vmm-tests guest agent\n";
 /// migrating the VM.
 pub const MIGRATE_STOP: &[u8] = b"MIGRATION-TEST-STOP";
 
+/// What the host writes at the start of the `migrate` workload's stop block to move the guest's
+/// sentinel check one step on; the step number follows, 8 bytes little-endian. Step `2n - 1`:
+/// read the sentinel buffers now (the host holds hop `n`'s migration open after its first pass);
+/// step `2n`: hop `n` is done, check them from memory and poison them again.
+pub const MIGRATE_STEP: &[u8] = b"MIGRATION-TEST-STEP";
+
 /// What the agent says when it starts.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Hello {

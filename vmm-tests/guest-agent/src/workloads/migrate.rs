@@ -19,10 +19,21 @@
 //!   back and checks it, and remembers each block's last seed and its longest round (write and
 //!   read back, in guest time: a migration's downtime does not count, a stall after it does).
 //!
+//! - The sentinel makes one check per hop that cannot pass without the dirty log. It keeps
+//!   16 buffers of 64 KiB, poisoned by a vCPU write before the hop's migration starts, so QEMU's
+//!   first pass sends them poisoned. The host holds the migration open after that first pass and
+//!   writes step `2n - 1` into the stop block (`MIGRATE_STEP`); the sentinel then reads a chunk
+//!   of the region into each buffer with `O_DIRECT`, checks it, and says
+//!   `AGENT-READY {"workload":"<instance>/read/<n>"}`. Nothing in the guest writes those pages
+//!   again, so only the backend's dirty log makes QEMU send them once more: without it the
+//!   destination holds the poison. After the hop the host writes step `2n`; the sentinel checks
+//!   every buffer from memory, poisons them again and says `<instance>/armed/<n + 1>`.
+//!
 //! It prints `AGENT-READY {"workload":"<instance>"}` once all three run, and stops them when the
 //! stop block holds the magic. It then checks the region from the cache and every buffer once
 //! more, reads back every block written (each must hold its last seed), and reports how many
-//! passes each did and the writer's longest round (`max_write_ms`).
+//! passes each did, the hops the sentinel checked (`sentinel_hops`) and the writer's longest
+//! round (`max_write_ms`).
 
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
@@ -33,14 +44,14 @@ use std::time::{Duration, Instant};
 use guest_agent::pattern;
 use serde_json::{json, Value};
 
-use super::{ready, verify_pattern, DISK};
+use super::{ready, ready_as, verify_pattern, DISK};
 use crate::cmdline::Params;
 use crate::error::{Context, Error, Result};
 use crate::sys::{self, AlignedBuf};
 
 const MIB: u64 = 1 << 20;
 
-use guest_agent::protocol::MIGRATE_STOP as STOP_MAGIC;
+use guest_agent::protocol::{MIGRATE_STEP as STEP_MAGIC, MIGRATE_STOP as STOP_MAGIC};
 
 /// The byte that poisons a direct reader's buffer before each read.
 const POISON: u8 = 0xd7;
@@ -50,6 +61,9 @@ const CHUNK: usize = 64 << 10;
 
 /// Direct-read buffers kept between checks.
 const BUFFERS: usize = 32;
+
+/// Sentinel buffers (of [`CHUNK`] bytes each).
+const SENTINELS: usize = 16;
 
 /// The read region and its pattern.
 #[derive(Clone, Copy)]
@@ -184,11 +198,99 @@ fn writer(
     Ok((seeds, longest))
 }
 
-/// Whether the host set the stop block.
-fn stop_requested(f: &std::fs::File, at: u64, buf: &mut AlignedBuf) -> Result<bool> {
+/// What the host wrote into the stop block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Control {
+    /// Nothing yet.
+    Run,
+    /// A sentinel step.
+    Step(u64),
+    /// Stop and check.
+    Stop,
+}
+
+/// Reads the stop block.
+fn control(f: &std::fs::File, at: u64, buf: &mut AlignedBuf) -> Result<Control> {
     f.read_exact_at(&mut buf[..pattern::BLOCK], at)
         .ctx(|| format!("read {DISK} at {at}"))?;
-    Ok(buf.starts_with(STOP_MAGIC))
+    if buf.starts_with(STOP_MAGIC) {
+        return Ok(Control::Stop);
+    }
+    if let Some(rest) = buf.strip_prefix(STEP_MAGIC) {
+        let mut n = [0u8; 8];
+        n.copy_from_slice(&rest[..8]);
+        return Ok(Control::Step(u64::from_le_bytes(n)));
+    }
+    Ok(Control::Run)
+}
+
+/// The sentinel buffers, the hop they are armed for, and where each was read from.
+struct Sentinel {
+    bufs: Vec<(AlignedBuf, u64)>,
+    hop: u64,
+    read: bool,
+    checked: u64,
+}
+
+impl Sentinel {
+    /// Buffers poisoned by a vCPU write, armed for hop 1.
+    fn new(r: Region) -> Self {
+        let chunks = (r.len / CHUNK as u64).max(1);
+        let bufs = (0..SENTINELS as u64)
+            .map(|i| {
+                let mut b = AlignedBuf::new(CHUNK);
+                b.fill(POISON);
+                (b, r.offset + (i * 7 % chunks) * CHUNK as u64)
+            })
+            .collect();
+        Sentinel {
+            bufs,
+            hop: 1,
+            read: false,
+            checked: 0,
+        }
+    }
+
+    /// Acts on step `step` of the host (a step seen before is ignored).
+    fn step(&mut self, step: u64, f: &std::fs::File, r: Region, instance: &str) -> Result<()> {
+        if !self.read && step == 2 * self.hop - 1 {
+            for (buf, off) in self.bufs.iter_mut() {
+                f.read_exact_at(buf, *off)
+                    .ctx(|| format!("read {DISK} at {off}"))?;
+                check_direct(buf, *off, r)?;
+            }
+            self.read = true;
+            ready_as(&format!("{instance}/read/{}", self.hop))
+        } else if self.read && step == 2 * self.hop {
+            self.check(r).map_err(|e| {
+                Error::Check(format!(
+                    "sentinel after hop {}: {e} (read while the migration ran, after its \
+                     first pass, and never written by the guest: only the dirty log makes \
+                     QEMU send it again)",
+                    self.hop
+                ))
+            })?;
+            self.checked += 1;
+            for (buf, _) in self.bufs.iter_mut() {
+                buf.fill(POISON);
+            }
+            self.hop += 1;
+            self.read = false;
+            ready_as(&format!("{instance}/armed/{}", self.hop))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Checks every buffer from memory, if they were read.
+    fn check(&self, r: Region) -> Result<()> {
+        if self.read {
+            for (buf, off) in &self.bufs {
+                check_direct(buf, *off, r)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Tells the other threads to stop when `r` is an error.
@@ -222,11 +324,12 @@ pub fn run(p: &Params) -> Result<Value> {
     let control =
         sys::open(Path::new(DISK), false, true).ctx(|| format!("open {DISK} O_DIRECT"))?;
     let mut stop_buf = AlignedBuf::new(pattern::BLOCK);
-    if stop_requested(&control, stop_at, &mut stop_buf)? {
+    if self::control(&control, stop_at, &mut stop_buf)? != Control::Run {
         return Err(Error::Check(format!(
             "{w}: the stop block is set before the start"
         )));
     }
+    let mut sentinel = Sentinel::new(region);
 
     let stop = AtomicBool::new(false);
     let (cache_passes, direct_rounds) = (AtomicU64::new(0), AtomicU64::new(0));
@@ -252,8 +355,10 @@ pub fn run(p: &Params) -> Result<Value> {
             }
             ready(p)?;
             while !stop.load(Ordering::Relaxed) {
-                if stop_requested(&control, stop_at, &mut stop_buf)? {
-                    break;
+                match self::control(&control, stop_at, &mut stop_buf)? {
+                    Control::Stop => break,
+                    Control::Step(n) => sentinel.step(n, &control, region, p.instance())?,
+                    Control::Run => {}
                 }
                 if start.elapsed() > max {
                     return Err(Error::Check(format!(
@@ -280,6 +385,9 @@ pub fn run(p: &Params) -> Result<Value> {
     let (seeds, longest_write) = written?;
     waited?;
     let load_secs = start.elapsed().as_secs_f64();
+    sentinel
+        .check(region)
+        .map_err(|e| Error::Check(format!("sentinel at the end: {e}")))?;
 
     // Every block written holds its last seed.
     let mut buf = AlignedBuf::new(bs as usize);
@@ -297,6 +405,7 @@ pub fn run(p: &Params) -> Result<Value> {
         "page_cache_passes": cache_passes.load(Ordering::Relaxed),
         "direct_rounds": direct_rounds.load(Ordering::Relaxed),
         "blocks_verified": verified,
+        "sentinel_hops": sentinel.checked,
         "max_write_ms": longest_write.as_secs_f64() * 1000.0,
     }))
 }
