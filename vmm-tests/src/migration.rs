@@ -171,6 +171,17 @@ fn wait_step_held(q: &mut Qemu, step: &str) -> Result<()> {
     }
 }
 
+/// The backends' extra arguments of the migration tests: `--test-unlogged-reads` (the data of
+/// reads left out of the dirty log) when `VMM_TESTS_MIGRATION_UNLOGGED=1`, to show that the
+/// tests fail without the log.
+pub fn test_args_from_env() -> Vec<String> {
+    if std::env::var("VMM_TESTS_MIGRATION_UNLOGGED").is_ok_and(|v| v == "1") {
+        vec!["--test-unlogged-reads".into()]
+    } else {
+        Vec::new()
+    }
+}
+
 /// One backend process named `name` (its own socket, control socket and log) of `kind` on
 /// `image`, with `--cache` `cache` (qemu-storage-daemon: `cache.direct=on` for `none`) and
 /// `extra_args` (ours only).

@@ -29,12 +29,7 @@ fn logging_went_on_then_off(log: &str) -> bool {
 fn live_migration_cancel_then_ping_pong_with_io_running() {
     vm_test("migration", |h| {
         let image = migration::prepare_image(h)?;
-        let extra: Vec<String> =
-            if std::env::var("VMM_TESTS_MIGRATION_UNLOGGED").is_ok_and(|v| v == "1") {
-                vec!["--test-unlogged-reads".into()]
-            } else {
-                Vec::new()
-            };
+        let extra = migration::test_args_from_env();
         let kind = h.backend_kind.clone();
         let mut a = migration::start_backend(h, &kind, &image, "a", None, &extra)?;
         let mut b = migration::start_backend(h, &kind, &image, "b", None, &extra)?;
