@@ -449,3 +449,85 @@ fn get_vring_base_completes_logs_and_publishes_everything_in_flight() {
 fn get_vring_base_with_polling_completes_logs_and_publishes_everything_in_flight() {
     stop_drains_logged(&["--poll-us", "200"]);
 }
+
+/// GET_VRING_BASE while reads are still running: guest buffers not aligned for O_DIRECT make the
+/// io_uring engine run the reads off the queue thread, where fault injection holds each for
+/// 500 ms, so they are in flight when GET_VRING_BASE is sent. The reply waits for them, and by
+/// then their data, status bytes and used entries are written, logged and published.
+#[test]
+fn get_vring_base_waits_for_reads_in_flight_then_logs_and_publishes_them() {
+    let backend = Backend::spawn(&BackendOpts {
+        io_engine: "io-uring",
+        cache: "none",
+        control: true,
+        env: vec![("DISK_OFFLOAD_READ_DELAY_MS", "500".into())],
+        ..BackendOpts::default()
+    });
+    let image = pattern(12, 64 << 10);
+    backend.write_image(0, &image);
+    let (mut dev, log) = logging(&backend);
+    log.clear();
+
+    // Odd guest addresses: not aligned for O_DIRECT, so offloaded.
+    let requests: Vec<Raw> = (0..2u64)
+        .map(|i| {
+            Raw::read(
+                i * 16,
+                &[(0x0080_0801 + i * 0x2_0000, 4096)],
+                0x0100_0000 + i * 0x1001,
+            )
+        })
+        .collect();
+    submit_raw(&mut dev, &requests);
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let stats = backend.stats();
+        let q = &stats["queues"][0];
+        if q["in_flight"].as_u64() == Some(requests.len() as u64) {
+            assert_eq!(
+                q["requests"].as_u64(),
+                Some(0),
+                "a read completed early: {stats}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backend did not take the reads: {stats}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        log.pages().is_empty(),
+        "logged before the reads completed: {:?}",
+        log.pages()
+    );
+    let start = Instant::now();
+    let next_avail = dev.get_vring_base(0).expect("GET_VRING_BASE");
+    let took = start.elapsed();
+    assert_eq!(next_avail, requests.len() as u32);
+    assert!(
+        took >= Duration::from_millis(100),
+        "GET_VRING_BASE answered in {took:?}, before the reads it found in flight could complete"
+    );
+
+    let used = used_ring_pages(&mut dev);
+    let q = dev.queue(0);
+    let mut ids = BTreeSet::new();
+    for _ in &requests {
+        let u = q
+            .wait_used(Duration::ZERO)
+            .expect("a read completed after GET_VRING_BASE");
+        ids.insert(u.id);
+    }
+    assert_eq!(ids.len(), requests.len());
+    let mut expected = used;
+    for (i, r) in requests.iter().enumerate() {
+        expected.extend(r.written_pages());
+        assert_eq!(dev.memory().read(r.status, 1)[0], S_OK);
+        let (addr, len) = r.bufs[0];
+        let at = i * 16 * 512;
+        assert!(dev.memory().read(addr, len as usize) == image[at..at + len as usize]);
+    }
+    assert_eq!(log.pages(), expected, "backend log:\n{}", backend.log());
+}

@@ -70,6 +70,8 @@ pub struct BackendOpts {
     pub control: bool,
     /// Anything else, appended as is.
     pub extra_args: Vec<String>,
+    /// Environment variables of the process (fault injection).
+    pub env: Vec<(&'static str, String)>,
 }
 
 impl Default for BackendOpts {
@@ -86,6 +88,7 @@ impl Default for BackendOpts {
             logical_block_size: None,
             control: false,
             extra_args: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -143,6 +146,7 @@ impl Backend {
             cmd.arg("--control").arg(control);
         }
         cmd.args(&opts.extra_args);
+        cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }

@@ -4,9 +4,14 @@
 //!
 //! The range is set at open from `DISK_FAIL_SECTORS=START-END` (512-byte sectors, end
 //! exclusive) or at any time with `Image::set_fail_sectors`.
+//!
+//! `DISK_OFFLOAD_READ_DELAY_MS=N` makes every read run off the queue thread (the io_uring
+//! engine's offload worker) wait `N` ms before it starts, so that a test can hold reads in
+//! flight while it stops the device.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use log::warn;
 
@@ -15,17 +20,31 @@ use crate::SECTOR_SIZE;
 /// The environment variable read at open.
 pub(crate) const ENV: &str = "DISK_FAIL_SECTORS";
 
-/// A range of failing sectors; empty (`start >= end`) means none.
+/// The environment variable read at open for the delay of offloaded reads, in milliseconds.
+pub(crate) const READ_DELAY_ENV: &str = "DISK_OFFLOAD_READ_DELAY_MS";
+
+/// A range of failing sectors; empty (`start >= end`) means none. And the delay of offloaded
+/// reads (0: none).
 #[derive(Debug, Default)]
 pub(crate) struct FaultInjector {
     start: AtomicU64,
     end: AtomicU64,
+    read_delay_ms: u64,
 }
 
 impl FaultInjector {
     /// The range of [`ENV`], if set and valid.
     pub(crate) fn from_env() -> Self {
-        let faults = FaultInjector::default();
+        let mut faults = FaultInjector::default();
+        if let Ok(ms) = std::env::var(READ_DELAY_ENV) {
+            match ms.trim().parse() {
+                Ok(ms) => {
+                    warn!("fault injection: offloaded reads wait {ms} ms before they start");
+                    faults.read_delay_ms = ms;
+                }
+                Err(_) => warn!("fault injection: ignoring {READ_DELAY_ENV}={ms:?} (expected ms)"),
+            }
+        }
         if let Ok(spec) = std::env::var(ENV) {
             match parse(&spec) {
                 Some(range) => {
@@ -45,6 +64,11 @@ impl FaultInjector {
         self.end.store(0, Ordering::Relaxed);
         self.start.store(range.start, Ordering::Relaxed);
         self.end.store(range.end, Ordering::Release);
+    }
+
+    /// How long an offloaded read waits before it starts, if at all.
+    pub(crate) fn read_delay(&self) -> Option<Duration> {
+        (self.read_delay_ms > 0).then(|| Duration::from_millis(self.read_delay_ms))
     }
 
     /// Whether `[offset, offset + len)` (bytes) touches a failing sector.

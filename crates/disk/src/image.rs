@@ -586,6 +586,16 @@ impl Image {
         }
     }
 
+    /// Waits out the injected delay of a read run off the queue thread (nothing without fault
+    /// injection).
+    #[inline]
+    pub(crate) fn delay_offloaded_read(&self) {
+        #[cfg(feature = "fault-injection")]
+        if let Some(d) = self.faults.read_delay() {
+            std::thread::sleep(d);
+        }
+    }
+
     /// `EIO` when fault injection covers `[offset, offset + len)`.
     #[inline]
     pub(crate) fn check_fault(&self, _offset: u64, _len: u64) -> io::Result<()> {

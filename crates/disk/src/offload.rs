@@ -155,6 +155,9 @@ fn lower_priority() {
 pub(crate) fn run(image: &Image, job: Job) -> Completion {
     match job {
         Job::Execute { user_data, op } => {
+            if matches!(op, Op::Read { .. }) {
+                image.delay_offloaded_read();
+            }
             let result = image.execute(&op);
             Completion {
                 user_data,
