@@ -104,8 +104,10 @@ fn wait_step(q: &Qemu, step: &str) -> Result<()> {
 /// threshold of 1 byte (1000 B/s for 1 ms) lets QEMU complete only after a sync that finds no
 /// page dirty (0 would not do: QEMU then completes without a last sync), and a bandwidth of one
 /// page or two per 100 ms window spaces the syncs out so that the running guest always dirties
-/// some page between two of them. The pages dirtied during the first pass keep QEMU sending
-/// at full speed for a while after that sync, long enough for the bandwidth to be lowered.
+/// some page between two of them. Syncs come back to back only while what QEMU finds dirty
+/// fits in one window's budget; so the last [`SLOW_TAIL`] of the first pass already goes at
+/// [`SLOW_TAIL`] per second, where the pages the guest dirtied during that pass take several
+/// windows after the sync that ends it: time for the bandwidth to go down to the hold's.
 fn hold_after_first_pass(q: &mut Qemu) -> Result<()> {
     q.set_migration_parameters(serde_json::json!({
         "max-bandwidth": 1024 * MIB,
@@ -113,12 +115,18 @@ fn hold_after_first_pass(q: &mut Qemu) -> Result<()> {
         "avail-switchover-bandwidth": 1000,
     }))?;
     let deadline = Instant::now() + MIGRATION_TIMEOUT;
+    let mut slowed = false;
     loop {
         let v = q.qmp()?.execute("query-migrate", None)?;
         let status = v["status"].as_str().unwrap_or("");
         let syncs = v["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
+        let remaining = v["ram"]["remaining"].as_u64().unwrap_or(u64::MAX);
         match status {
             "active" if syncs >= 2 => break,
+            "active" if syncs == 1 && remaining <= SLOW_TAIL && !slowed => {
+                q.set_migration_parameters(serde_json::json!({ "max-bandwidth": SLOW_TAIL }))?;
+                slowed = true;
+            }
             "completed" | "failed" | "cancelled" => {
                 return Err(Error::Qmp(format!(
                     "the migration ended ({status}) while it was to be held open: {v}"
@@ -134,6 +142,9 @@ fn hold_after_first_pass(q: &mut Qemu) -> Result<()> {
     }
     q.set_migration_parameters(serde_json::json!({ "max-bandwidth": 64 << 10 }))
 }
+
+/// The end of the first pass that goes slowly (bytes left), and its bandwidth (bytes/s).
+const SLOW_TAIL: u64 = 8 * MIB;
 
 /// Waits for the agent on `q` to say `AGENT-READY` as `step` while `q`'s migration is held
 /// open; fails when the migration ends first (the hold did not hold) or the guest stops (the
