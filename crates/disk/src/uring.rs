@@ -18,9 +18,18 @@
 //! but ext4 cannot take it without blocking (no `FMODE_BUF_WASYNC`), so io_uring hands every one
 //! to a kernel worker thread: measured with 4 KiB random writes at queue depth 32, that costs
 //! 3.4 µs of CPU per request against 2.2 µs for the same `pwritev2` done here, and half the
-//! IOPS; the price of running it here is that a write held by the host's dirty throttling holds
-//! the queue too. At reap, a short transfer is finished synchronously, and errors that have a
-//! fallback (`RWF_DONTCACHE` refused, `O_DIRECT` refused) get it.
+//! IOPS. But a buffered write can also be held for up to a fifth of a second at a time by the
+//! host's dirty throttling (when the page cache holds more dirty data than the device can write
+//! back), and done here it would hold every other request of the queue meanwhile. So the engine
+//! times each buffered write it runs here: one that took `SLOW_WRITE` (2 ms) or more turns the
+//! queue's buffered writes over to io_uring's worker threads (`IOSQE_ASYNC`, over the same
+//! buffers) for `ASYNC_WRITES_HOLD` (1 s), a period that every slow write there extends; then
+//! they come back here. Asking first with `RWF_NOWAIT` is no help: ext4 and tmpfs refuse it for
+//! buffered writes, btrfs answers `EAGAIN` to every write that needs copy-on-write, and on XFS a
+//! throttled writer holds the inode lock that reads of the image wait for anyway.
+//!
+//! At reap, a short transfer is finished synchronously, and errors that have a fallback
+//! (`RWF_DONTCACHE` refused, `O_DIRECT` refused) get it.
 //!
 //! Each request occupies a slot, preallocated for the queue depth, whose index is the SQE's
 //! `user_data`; nothing is allocated per request while the depth is respected. The slot owns the
@@ -32,6 +41,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, register::Restriction, squeue, types, IoUring};
 use log::{debug, warn};
@@ -56,6 +66,13 @@ const MAX_ENTRIES: u32 = 32768;
 /// host's CPUs. Small reads stay inline, where a cache hit costs no thread hand-off.
 const ASYNC_READ_MIN: u32 = 256 << 10;
 
+/// A buffered write that takes this long on the queue thread was held by the kernel (dirty
+/// throttling pauses a writer for 10 to 200 ms at a time); a page-cache copy takes microseconds.
+const SLOW_WRITE: Duration = Duration::from_millis(2);
+
+/// How long a queue's buffered writes go to io_uring's worker threads after one was slow.
+const ASYNC_WRITES_HOLD: Duration = Duration::from_secs(1);
+
 /// A request between submission and reap; it owns the request's buffers meanwhile.
 #[derive(Debug)]
 struct Slot {
@@ -66,6 +83,8 @@ struct Slot {
     len: u32,
     /// The `rw_flags` it was submitted with.
     flags: i32,
+    /// When a buffered write handed to io_uring's workers was submitted.
+    async_write_since: Option<Instant>,
 }
 
 impl Slot {
@@ -74,6 +93,7 @@ impl Slot {
         op: Op::Flush,
         len: 0,
         flags: 0,
+        async_write_since: None,
     };
 
     /// The slot of an operation without data.
@@ -83,6 +103,7 @@ impl Slot {
             op,
             len: 0,
             flags: 0,
+            async_write_since: None,
         }
     }
 }
@@ -108,6 +129,9 @@ pub struct UringEngine {
     cq_entries: usize,
     /// The worker for what may take seconds and the ring cannot run asynchronously.
     offload: Offload,
+    /// Until when buffered writes go to io_uring's workers rather than run here, since one
+    /// was held by the kernel.
+    async_writes_until: Option<Instant>,
 }
 
 impl UringEngine {
@@ -156,6 +180,7 @@ impl UringEngine {
             in_ring: 0,
             cq_entries,
             offload: Offload::new(),
+            async_writes_until: None,
         })
     }
 
@@ -171,6 +196,37 @@ impl UringEngine {
             result,
             bufs,
         });
+    }
+
+    /// Whether a buffered write goes to io_uring's workers now rather than run here.
+    fn async_writes(&mut self) -> bool {
+        match self.async_writes_until {
+            Some(until) if Instant::now() < until => true,
+            Some(_) => {
+                self.async_writes_until = None;
+                debug!(
+                    "{}: buffered writes run on the queue thread again",
+                    self.image.path().display()
+                );
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// A buffered write took `took`: when that is slow, hand the next ones to io_uring's
+    /// workers for a while.
+    fn buffered_write_took(&mut self, took: Duration) {
+        if took < SLOW_WRITE {
+            return;
+        }
+        if self.async_writes_until.is_none() {
+            debug!(
+                "{}: a buffered write was held {took:?}; buffered writes go to io_uring workers",
+                self.image.path().display()
+            );
+        }
+        self.async_writes_until = Some(Instant::now() + ASYNC_WRITES_HOLD);
     }
 
     /// Run `op` on this thread and complete it now.
@@ -303,7 +359,11 @@ impl UringEngine {
             op,
             len,
             flags,
+            async_write_since,
         } = self.release_slot(idx as u32);
+        if let Some(since) = async_write_since {
+            self.buffered_write_took(since.elapsed());
+        }
         let result = match &op {
             Op::Read { offset, bufs } => self.finish_rw(false, bufs, *offset, len, flags, res),
             Op::Write { offset, bufs } => self.finish_rw(true, bufs, *offset, len, flags, res),
@@ -443,16 +503,26 @@ impl Engine for UringEngine {
                     self.offload(Job::Execute { user_data, op });
                     return Ok(());
                 }
-                if iov.len() > IOV_MAX
-                    || self.image.check_fault(offset, len.into()).is_err()
-                    || (write && !self.image.is_direct())
-                {
+                if iov.len() > IOV_MAX || self.image.check_fault(offset, len.into()).is_err() {
                     self.run_now(op, user_data);
+                    return Ok(());
+                }
+                let buffered_write = write && !self.image.is_direct();
+                if buffered_write && !self.async_writes() {
+                    let started = Instant::now();
+                    self.run_now(op, user_data);
+                    self.buffered_write_took(started.elapsed());
                     return Ok(());
                 }
                 let (iovecs, iovcnt) = (iov.as_ptr(), iov.len() as u32);
                 let flags = self.image.rw_flags();
-                let entry = if write {
+                let entry = if buffered_write {
+                    on_image!(self, |fd| opcode::Writev::new(fd, iovecs, iovcnt)
+                        .offset(offset)
+                        .rw_flags(flags)
+                        .build()
+                        .flags(squeue::Flags::ASYNC))
+                } else if write {
                     on_image!(self, |fd| opcode::Writev::new(fd, iovecs, iovcnt)
                         .offset(offset)
                         .rw_flags(flags)
@@ -473,6 +543,7 @@ impl Engine for UringEngine {
                     op,
                     len,
                     flags,
+                    async_write_since: buffered_write.then(Instant::now),
                 };
                 self.push(entry, slot)
             }
