@@ -23,10 +23,10 @@
 //! back), and done here it would hold every other request of the queue meanwhile. So the engine
 //! times each buffered write it runs here: one that took `SLOW_WRITE` (2 ms) or more turns the
 //! queue's buffered writes over to io_uring's worker threads (`IOSQE_ASYNC`, over the same
-//! buffers) for `ASYNC_WRITES_HOLD` (1 s), a period that every slow write there extends; then
-//! they come back here. Asking first with `RWF_NOWAIT` is no help: ext4 and tmpfs refuse it for
-//! buffered writes, btrfs answers `EAGAIN` to every write that needs copy-on-write, and on XFS a
-//! throttled writer holds the inode lock that reads of the image wait for anyway.
+//! buffers) for `ASYNC_WRITES_HOLD` (1 s); then they come back here, and the first one tells
+//! whether the throttling goes on. Asking first with `RWF_NOWAIT` is no help: ext4 and tmpfs
+//! refuse it for buffered writes, btrfs answers `EAGAIN` to every write that needs copy-on-write,
+//! and on XFS a throttled writer holds the inode lock that reads of the image wait for anyway.
 //!
 //! At reap, a short transfer is finished synchronously, and errors that have a fallback
 //! (`RWF_DONTCACHE` refused, `O_DIRECT` refused) get it.
@@ -67,10 +67,15 @@ const MAX_ENTRIES: u32 = 32768;
 const ASYNC_READ_MIN: u32 = 256 << 10;
 
 /// A buffered write that takes this long on the queue thread was held by the kernel (dirty
-/// throttling pauses a writer for 10 to 200 ms at a time); a page-cache copy takes microseconds.
+/// throttling pauses a writer for milliseconds, up to 200 ms, at a time); a page-cache copy
+/// takes microseconds. A busy host's scheduler taking the CPU from the queue thread that long
+/// passes for throttling too, and costs a second of writes through io_uring's workers.
 const SLOW_WRITE: Duration = Duration::from_millis(2);
 
-/// How long a queue's buffered writes go to io_uring's worker threads after one was slow.
+/// How long a queue's buffered writes go to io_uring's worker threads after one was slow. Their
+/// time there tells nothing (at queue depth 32 it is mostly waiting behind each other, as
+/// io_uring runs the buffered writes of one file one at a time), so the next one run here says
+/// whether the throttling goes on.
 const ASYNC_WRITES_HOLD: Duration = Duration::from_secs(1);
 
 /// A request between submission and reap; it owns the request's buffers meanwhile.
@@ -83,8 +88,6 @@ struct Slot {
     len: u32,
     /// The `rw_flags` it was submitted with.
     flags: i32,
-    /// When a buffered write handed to io_uring's workers was submitted.
-    async_write_since: Option<Instant>,
 }
 
 impl Slot {
@@ -93,7 +96,6 @@ impl Slot {
         op: Op::Flush,
         len: 0,
         flags: 0,
-        async_write_since: None,
     };
 
     /// The slot of an operation without data.
@@ -103,7 +105,6 @@ impl Slot {
             op,
             len: 0,
             flags: 0,
-            async_write_since: None,
         }
     }
 }
@@ -214,8 +215,8 @@ impl UringEngine {
         }
     }
 
-    /// A buffered write took `took`: when that is slow, hand the next ones to io_uring's
-    /// workers for a while.
+    /// A buffered write run here took `took`: when that is slow, hand the next ones to
+    /// io_uring's workers for a while.
     fn buffered_write_took(&mut self, took: Duration) {
         if took < SLOW_WRITE {
             return;
@@ -359,11 +360,7 @@ impl UringEngine {
             op,
             len,
             flags,
-            async_write_since,
         } = self.release_slot(idx as u32);
-        if let Some(since) = async_write_since {
-            self.buffered_write_took(since.elapsed());
-        }
         let result = match &op {
             Op::Read { offset, bufs } => self.finish_rw(false, bufs, *offset, len, flags, res),
             Op::Write { offset, bufs } => self.finish_rw(true, bufs, *offset, len, flags, res),
@@ -543,7 +540,6 @@ impl Engine for UringEngine {
                     op,
                     len,
                     flags,
-                    async_write_since: buffered_write.then(Instant::now),
                 };
                 self.push(entry, slot)
             }
