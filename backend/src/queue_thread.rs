@@ -321,7 +321,6 @@ impl QueueThread {
             return;
         };
         self.deferred_path.set_vrings(vrings);
-        let mem = self.shared.mem.memory().into_inner();
         let event_idx = self.shared.event_idx.load(Ordering::Relaxed);
         // The chains of one pass share one reading of the clock (microseconds apart at most).
         self.pass_now = None;
@@ -334,7 +333,7 @@ impl QueueThread {
             }
             // An available index more than a queue's worth ahead of us is the driver breaking its
             // own ring: nothing on it can be trusted, so this queue stops (the others go on).
-            if let Err(e) = state.get_queue_mut().iter(&*mem) {
+            if let Err(e) = state.get_queue_mut().iter(&*self.shared.mem.memory()) {
                 let queue = &mut self.queues[local];
                 if !std::mem::replace(&mut queue.ring_broken, true) {
                     error!(
@@ -355,6 +354,11 @@ impl QueueThread {
                     ),
                 }
             }
+            // The memory map the chains are read with is loaded after the available index (read
+            // just above): a region the frontend added, and saw acknowledged, before it published a
+            // chain that points into it is then in the map. One loaded before, when the thread
+            // was woken, would reject such a chain as outside guest memory.
+            let mem = self.shared.mem.memory().into_inner();
             // Taken under the vring's lock, as the deferred worker does: never contended.
             let order = Arc::clone(&self.queues[local].order);
             let mut order = used_order::lock(&order);
