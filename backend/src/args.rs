@@ -146,18 +146,26 @@ pub struct BackendArgs {
     #[arg(long)]
     pub strict_batching: bool,
 
-    /// Busy-poll each queue's ring and I/O completions for up to this many microseconds after
-    /// the last work before sleeping (kicks stay off meanwhile), as cloud-hypervisor's
-    /// 50 us queue polling: lower latency for a CPU spent spinning. Adaptive: polls that find
-    /// nothing shrink the window to an eighth. 0 (default) sleeps at once.
-    #[arg(long, default_value_t = 0, value_name = "US")]
+    /// Longest window, in microseconds, for which a queue thread busy-polls its ring after work
+    /// before sleeping (kicks stay off meanwhile): lower latency at low queue depth for a CPU
+    /// spent spinning. Adaptive by default: the window starts at nothing, grows (4 us, then
+    /// doubling up to this value) while each request arrives within this many microseconds of
+    /// the last work, and collapses to nothing as soon as one arrives later, so a queue that
+    /// goes quiet costs no CPU. 0 turns polling off.
+    #[arg(long, default_value_t = 50, value_name = "US")]
     pub poll_us: u64,
 
-    /// With --poll-us: keep polling while requests are at the device as well, instead of
-    /// sleeping until their completion wakes the thread (cloud-hypervisor's behaviour). Saves
-    /// the completion's wake-up at the price of a CPU spinning through device latencies: for
-    /// hosts with a core to spare per queue thread.
-    #[arg(long, requires = "poll_us")]
+    /// Poll the whole --poll-us window after every event, as cloud-hypervisor does, instead of
+    /// adapting it to how soon requests arrive: each request costs up to a window of CPU even
+    /// when the next one is far away.
+    #[arg(long)]
+    pub poll_fixed: bool,
+
+    /// Keep polling while requests are at the device as well, instead of sleeping until their
+    /// completion wakes the thread. Saves the completion's wake-up at the price of a CPU
+    /// spinning through device latencies: for hosts with a core to spare per queue thread. No
+    /// effect with --poll-us 0.
+    #[arg(long)]
     pub poll_device: bool,
 
     /// Test only: during a migration, leave the data of reads out of the dirty log, so that

@@ -62,8 +62,10 @@ pub struct DeviceSettings {
     pub page_cache_budget: Option<u64>,
     /// Always wait out the batching delay, even when nothing else is in flight to batch with.
     pub strict_batching: bool,
-    /// How long a queue thread busy-polls its rings after work before sleeping (0: never).
+    /// The longest a queue thread busy-polls its rings after work before sleeping (0: never).
     pub poll: Duration,
+    /// Poll the whole window after every event instead of adapting it.
+    pub poll_fixed: bool,
     /// Keep polling while requests are at the device.
     pub poll_device: bool,
     /// Mark the data of reads in the dirty log while migrating (off only in tests that show
@@ -156,6 +158,7 @@ impl BlkDevice {
             page_cache_budget: settings.page_cache_budget,
             strict_batching: settings.strict_batching,
             poll: settings.poll,
+            poll_fixed: settings.poll_fixed,
             poll_device: settings.poll_device,
             logging: AtomicBool::new(false),
             log_reads: settings.log_reads,
@@ -512,6 +515,7 @@ impl VhostUserBackend for BlkDevice {
         };
         let mut thread = lock(thread);
         if usize::from(device_event) < vrings.len() {
+            thread.on_kick();
             thread.process_queue(usize::from(device_event), vrings);
             thread.poll(vrings);
         } else if u64::from(device_event) == self.completion_event_id() {
@@ -551,6 +555,7 @@ mod tests {
             page_cache_budget: None,
             strict_batching: false,
             poll: Duration::ZERO,
+            poll_fixed: false,
             poll_device: false,
             log_reads: true,
             used_order: UsedOrderMode::Avail,

@@ -110,6 +110,51 @@ enum Started {
 /// epoll for its other events.
 const MAX_POLL: Duration = Duration::from_millis(1);
 
+/// The first adaptive poll window, after a request that arrived within `--poll-us` of the last
+/// work found the window at nothing; each such request doubles it up to `--poll-us`.
+const POLL_START: Duration = Duration::from_micros(4);
+
+/// The adaptive poll window of one queue thread.
+///
+/// The thread measures how long it waited for the driver: from the last work it did with
+/// nothing left at the engine to the next kick. A wait within the window needs no change; one
+/// longer than the window but within `max` says polling a little longer would have caught it,
+/// so the window grows (from [`POLL_START`], doubling, up to `max`); one longer than `max` says
+/// the queue went quiet, and the window collapses to nothing, so an idle queue, or one whose
+/// requests come far apart, spins for nothing at all.
+#[derive(Debug, Default)]
+struct PollWindow {
+    /// The current window (zero: sleep at once).
+    window: Duration,
+    /// When the thread last went to sleep waiting for the driver, nothing being at the engine.
+    idle_since: Option<Instant>,
+}
+
+impl PollWindow {
+    /// A kick woke the thread: adapt the window to how long it waited for the driver. Returns
+    /// whether the window changed.
+    fn on_kick(&mut self, now: Instant, max: Duration) -> bool {
+        let Some(since) = self.idle_since.take() else {
+            return false;
+        };
+        let waited = now.saturating_duration_since(since);
+        let old = self.window;
+        if waited <= self.window {
+            // Arrived within the window after all (a kick that raced the end of the poll).
+        } else if waited > max {
+            self.window = Duration::ZERO;
+        } else if self.window < max {
+            self.window = if self.window.is_zero() {
+                POLL_START
+            } else {
+                self.window * 2
+            }
+            .min(max);
+        }
+        self.window != old
+    }
+}
+
 /// Bytes written under `writeback` since the last eviction, for `--page-cache-budget`.
 #[derive(Default)]
 struct Budget {
@@ -130,8 +175,8 @@ pub struct QueueThread {
     in_engine: usize,
     /// Inside [`QueueThread::poll`]: leave kicks off.
     polling: bool,
-    /// The next poll's window, shrunk after polls that found nothing (`None`: the full one).
-    poll_window: Option<Duration>,
+    /// The adaptive poll window (unused with `--poll-fixed`).
+    poll_window: PollWindow,
     /// Wakes the thread when requests waiting for tokens may go.
     timer: WakeTimer,
     /// The clock as the I/O limits read it, once per pass over a ring (`None`: not read yet).
@@ -205,7 +250,7 @@ impl QueueThread {
             budget: Budget::default(),
             in_engine: 0,
             polling: false,
-            poll_window: None,
+            poll_window: PollWindow::default(),
             timer,
             pass_now: None,
         }
@@ -422,6 +467,25 @@ impl QueueThread {
         self.reap(vrings);
     }
 
+    /// A kick woke the thread (before it serves the ring): adapt the poll window to how long the
+    /// thread waited for the driver.
+    pub fn on_kick(&mut self) {
+        let max = self.shared.poll;
+        if max.is_zero() || self.shared.poll_fixed {
+            return;
+        }
+        if self.poll_window.on_kick(Instant::now(), max) {
+            if let Some(first) = self.queues.first() {
+                let ns = u64::try_from(self.poll_window.window.as_nanos()).unwrap_or(u64::MAX);
+                self.shared
+                    .stats
+                    .queue(first.index)
+                    .poll_window_ns
+                    .store(ns, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Busy-poll this thread's rings after an event (`--poll-us`): serve new chains and finished
     /// requests as they appear, without waiting for a kick or the engine's eventfd, until the
     /// poll window passes with nothing to do, or `MAX_POLL` in all so that the thread's other
@@ -434,15 +498,23 @@ impl QueueThread {
     /// from the vCPU (or client) whose next request it waits for. `--poll-device` spins through
     /// them anyway, for hosts with a core to spare per queue thread.
     ///
-    /// Adaptive: a poll that found nothing halves the next window (down to an eighth), so that
-    /// a queue whose requests come far apart stops burning a CPU on them; one that found work
-    /// restores the full window.
+    /// The window is [`PollWindow`]'s adaptive one, or the whole `--poll-us` with
+    /// `--poll-fixed`. A window of nothing sleeps at once and counts no poll.
     pub fn poll(&mut self, vrings: &[Vring]) {
         let full = self.shared.poll;
         if full.is_zero() {
             return;
         }
-        let window = self.poll_window.unwrap_or(full);
+        let window = if self.shared.poll_fixed {
+            full
+        } else {
+            self.poll_window.window
+        };
+        if window.is_zero() || (self.in_engine > 0 && !self.shared.poll_device) {
+            // Sleep now. With nothing at the engine, the wait for the driver starts here.
+            self.poll_window.idle_since = (self.in_engine == 0).then(Instant::now);
+            return;
+        }
         let mem = self.shared.mem.memory().into_inner();
         let start = Instant::now();
         let mut last_work = start;
@@ -484,11 +556,8 @@ impl QueueThread {
             std::hint::spin_loop();
         }
         self.polling = false;
-        self.poll_window = Some(if found {
-            full
-        } else {
-            (window / 2).max(full / 8)
-        });
+        // The wait for the driver started with the last work, if nothing is left at the engine.
+        self.poll_window.idle_since = (self.in_engine == 0).then_some(last_work);
         // Counted on the thread's first queue (each thread serves one queue here).
         if let Some(first) = self.queues.first() {
             let stats = self.shared.stats.queue(first.index);
@@ -1026,4 +1095,47 @@ fn has_new_chains(vring: &Vring, mem: &GuestMem) -> bool {
         && queue
             .avail_idx(mem, Ordering::Acquire)
             .is_ok_and(|idx| idx.0 != queue.next_avail())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: Duration = Duration::from_micros(50);
+
+    /// The wait for the driver was `us` microseconds.
+    fn kick_after(w: &mut PollWindow, us: u64) -> Duration {
+        let since = Instant::now();
+        w.idle_since = Some(since);
+        w.on_kick(since + Duration::from_micros(us), MAX);
+        w.window
+    }
+
+    #[test]
+    fn the_window_grows_while_requests_come_soon_and_collapses_when_they_stop() {
+        let mut w = PollWindow::default();
+        assert!(w.window.is_zero(), "starts at nothing");
+        // A client round trip of 20 µs each time: 4, 8, 16, then 32 catches it and stays.
+        let grown: Vec<u64> = (0..5)
+            .map(|_| kick_after(&mut w, 20).as_micros() as u64)
+            .collect();
+        assert_eq!(grown, [4, 8, 16, 32, 32]);
+        // Waits up to the maximum keep growing it, capped there.
+        assert_eq!(kick_after(&mut w, 45), MAX);
+        assert_eq!(kick_after(&mut w, 49), MAX);
+        // One request after the queue went quiet: nothing again.
+        assert_eq!(kick_after(&mut w, 51), Duration::ZERO);
+        assert_eq!(kick_after(&mut w, 10_000), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_kick_without_an_idle_wait_leaves_the_window_alone() {
+        let mut w = PollWindow::default();
+        kick_after(&mut w, 20);
+        assert_eq!(w.window, POLL_START);
+        // The thread slept on the device, not on the driver: no measurement.
+        assert!(w.idle_since.is_none());
+        assert!(!w.on_kick(Instant::now(), MAX));
+        assert_eq!(w.window, POLL_START);
+    }
 }

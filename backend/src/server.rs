@@ -120,13 +120,14 @@ pub fn run(args: &BackendArgs) -> Result<()> {
         page_cache_budget: args.page_cache_budget,
         strict_batching: args.strict_batching,
         poll: Duration::from_micros(args.poll_us),
+        poll_fixed: args.poll_fixed,
         poll_device: args.poll_device,
         log_reads: !args.test_unlogged_reads,
         used_order: args.used_order,
         io_limits: io_limits.clone(),
     };
     info!(
-        "image {} ({} bytes{}), cache {} (eviction path {}), engine {}, {} queue(s) of {}, deferred completion delay {} us (at once from {} bytes), polling {} us{}, used entries in {} order",
+        "image {} ({} bytes{}), cache {} (eviction path {}), engine {}, {} queue(s) of {}, deferred completion delay {} us (at once from {} bytes), polling {} us{}{}, used entries in {} order",
         image.path().display(),
         image.capacity(),
         if read_only { ", read-only" } else { "" },
@@ -138,7 +139,16 @@ pub fn run(args: &BackendArgs) -> Result<()> {
         args.defer_delay_us,
         args.defer_max_bytes,
         args.poll_us,
-        if args.poll_device { " through the device" } else { "" },
+        match (args.poll_us, args.poll_fixed) {
+            (0, _) => " (off)",
+            (_, true) => " (fixed)",
+            (_, false) => " at most (adaptive)",
+        },
+        if args.poll_device && args.poll_us > 0 {
+            " through the device"
+        } else {
+            ""
+        },
         args.used_order,
     );
     if args.test_unlogged_reads {

@@ -45,8 +45,10 @@ pub struct DeviceShared {
     pub page_cache_budget: Option<u64>,
     /// Always wait out the batching delay, even when nothing else is in flight to batch with.
     pub strict_batching: bool,
-    /// How long a queue thread busy-polls its rings after work before sleeping (0: never).
+    /// The longest a queue thread busy-polls its rings after work before sleeping (0: never).
     pub poll: Duration,
+    /// Poll the whole window after every event instead of adapting it.
+    pub poll_fixed: bool,
     /// Keep polling while requests are at the device.
     pub poll_device: bool,
     /// The frontend acked `VHOST_F_LOG_ALL`: a migration is under way, and every guest page the

@@ -42,7 +42,7 @@ pub struct QueueStats {
     pub in_flight: AtomicU64,
     /// Used-buffer notifications sent to the guest.
     pub signals: AtomicU64,
-    /// Busy-poll sessions of the queue's thread (`--poll-us`).
+    /// Busy-poll sessions of the queue's thread (`--poll-us`); a window of nothing counts none.
     pub polls: AtomicU64,
     /// Of those, sessions that found a chain or a finished request to serve.
     pub poll_hits: AtomicU64,
@@ -52,6 +52,8 @@ pub struct QueueStats {
     pub throttle_waiting: AtomicU64,
     /// Time those requests spent waiting for tokens, in microseconds.
     pub throttle_wait_us: AtomicU64,
+    /// The queue thread's adaptive poll window now, in nanoseconds (0: it sleeps at once).
+    pub poll_window_ns: AtomicU64,
 }
 
 impl QueueStats {
@@ -91,6 +93,7 @@ impl QueueStats {
             throttled: get(&self.throttled),
             throttle_waiting: get(&self.throttle_waiting),
             throttle_wait_us: get(&self.throttle_wait_us),
+            poll_window_ns: get(&self.poll_window_ns),
         }
     }
 }
@@ -138,6 +141,8 @@ pub struct QueueStatsSnapshot {
     pub throttle_waiting: u64,
     /// Time requests spent waiting for tokens, in microseconds.
     pub throttle_wait_us: u64,
+    /// The adaptive poll window now, in nanoseconds (0: the thread sleeps at once).
+    pub poll_window_ns: u64,
 }
 
 /// The deferred worker's batch statistics for one queue, as the control socket reports them.

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::blk::{self, feature, T_FLUSH, T_GET_ID, T_IN, T_OUT};
 use common::{
@@ -881,13 +881,14 @@ fn every_completion_is_signalled() {
 
 /// A polling thread turns kicks back on before it sleeps: requests spaced wider than the poll
 /// window (each arrives after the thread went back to epoll) still complete and are signalled,
-/// with and without EVENT_IDX, and the stats count the polls.
+/// with and without EVENT_IDX, and the stats count the polls. The window is fixed here, so that
+/// the thread polls after every kick however far apart they come.
 #[test]
 fn requests_after_a_poll_window_ends_are_served() {
     for event_idx in [false, true] {
         let b = spawn(BackendOpts {
             control: true,
-            extra_args: vec!["--poll-us".into(), "100".into()],
+            extra_args: vec!["--poll-us".into(), "100".into(), "--poll-fixed".into()],
             ..BackendOpts::default()
         });
         let mut d = b.connect(&Options {
@@ -898,7 +899,7 @@ fn requests_after_a_poll_window_ends_are_served() {
         for k in 0..20u64 {
             let data = pattern(k, 4096);
             assert_eq!(q.write(k * 8, &data).status, S_OK, "write {k}");
-            // Past the window (and past its adaptive shrinking): the thread is asleep again.
+            // Past the window: the thread is asleep again.
             std::thread::sleep(Duration::from_millis(3));
             let c = q.read(k * 8, 4096);
             assert_eq!(c.status, S_OK, "read {k}");
@@ -913,4 +914,84 @@ fn requests_after_a_poll_window_ends_are_served() {
         assert!(polls >= 40, "a poll after each kick at least: {stats}");
         assert!(hits <= polls, "{stats}");
     }
+}
+
+/// Polling is on by default and adapts: under a queue-depth-1 load the queue thread polls (its
+/// window grew because each request came soon after the last), and once the queue goes quiet it
+/// stops: no poll and (almost) no CPU while idle, and a request after the quiet finds the window
+/// collapsed to nothing, so it sleeps at once rather than spinning for a next one.
+#[test]
+fn default_polling_polls_under_load_and_stops_when_idle() {
+    let b = spawn(BackendOpts {
+        control: true,
+        ..BackendOpts::default()
+    });
+    let mut d = b.connect(&Options::default());
+    let q = d.queue(0);
+    let data = pattern(7, 4096);
+    assert_eq!(q.write(0, &data).status, S_OK);
+    // Back-to-back reads, one at a time, until the thread has polled (on a loaded machine some
+    // requests come later than the window; a few hundred always include quick ones).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut reads = 0u64;
+    let polls_under_load = loop {
+        for _ in 0..200 {
+            let c = q.read(0, 4096);
+            assert_eq!(c.status, S_OK);
+            assert!(c.data == data);
+            reads += 1;
+        }
+        let stats = b.stats();
+        let polls = stats["queues"][0]["polls"].as_u64().unwrap_or(0);
+        if polls > 0 && stats["queues"][0]["poll_hits"].as_u64().unwrap_or(0) > 0 {
+            break polls;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no poll that found work after {reads} back-to-back reads: {stats}"
+        );
+    };
+
+    // Idle: no poll, and the process's CPU stays under half a percent of a core.
+    let cpu0 = process_cpu_ticks(b.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let cpu1 = process_cpu_ticks(b.pid());
+    let stats = b.stats();
+    let q0 = &stats["queues"][0];
+    assert_eq!(q0["polls"].as_u64(), Some(polls_under_load), "{stats}");
+    let ticks_per_s = clock_ticks_per_second();
+    let idle_share = (cpu1 - cpu0) as f64 / ticks_per_s / 2.0;
+    assert!(
+        idle_share <= 0.005,
+        "idle backend used {:.2} % of a core",
+        idle_share * 100.0
+    );
+
+    // A request after the quiet: served, the window collapsed, and no poll for it.
+    let c = q.read(0, 4096);
+    assert_eq!(c.status, S_OK);
+    let stats = b.stats();
+    let q0 = &stats["queues"][0];
+    assert_eq!(q0["poll_window_ns"].as_u64(), Some(0), "{stats}");
+    assert_eq!(q0["polls"].as_u64(), Some(polls_under_load), "{stats}");
+}
+
+/// User plus system CPU time of process `pid`, in clock ticks (`/proc/PID/stat` fields 14, 15).
+fn process_cpu_ticks(pid: u32) -> u64 {
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("reading /proc/PID/stat");
+    // The command name may hold spaces; the fields after it are plain.
+    let rest = &stat[stat.rfind(')').expect("stat has a command name") + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    // `rest` starts at field 3 (state): utime is field 14, stime 15.
+    let field = |n: usize| -> u64 { fields[n - 3].parse().expect("a tick count") };
+    field(14) + field(15)
+}
+
+/// The kernel's clock ticks per second (`sysconf(_SC_CLK_TCK)`).
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf takes no pointers.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    assert!(hz > 0, "sysconf(_SC_CLK_TCK) failed");
+    hz as f64
 }
