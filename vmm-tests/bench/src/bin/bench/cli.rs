@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::Parser;
 
 use super::error::{bail, Context, Result};
+use super::idle;
 use super::machine;
 use super::peers::{Peer, Programs};
 use super::rbd::{self, Cluster, RbdImage};
@@ -89,6 +90,12 @@ pub struct Args {
     /// cloud-hypervisor's vhost_user_block; adds the `ch-*` peers.
     #[arg(long, env = "BENCH_CH_BLOCK")]
     pub ch: Option<PathBuf>,
+    /// Instead of the benchmark: for each peer, one queue busy with 4 KiB
+    /// reads at iodepth 1 for a second, then connected but idle for this
+    /// many seconds; prints each server's CPU over the idle window (a share
+    /// of one core) and our backend's poll sessions in it. Writes nothing.
+    #[arg(long, value_name = "SECONDS")]
+    pub idle_cpu: Option<f64>,
     /// Re-render the docs from a results.json instead of running.
     #[arg(long)]
     pub from_json: Option<PathBuf>,
@@ -280,6 +287,9 @@ pub fn main() -> Result<()> {
         },
         rbd: rbd.clone(),
     };
+    if let Some(idle) = args.idle_cpu {
+        return idle::run_all(&plan, secs(idle, "--idle-cpu")?);
+    }
     eprintln!(
         "bench: {} workloads × {} peers × {} reps, {:.1}+{:.1} s per run; backend {}",
         plan.workloads.len(),
@@ -420,7 +430,7 @@ mod tests {
         .expect("all");
         assert!(all.iter().any(|w| w.name() == "write-1m-qd32-q2"));
         let peers = pick(
-            "ours-dontcache-uring, ours-dontcache-d0-uring,ours-none-uring-poll",
+            "ours-dontcache-uring, ours-dontcache-d0-uring,ours-none-uring-pollfixed",
             Peer::defaults(false),
             Peer::all(false),
             |p| p.name.clone(),
@@ -433,7 +443,7 @@ mod tests {
             [
                 "ours-dontcache-uring",
                 "ours-dontcache-d0-uring",
-                "ours-none-uring-poll"
+                "ours-none-uring-pollfixed"
             ]
         );
         let bad = pick(

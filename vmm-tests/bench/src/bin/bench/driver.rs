@@ -193,7 +193,7 @@ const MEASURE: u8 = 1;
 const STOP: u8 = 2;
 
 /// Connects to `socket`, retrying while the backend comes up.
-fn connect(socket: &Path, queues: u32) -> Result<Blkio> {
+pub fn connect(socket: &Path, queues: u32) -> Result<Blkio> {
     let path = socket.to_str().ctx(|| "socket path is not UTF-8")?;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

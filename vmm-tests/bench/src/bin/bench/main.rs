@@ -19,6 +19,7 @@
 //! - [`rbd`]: the Ceph cluster and image of the `*-rbd` peers;
 //! - [`cache`]: the image and the page-cache reset before every run;
 //! - [`runner`]: the interleaved run loop and its progress line;
+//! - [`idle`]: what a connected but idle queue costs each server;
 //! - [`stats`], [`report`], [`machine`]: medians, JSON, markdown, SVG.
 
 mod cache;
@@ -26,6 +27,7 @@ mod cli;
 mod driver;
 mod error;
 mod fio;
+mod idle;
 mod machine;
 mod peers;
 mod rbd;

@@ -178,12 +178,17 @@ impl Peer {
 
     /// Every known peer; cloud-hypervisor's only with `with_ch`.
     ///
-    /// Beside each cache mode on both engines: `ours-dontcache-d0-uring`
+    /// `ours-{none,writeback,dontcache}-{uring,sync}` run our backend at its
+    /// defaults but for the cache mode and engine, so `ours-none-uring` and
+    /// `ours-writeback-uring` are what a user gets without tuning (adaptive
+    /// queue polling included). Beside them: `ours-dontcache-d0-uring`
     /// (`--defer-delay-us 0`: the deferred worker fires at once, the
-    /// no-batching baseline the batching targets compare with) and `ours-{none,writeback}-uring-poll`
-    /// (`--poll-us 50`: queue threads busy-poll their rings for 50 µs after
-    /// work before sleeping), and `ours-none-uring-polldev` (`--poll-us 1000
-    /// --poll-device`: polling through device latencies too; not a default).
+    /// no-batching baseline the batching targets compare with), `ours-{none,writeback}-uring-nopoll`
+    /// (`--poll-us 0`: no polling), `ours-{none,writeback}-uring-pollfixed`
+    /// (`--poll-us 50 --poll-fixed`: a fixed 50 µs window after every event,
+    /// cloud-hypervisor's scheme), and `ours-none-uring-polldev` (`--poll-us
+    /// 1000 --poll-device`: polling through device latencies too; not a
+    /// default).
     pub fn all(with_ch: bool) -> Vec<Peer> {
         let mut v = Vec::new();
         for cache in ["none", "writeback", "dontcache"] {
@@ -201,8 +206,14 @@ impl Peer {
                 v.push(Peer::ours_with(
                     cache,
                     "io-uring",
-                    "poll",
-                    &["--poll-us", "50"],
+                    "nopoll",
+                    &["--poll-us", "0"],
+                ));
+                v.push(Peer::ours_with(
+                    cache,
+                    "io-uring",
+                    "pollfixed",
+                    &["--poll-us", "50", "--poll-fixed"],
                 ));
             }
             if cache == "none" {
@@ -311,19 +322,21 @@ impl Peer {
         ]
     }
 
-    /// The default set: each of our cache modes on io_uring plus the
-    /// synchronous engine where it matters (buffered), dontcache without
-    /// batching (`--defer-delay-us 0`), O_DIRECT and buffered with queue
-    /// polling, our null ceiling, qemu-storage-daemon direct and buffered on
-    /// io_uring and buffered on its default thread pool, cloud-hypervisor
-    /// when given, and fio.
+    /// The default set: each of our cache modes on io_uring at our defaults
+    /// plus the synchronous engine where it matters (buffered), dontcache
+    /// without batching (`--defer-delay-us 0`), O_DIRECT and buffered without
+    /// polling and with cloud-hypervisor's fixed window, our null ceiling,
+    /// qemu-storage-daemon direct and buffered on io_uring and buffered on
+    /// its default thread pool, cloud-hypervisor when given, and fio.
     pub fn defaults(with_ch: bool) -> Vec<Peer> {
         let names = [
             "ours-none-uring",
-            "ours-none-uring-poll",
+            "ours-none-uring-nopoll",
+            "ours-none-uring-pollfixed",
             "ours-writeback-uring",
             "ours-writeback-sync",
-            "ours-writeback-uring-poll",
+            "ours-writeback-uring-nopoll",
+            "ours-writeback-uring-pollfixed",
             "ours-dontcache-uring",
             "ours-dontcache-d0-uring",
             "ours-null",
@@ -344,6 +357,25 @@ impl Peer {
     /// Whether this peer is our backend.
     pub fn is_ours(&self) -> bool {
         matches!(self.kind, Kind::Ours { .. } | Kind::OursRbd { .. })
+    }
+
+    /// Whether this peer is our backend at its defaults but for the cache
+    /// mode (`--cache none|writeback`, the io_uring engine, nothing else):
+    /// what a user gets without tuning, the row the targets are computed
+    /// from.
+    pub fn is_our_default(&self) -> bool {
+        match &self.kind {
+            Kind::Ours {
+                cache,
+                engine,
+                extra,
+            } => {
+                (cache == "none" || cache == "writeback")
+                    && engine == "io-uring"
+                    && extra.is_empty()
+            }
+            _ => false,
+        }
     }
 
     /// Whether the peer touches the local image file (all but the null
@@ -692,13 +724,18 @@ mod tests {
         let d0 = peer("ours-dontcache-d0-uring");
         assert_eq!(d0.mode, Mode::Dontcache);
         assert_eq!(extra(&d0), ["--defer-delay-us", "0"]);
-        let none = peer("ours-none-uring-poll");
+        let none = peer("ours-none-uring-pollfixed");
         assert_eq!(none.mode, Mode::Direct);
-        assert_eq!(extra(&none), ["--poll-us", "50"]);
+        assert_eq!(extra(&none), ["--poll-us", "50", "--poll-fixed"]);
+        assert_eq!(extra(&peer("ours-none-uring-nopoll")), ["--poll-us", "0"]);
+        assert!(peer("ours-none-uring").is_our_default());
+        assert!(peer("ours-writeback-uring").is_our_default());
+        assert!(!none.is_our_default() && !peer("ours-writeback-sync").is_our_default());
+        assert!(!peer("ours-null").is_our_default() && !peer("ch-direct").is_our_default());
         let dev = peer("ours-none-uring-polldev");
         assert_eq!(dev.mode, Mode::Direct);
         assert_eq!(extra(&dev), ["--poll-us", "1000", "--poll-device"]);
-        let wb = peer("ours-writeback-uring-poll");
+        let wb = peer("ours-writeback-uring-pollfixed");
         assert_eq!(wb.mode, Mode::Buffered);
         assert!(wb.wants_warm_cache() && !none.wants_warm_cache());
         assert!(extra(&peer("ours-dontcache-uring")).is_empty());
@@ -710,8 +747,8 @@ mod tests {
         let defaults: Vec<String> = Peer::defaults(true).into_iter().map(|p| p.name).collect();
         for n in [
             "ours-dontcache-d0-uring",
-            "ours-none-uring-poll",
-            "ours-writeback-uring-poll",
+            "ours-none-uring-pollfixed",
+            "ours-writeback-uring-nopoll",
             "ours-dontcache-uring",
         ] {
             assert!(defaults.iter().any(|d| d == n), "{n} not a default");
@@ -733,13 +770,13 @@ mod tests {
         );
         assert!(joined.contains("--control /w/p.ctl"), "{joined}");
         assert!(joined.ends_with("--defer-delay-us 0"), "{joined}");
-        let poll = args(&peer("ours-writeback-uring-poll"), None).join(" ");
+        let poll = args(&peer("ours-writeback-uring-pollfixed"), None).join(" ");
         assert!(
             poll.contains("--cache writeback --io-engine io-uring"),
             "{poll}"
         );
         assert!(
-            poll.ends_with("--poll-us 50") && !poll.contains("--control"),
+            poll.ends_with("--poll-us 50 --poll-fixed") && !poll.contains("--control"),
             "{poll}"
         );
         let null = args(&peer("ours-null"), None).join(" ");
