@@ -13,6 +13,7 @@ use vhost_user_backend::{VringState, VringT};
 use virtio_blk::{write_status, RequestType, STATUS_OK};
 use vm_memory::GuestAddress;
 
+use crate::mem_view::MemView;
 use crate::shared::{DeviceShared, GuestMem, GuestMemAtomic, Vring};
 use crate::stats::QueueStats;
 use crate::used_order::{self, UsedOrder};
@@ -60,7 +61,7 @@ pub fn complete(
     let mut state = vring.get_mut();
     let mut added = false;
     if !shared.frontend_gone() {
-        if let Err(e) = write_status(&*done.mem, done.status_addr, done.status) {
+        if let Err(e) = write_status(&MemView::new(&done.mem), done.status_addr, done.status) {
             error!(
                 "queue {index}: writing status at {:#x}: {e}",
                 done.status_addr.0

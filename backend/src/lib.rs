@@ -8,6 +8,7 @@
 //! [`guest_warnings`] the rate limit on the warnings a guest can trigger, [`hotplug`] the vCPU
 //! pinning and unplug path, [`shared`]
 //! the device state the request paths read, [`dirty_log`] the dirty-page log of live migration,
+//! [`mem_view`] the guest-memory view the fast path resolves addresses through,
 //! [`stats`] the counters, [`workers`] the registry of the threads serving each queue,
 //! [`control`] the control socket that reports them and takes commands, and [`sandbox`] the
 //! Landlock ruleset and seccomp filter the backend confines itself with.
@@ -21,6 +22,7 @@ pub mod dirty_log;
 pub mod guest_warnings;
 pub mod hotplug;
 pub mod limits;
+pub mod mem_view;
 pub mod queue_thread;
 pub mod sandbox;
 pub mod server;

@@ -35,13 +35,14 @@ use virtio_blk::{
     RequestType, SECTOR_SHIFT, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
 };
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemory, Permissions};
 
 use crate::complete::{complete, count_done, signal_if_needed, Done};
 use crate::deferred_path::{defer_at_submission, needs_deferred_path, needs_sync, DeferredPath};
 use crate::dirty_log::mark_host_range;
 use crate::guest_warnings::GuestWarnings;
 use crate::limits::WakeTimer;
+use crate::mem_view::MemView;
 use crate::shared::{DeviceShared, GuestMem, Vring};
 use crate::stats::QueueStats;
 use crate::used_order::{self, UsedOrder};
@@ -404,12 +405,13 @@ impl QueueThread {
             // chain that points into it is then in the map. One loaded before, when the thread
             // was woken, would reject such a chain as outside guest memory.
             let mem = self.shared.mem.memory().into_inner();
+            let view = MemView::new(&mem);
             // Taken under the vring's lock, as the deferred worker does: never contended.
             let order = Arc::clone(&self.queues[local].order);
             let mut order = used_order::lock(&order);
             loop {
                 // Pop in its own statement so the borrow of the queue ends before add_used.
-                let chain = state.get_queue_mut().pop_descriptor_chain(&*mem);
+                let chain = state.get_queue_mut().pop_descriptor_chain(&view);
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
                 if !order.popped(head) {
@@ -427,7 +429,7 @@ impl QueueThread {
                     GuestAddress(state.get_queue().desc_table()),
                     state.get_queue().size(),
                 );
-                match self.start_request(local, chain, table, &mem) {
+                match self.start_request(local, chain, table, &mem, &view) {
                     Started::InFlight => {}
                     Started::Done(used_len) => {
                         let index = self.queues[local].index;
@@ -516,6 +518,7 @@ impl QueueThread {
             return;
         }
         let mem = self.shared.mem.memory().into_inner();
+        let view = MemView::new(&mem);
         let start = Instant::now();
         let mut last_work = start;
         let mut found = false;
@@ -525,7 +528,7 @@ impl QueueThread {
             for (local, vring) in vrings.iter().enumerate().take(self.queues.len()) {
                 if !self.queues[local].ring_broken
                     && self.shared.taking_chains()
-                    && has_new_chains(vring, &mem)
+                    && has_new_chains(vring, &view)
                 {
                     self.process_queue(local, vrings);
                     worked = true;
@@ -733,9 +736,10 @@ impl QueueThread {
     fn start_request(
         &mut self,
         local: usize,
-        chain: DescriptorChain<&GuestMem>,
+        chain: DescriptorChain<&MemView>,
         table: (GuestAddress, u16),
         mem: &Arc<GuestMem>,
+        view: &MemView,
     ) -> Started {
         let shared = &*self.shared;
         let queue = &mut self.queues[local];
@@ -777,7 +781,7 @@ impl QueueThread {
                             format_args!("rejecting head {head} with status {status}: {}", e.error),
                         );
                         QueueStats::add(&stats.errors, 1);
-                        if let Err(err) = write_status(&**mem, addr, status) {
+                        if let Err(err) = write_status(view, addr, status) {
                             error!(
                                 "queue {}: writing status of head {head}: {err}",
                                 queue.index
@@ -817,7 +821,7 @@ impl QueueThread {
             RequestType::In | RequestType::Out => {
                 let (mut iovecs, _) = std::mem::take(&mut slot.bufs).into_parts();
                 iovecs.clear();
-                let filled = fill_iovecs(mem, &queue.bufs, &mut iovecs);
+                let filled = fill_iovecs(view, &queue.bufs, &mut iovecs);
                 let guard: MemoryGuard = Arc::<GuestMem>::clone(mem);
                 // SAFETY: every iovec `fill_iovecs` makes is a slice that `get_slices` returned
                 // from a region of `mem`, and the guard is `mem`, which keeps its regions mapped.
@@ -827,7 +831,7 @@ impl QueueThread {
                     queue
                         .warnings
                         .warn(queue.index, format_args!("head {head}: {reason}"));
-                    return complete_now(mem, slot, stats, STATUS_IOERR, 1);
+                    return complete_now(view, slot, stats, STATUS_IOERR, 1);
                 }
             }
             RequestType::Flush => {
@@ -857,19 +861,19 @@ impl QueueThread {
                 slot.ranges.extend_from_slice(&queue.bufs.ranges);
             }
             RequestType::GetId => {
-                return match write_device_id(&**mem, &queue.bufs.data, &shared.serial) {
-                    Ok(n) => complete_now(mem, slot, stats, STATUS_OK, n + 1),
+                return match write_device_id(view, &queue.bufs.data, &shared.serial) {
+                    Ok(n) => complete_now(view, slot, stats, STATUS_OK, n + 1),
                     Err(e) => {
                         queue
                             .warnings
                             .warn(queue.index, format_args!("GET_ID head {head}: {e}"));
-                        complete_now(mem, slot, stats, STATUS_IOERR, 1)
+                        complete_now(view, slot, stats, STATUS_IOERR, 1)
                     }
                 };
             }
             RequestType::Unsupported(t) => {
                 debug!("queue {}: unsupported request type {t}", queue.index);
-                return complete_now(mem, slot, stats, STATUS_UNSUPP, 1);
+                return complete_now(view, slot, stats, STATUS_UNSUPP, 1);
             }
         }
         slot.mem = Some(Arc::clone(mem));
@@ -978,7 +982,7 @@ impl QueueThread {
                 QueueStats::sub(&stats.in_flight, 1);
                 shared.request_finished(queue.index);
             }
-            return complete_now(&mem, slot, stats, status, 1);
+            return complete_now(&MemView::new(&mem), slot, stats, status, 1);
         }
         slot.pending = submitted;
         self.in_engine += 1;
@@ -1048,12 +1052,14 @@ fn is_complete_transfer(slot: &Slot, n: u32) -> bool {
 
 /// Translate the request's data segments into host iovecs over guest memory.
 fn fill_iovecs(
-    mem: &GuestMem,
+    mem: &MemView,
     bufs: &RequestBuffers,
     iovecs: &mut Vec<libc::iovec>,
 ) -> Result<(), String> {
     for seg in &bufs.data {
-        for slice in GuestMemoryBackend::get_slices(mem, seg.addr, seg.len as usize) {
+        let slices = GuestMemory::get_slices(mem, seg.addr, seg.len as usize, Permissions::Read)
+            .map_err(|e| format!("mapping {:#x}+{}: {e}", seg.addr.0, seg.len))?;
+        for slice in slices {
             let slice = slice.map_err(|e| format!("mapping {:#x}+{}: {e}", seg.addr.0, seg.len))?;
             if iovecs.len() == iovecs.capacity() {
                 return Err(format!("more than {} host segments", iovecs.capacity()));
@@ -1069,7 +1075,7 @@ fn fill_iovecs(
 
 /// Complete a request that needs no engine work: write its status, count it.
 fn complete_now(
-    mem: &GuestMem,
+    mem: &MemView,
     slot: &mut Slot,
     stats: &QueueStats,
     status: u8,
@@ -1088,7 +1094,7 @@ fn count(stats: &QueueStats, slot: &Slot, status: u8) {
 
 /// Whether the driver has published chains the queue has not popped yet: two loads from the
 /// available ring, what a polling thread checks between passes.
-fn has_new_chains(vring: &Vring, mem: &GuestMem) -> bool {
+fn has_new_chains(vring: &Vring, mem: &MemView) -> bool {
     let state = vring.get_ref();
     let queue = state.get_queue();
     queue.ready()

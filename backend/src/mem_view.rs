@@ -1,0 +1,207 @@
+//! A queue thread's view of guest memory for one pass: every access the fast path makes (the
+//! available ring, the descriptors, the request header, the data segments, the status byte, the
+//! used ring) resolved against the memory map with one region lookup, remembering the region it
+//! found for the next access.
+//!
+//! vm-memory's generic accessors walk any range as an iterator over the regions it may span
+//! (`get_slices`, `Peekable`, `stop_on_error`, a `try_fold` over the pieces), for every access,
+//! even a two-byte load of the available index: on the null image that machinery was half the
+//! instructions of a request. [`MemView`] implements the same [`GuestMemory`] trait, so
+//! virtio-queue, the request parser and the status write all go through it unchanged, but answers
+//! a range that lies inside one region (every access in practice: a region is a whole RAM block of
+//! the guest) with that one slice, straight from the region, and hands anything else (a range
+//! across regions, or outside memory) to the map's own iterator, which checks and reports it as
+//! before. The result of every access is the same; only the path to it is shorter.
+
+use std::cell::Cell;
+
+use vm_memory::bitmap::BS;
+use vm_memory::guest_memory::{GuestMemoryBackendSliceIterator, GuestMemorySliceIterator};
+use vm_memory::{
+    GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
+    MemoryRegionAddress, Permissions, VolatileSlice,
+};
+
+use crate::dirty_log::DirtyBitmap;
+use crate::shared::GuestMem;
+
+/// Guest memory as one pass of a queue thread sees it: the map, and the region the last access
+/// fell in. Not `Sync` (the remembered region is a `Cell`): each thread makes its own, per pass.
+pub struct MemView<'a> {
+    mem: &'a GuestMem,
+    last: Cell<Option<&'a GuestRegionMmap<DirtyBitmap>>>,
+}
+
+impl<'a> MemView<'a> {
+    /// A view of `mem`.
+    pub fn new(mem: &'a GuestMem) -> Self {
+        MemView {
+            mem,
+            last: Cell::new(None),
+        }
+    }
+
+    /// The region holding all of `addr..addr + count` (`count > 0`), and `addr`'s offset in it;
+    /// `None` if the range is not inside one region.
+    #[inline]
+    fn region_of(
+        &self,
+        addr: GuestAddress,
+        count: usize,
+    ) -> Option<(&'a GuestRegionMmap<DirtyBitmap>, MemoryRegionAddress)> {
+        let inside = |r: &'a GuestRegionMmap<DirtyBitmap>| {
+            let offset = addr.0.checked_sub(r.start_addr().0)?;
+            // `count - 1` cannot underflow: callers pass `count > 0`.
+            let end = offset.checked_add(count as u64 - 1)?;
+            (end < r.len()).then_some((r, MemoryRegionAddress(offset)))
+        };
+        if let Some(hit) = self.last.get().and_then(inside) {
+            return Some(hit);
+        }
+        let found = inside(self.mem.find_region(addr)?)?;
+        self.last.set(Some(found.0));
+        Some(found)
+    }
+}
+
+/// The slices of one access: the one slice of a range inside one region, or the map's own
+/// iterator for anything else.
+pub enum Slices<'a> {
+    /// The whole range, from one region (taken by the first `next`).
+    One(Option<VolatileSlice<'a, BS<'a, DirtyBitmap>>>),
+    /// A range across regions or outside memory: vm-memory's iterator, pieces and errors alike.
+    Map(GuestMemoryBackendSliceIterator<'a, GuestMem>),
+}
+
+impl<'a> Iterator for Slices<'a> {
+    type Item = vm_memory::guest_memory::Result<VolatileSlice<'a, BS<'a, DirtyBitmap>>>;
+
+    #[inline]
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            Slices::One(slice) => slice.take().map(Ok),
+            Slices::Map(it) => it.next(),
+        }
+    }
+}
+
+// Both arms stay exhausted once they return `None`: `One` holds `None` from then on, and
+// vm-memory's iterator is fused.
+impl std::iter::FusedIterator for Slices<'_> {}
+
+impl<'a> GuestMemorySliceIterator<'a, BS<'a, DirtyBitmap>> for Slices<'a> {}
+
+impl GuestMemory for MemView<'_> {
+    type PhysicalMemory = GuestMem;
+    type Bitmap = DirtyBitmap;
+
+    fn check_range(&self, addr: GuestAddress, count: usize, access: Permissions) -> bool {
+        if count > 0 && self.region_of(addr, count).is_some() {
+            return true;
+        }
+        GuestMemory::check_range(self.mem, addr, count, access)
+    }
+
+    fn get_slices<'b>(
+        &'b self,
+        addr: GuestAddress,
+        count: usize,
+        _access: Permissions,
+    ) -> vm_memory::guest_memory::Result<impl GuestMemorySliceIterator<'b, BS<'b, DirtyBitmap>>>
+    {
+        if count > 0 {
+            if let Some((region, offset)) = self.region_of(addr, count) {
+                // The range was checked to lie inside the region, so this only fails if the
+                // region is not host-mapped, which the map's iterator reports just the same.
+                if let Ok(slice) = region.get_slice(offset, count) {
+                    return Ok(Slices::One(Some(slice)));
+                }
+            }
+        }
+        Ok(Slices::Map(GuestMemoryBackend::get_slices(
+            self.mem, addr, count,
+        )))
+    }
+
+    fn physical_memory(&self) -> Option<&Self::PhysicalMemory> {
+        Some(self.mem)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::Bytes;
+
+    use super::*;
+
+    /// Two regions with a hole between them: [0x1000, 0x3000) and [0x3000, 0x4000) adjacent,
+    /// then [0x8000, 0x9000).
+    fn memory() -> GuestMem {
+        GuestMem::from_ranges(&[
+            (GuestAddress(0x1000), 0x2000),
+            (GuestAddress(0x3000), 0x1000),
+            (GuestAddress(0x8000), 0x1000),
+        ])
+        .expect("test memory")
+    }
+
+    #[test]
+    fn answers_as_the_map_does() {
+        let mem = memory();
+        let view = MemView::new(&mem);
+        let cases: &[(u64, usize)] = &[
+            (0x1000, 16),
+            (0x2ff8, 8),
+            (0x2ff8, 16), // across two adjacent regions
+            (0x3ff8, 16), // runs into the hole
+            (0x4000, 1),  // in the hole
+            (0x8ff0, 16),
+            (0x8ff0, 17), // past the end
+            (0x1000, 0),
+            (u64::MAX - 3, 8), // wraps
+        ];
+        for &(addr, count) in cases {
+            let a = GuestAddress(addr);
+            assert_eq!(
+                GuestMemory::check_range(&view, a, count, Permissions::Read),
+                GuestMemory::check_range(&mem, a, count, Permissions::Read),
+                "check_range({addr:#x}, {count})"
+            );
+            let mut ours = vec![0u8; count];
+            let mut theirs = vec![0u8; count];
+            let r1 = view.read_slice(&mut ours, a).is_ok();
+            let r2 = mem.read_slice(&mut theirs, a).is_ok();
+            assert_eq!(r1, r2, "read_slice({addr:#x}, {count})");
+        }
+    }
+
+    #[test]
+    fn reads_and_writes_land_where_the_map_puts_them() {
+        let mem = memory();
+        let view = MemView::new(&mem);
+        // Inside one region, then across two (the map's path), then in the third region (a
+        // different remembered region).
+        view.write_slice(&[1, 2, 3, 4], GuestAddress(0x1100))
+            .expect("write");
+        view.write_slice(&[5, 6, 7, 8], GuestAddress(0x2ffe))
+            .expect("write across");
+        view.write_obj(0xabcd_u16, GuestAddress(0x8002))
+            .expect("write_obj");
+        let mut buf = [0u8; 4];
+        mem.read_slice(&mut buf, GuestAddress(0x1100))
+            .expect("read");
+        assert_eq!(buf, [1, 2, 3, 4]);
+        mem.read_slice(&mut buf, GuestAddress(0x2ffe))
+            .expect("read");
+        assert_eq!(buf, [5, 6, 7, 8]);
+        assert_eq!(
+            mem.read_obj::<u16>(GuestAddress(0x8002)).expect("read"),
+            0xabcd
+        );
+        assert_eq!(
+            view.read_obj::<u16>(GuestAddress(0x1102)).expect("read"),
+            u16::from_ne_bytes([3, 4])
+        );
+        assert!(view.write_slice(&[0; 2], GuestAddress(0x4fff)).is_err());
+    }
+}
