@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use log::{error, warn};
 use vhost_user_backend::{VringState, VringT};
-use virtio_blk::{write_status, RequestType, STATUS_OK};
+use virtio_blk::{RequestType, STATUS_OK};
 use vm_memory::GuestAddress;
 
 use crate::mem_view::MemView;
@@ -61,7 +61,7 @@ pub fn complete(
     let mut state = vring.get_mut();
     let mut added = false;
     if !shared.frontend_gone() {
-        if let Err(e) = write_status(&MemView::new(&done.mem), done.status_addr, done.status) {
+        if let Err(e) = MemView::new(&done.mem).write_u8(done.status_addr, done.status) {
             error!(
                 "queue {index}: writing status at {:#x}: {e}",
                 done.status_addr.0

@@ -14,11 +14,12 @@
 //! before. The result of every access is the same; only the path to it is shorter.
 
 use std::cell::Cell;
+use std::sync::atomic::Ordering;
 
 use vm_memory::bitmap::BS;
 use vm_memory::guest_memory::{GuestMemoryBackendSliceIterator, GuestMemorySliceIterator};
 use vm_memory::{
-    GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
+    Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
     MemoryRegionAddress, Permissions, VolatileSlice,
 };
 
@@ -39,6 +40,20 @@ impl<'a> MemView<'a> {
             mem,
             last: Cell::new(None),
         }
+    }
+
+    /// Write one byte (a request's status) at `addr`: a plain store into the region's mapping
+    /// when the byte is in one (the used ring's later release store publishes it), the map's
+    /// checked path otherwise.
+    pub fn write_u8(&self, addr: GuestAddress, value: u8) -> vm_memory::guest_memory::Result<()> {
+        if let Some((region, offset)) = self.region_of(addr, 1) {
+            if let Ok(slice) = region.get_slice(offset, 1) {
+                return slice
+                    .store(value, 0, Ordering::Relaxed)
+                    .map_err(vm_memory::guest_memory::Error::from);
+            }
+        }
+        Bytes::write_slice(self, &[value], addr)
     }
 
     /// The region holding all of `addr..addr + count` (`count > 0`), and `addr`'s offset in it;
@@ -130,8 +145,6 @@ impl GuestMemory for MemView<'_> {
 
 #[cfg(test)]
 mod tests {
-    use vm_memory::Bytes;
-
     use super::*;
 
     /// Two regions with a hole between them: [0x1000, 0x3000) and [0x3000, 0x4000) adjacent,
@@ -203,5 +216,12 @@ mod tests {
             u16::from_ne_bytes([3, 4])
         );
         assert!(view.write_slice(&[0; 2], GuestAddress(0x4fff)).is_err());
+        // Status bytes: in a region, at a region's last byte, and in the hole.
+        view.write_u8(GuestAddress(0x1200), 7).expect("write_u8");
+        view.write_u8(GuestAddress(0x3fff), 9)
+            .expect("write_u8 at the end");
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x1200)).expect("read"), 7);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x3fff)).expect("read"), 9);
+        assert!(view.write_u8(GuestAddress(0x4000), 1).is_err());
     }
 }

@@ -1081,7 +1081,7 @@ fn complete_now(
     status: u8,
     used_len: u32,
 ) -> Started {
-    if let Err(e) = write_status(mem, slot.status_addr, status) {
+    if let Err(e) = mem.write_u8(slot.status_addr, status) {
         error!("writing status at {:#x}: {e}", slot.status_addr.0);
     }
     count(stats, slot, status);
