@@ -29,7 +29,7 @@ pub use protocol::{
     RequestType, DEVICE_ID_LEN, SECTOR_SHIFT, SECTOR_SIZE, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
 };
 pub use request::{
-    device_id, write_device_id, write_status, DataSegment, DiscardRange, Limits, ParseError,
+    device_id, write_device_id, write_status, Chain, DataSegment, DiscardRange, Limits, ParseError,
     Request, RequestBuffers,
 };
 pub use walk::status_of_long_chain;

@@ -190,21 +190,40 @@ pub struct Request {
     pub writable_len: u32,
 }
 
+/// A descriptor chain as [`Request::parse`] reads it: its descriptors in order, indirect tables
+/// followed and bounded as the virtio specification says, and the guest memory they point into.
+/// virtio-queue's [`DescriptorChain`] is one; a backend may walk the same table its own way.
+pub trait Chain: Iterator<Item = Descriptor> {
+    /// The guest memory the descriptors point into.
+    type Memory: GuestMemory + ?Sized;
+
+    /// The guest memory the descriptors point into.
+    fn memory(&self) -> &Self::Memory;
+}
+
+impl<M> Chain for DescriptorChain<M>
+where
+    M: Deref,
+    M::Target: GuestMemory,
+{
+    type Memory = M::Target;
+
+    fn memory(&self) -> &M::Target {
+        DescriptorChain::memory(self)
+    }
+}
+
 impl Request {
     /// Parse and validate a descriptor chain, filling `bufs` (cleared first) with its data
     /// segments and, for DISCARD/WRITE_ZEROES, its ranges.
     ///
     /// On failure the [`ParseError`] says where the failure status goes, if the chain has a
     /// usable status byte; `bufs` is then left empty.
-    pub fn parse<M>(
-        mut chain: DescriptorChain<M>,
+    pub fn parse<C: Chain>(
+        mut chain: C,
         limits: &Limits,
         bufs: &mut RequestBuffers,
-    ) -> std::result::Result<Request, ParseError>
-    where
-        M: Deref,
-        M::Target: GuestMemory,
-    {
+    ) -> std::result::Result<Request, ParseError> {
         bufs.clear();
         let mut walk = Walk::new(limits, bufs);
         let mut first_error = None;
