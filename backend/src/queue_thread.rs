@@ -34,7 +34,7 @@ use virtio_blk::{
     status_of_long_chain, write_device_id, write_status, DiscardRange, Request, RequestBuffers,
     RequestType, SECTOR_SHIFT, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
 };
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemory, Permissions};
 
 use crate::complete::{complete, count_done, signal_if_needed, Done};
@@ -42,7 +42,7 @@ use crate::deferred_path::{defer_at_submission, needs_deferred_path, needs_sync,
 use crate::dirty_log::mark_host_range;
 use crate::guest_warnings::GuestWarnings;
 use crate::limits::WakeTimer;
-use crate::mem_view::MemView;
+use crate::mem_view::{MemView, ViewChain};
 use crate::shared::{DeviceShared, GuestMem, Vring};
 use crate::stats::QueueStats;
 use crate::used_order::{self, UsedOrder};
@@ -410,7 +410,8 @@ impl QueueThread {
             let order = Arc::clone(&self.queues[local].order);
             let mut order = used_order::lock(&order);
             loop {
-                // Pop in its own statement so the borrow of the queue ends before add_used.
+                // Pop in its own statement so the borrow of the queue ends before add_used. The
+                // popped chain gives the head; its descriptors are read through the view.
                 let chain = state.get_queue_mut().pop_descriptor_chain(&view);
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
@@ -429,7 +430,8 @@ impl QueueThread {
                     GuestAddress(state.get_queue().desc_table()),
                     state.get_queue().size(),
                 );
-                match self.start_request(local, chain, table, &mem, &view) {
+                let chain = ViewChain::new(&view, table.0, table.1, head);
+                match self.start_request(local, head, chain, table, &mem, &view) {
                     Started::InFlight => {}
                     Started::Done(used_len) => {
                         let index = self.queues[local].index;
@@ -736,7 +738,8 @@ impl QueueThread {
     fn start_request(
         &mut self,
         local: usize,
-        chain: DescriptorChain<&MemView>,
+        head: u16,
+        chain: ViewChain,
         table: (GuestAddress, u16),
         mem: &Arc<GuestMem>,
         view: &MemView,
@@ -744,7 +747,6 @@ impl QueueThread {
         let shared = &*self.shared;
         let queue = &mut self.queues[local];
         let stats = shared.stats.queue(queue.index);
-        let head = chain.head_index();
         let Some(slot) = queue.slots.get_mut(usize::from(head)) else {
             // virtio-queue checks heads against the queue size, which never exceeds ours.
             error!("queue {}: head {head} beyond the slot table", queue.index);
