@@ -132,6 +132,19 @@ struct PollWindow {
 }
 
 impl PollWindow {
+    /// The thread goes back to epoll after work last done at `last_work`, with `in_engine`
+    /// requests at the engine. With none, it now waits for the driver, since `last_work` or
+    /// since it already did if no work came in between (an event that found nothing to do, such
+    /// as the engine's eventfd left readable by a completion already reaped, does not restart
+    /// the wait). With some, it waits for the device, which is not measured.
+    fn went_idle(&mut self, in_engine: usize, last_work: Instant) {
+        self.idle_since = if in_engine == 0 {
+            Some(self.idle_since.unwrap_or(last_work))
+        } else {
+            None
+        };
+    }
+
     /// A kick woke the thread: adapt the window to how long it waited for the driver. Returns
     /// whether the window changed.
     fn on_kick(&mut self, now: Instant, max: Duration) -> bool {
@@ -516,7 +529,7 @@ impl QueueThread {
         };
         if window.is_zero() || (self.in_engine > 0 && !self.shared.poll_device) {
             // Sleep now. With nothing at the engine, the wait for the driver starts here.
-            self.poll_window.idle_since = (self.in_engine == 0).then(Instant::now);
+            self.poll_window.went_idle(self.in_engine, Instant::now());
             return;
         }
         let mem = self.shared.mem.memory().into_inner();
@@ -562,7 +575,11 @@ impl QueueThread {
         }
         self.polling = false;
         // The wait for the driver started with the last work, if nothing is left at the engine.
-        self.poll_window.idle_since = (self.in_engine == 0).then_some(last_work);
+        if found {
+            // Chains or completions served while polling: the wait restarts at the last of them.
+            self.poll_window.idle_since = None;
+        }
+        self.poll_window.went_idle(self.in_engine, last_work);
         // Counted on the thread's first queue (each thread serves one queue here).
         if let Some(first) = self.queues.first() {
             let stats = self.shared.stats.queue(first.index);
@@ -595,7 +612,9 @@ impl QueueThread {
             CacheMode::Writeback => shared.page_cache_budget,
             _ => None,
         };
+        let mut reaped = false;
         let mut on_completion = |c: Completion| {
+            reaped = true;
             let local = (c.user_data >> 16) as usize;
             let head = (c.user_data & 0xffff) as u16;
             let Some(queue) = queues.get_mut(local) else {
@@ -709,6 +728,10 @@ impl QueueThread {
         };
         if let Err(e) = engine.reap(&mut on_completion) {
             error!("reaping completions: {e}");
+        }
+        if reaped {
+            // Work done: the wait for the driver starts again from here.
+            self.poll_window.idle_since = None;
         }
         self.signal(vrings);
     }
@@ -1134,6 +1157,23 @@ mod tests {
         // One request after the queue went quiet: nothing again.
         assert_eq!(kick_after(&mut w, 51), Duration::ZERO);
         assert_eq!(kick_after(&mut w, 10_000), Duration::ZERO);
+    }
+
+    #[test]
+    fn an_event_that_finds_nothing_does_not_restart_the_wait() {
+        let mut w = PollWindow::default();
+        let t0 = Instant::now();
+        w.went_idle(0, t0);
+        // The engine's eventfd, left readable, wakes the thread 30 µs later for nothing.
+        w.went_idle(0, t0 + Duration::from_micros(30));
+        // The kick 60 µs after the real last work: past the maximum, so nothing again, as
+        // measured from t0 (from the empty wake-up it would look like 30 µs, and grow).
+        w.window = POLL_START;
+        w.on_kick(t0 + Duration::from_micros(60), MAX);
+        assert_eq!(w.window, Duration::ZERO);
+        // Requests at the device: not a wait for the driver.
+        w.went_idle(2, t0);
+        assert!(w.idle_since.is_none());
     }
 
     #[test]
