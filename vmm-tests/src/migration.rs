@@ -313,6 +313,27 @@ pub struct PingPongRun {
     pub verdict: Result<AgentRun>,
 }
 
+/// The guest's checks after `hops` hops of a [`PingPong`]: every workload ok, the `migrate`
+/// workload's page-cache passes, O_DIRECT rounds and verified blocks all non-zero, and its
+/// sentinel checked on every hop. Returns the `migrate` workload's result for further checks.
+pub fn expect_guest_checks(run: &AgentRun, hops: usize) -> Result<serde_json::Value> {
+    run.expect_all_ok()?;
+    let data = run.ok("migrate")?.clone();
+    println!("guest checks after {hops} hops: {data}");
+    for key in ["page_cache_passes", "direct_rounds", "blocks_verified"] {
+        if data[key].as_u64().unwrap_or(0) == 0 {
+            return Err(Error::Agent(format!("migrate: no {key}: {data}")));
+        }
+    }
+    let checked = data["sentinel_hops"].as_u64().unwrap_or(0);
+    if checked != hops as u64 {
+        return Err(Error::Agent(format!(
+            "migrate: the sentinel checked {checked} hops of {hops}: {data}"
+        )));
+    }
+    Ok(data)
+}
+
 impl PingPong<'_> {
     /// Runs the scenario on `image`; `before_hops` runs on the first QEMU once the load runs
     /// (the test's cancelled migration). A failure up to the last hop is an error; after it,

@@ -81,22 +81,7 @@ fn live_migration_cancel_then_ping_pong_with_io_running() {
             }
             Ok(())
         })?;
-        let run = result.verdict?;
-        run.expect_all_ok()?;
-        let data = run.ok("migrate")?;
-        println!("guest checks after {} hops: {data}", result.hops.len());
-        for key in ["page_cache_passes", "direct_rounds", "blocks_verified"] {
-            if data[key].as_u64().unwrap_or(0) == 0 {
-                return Err(Error::Agent(format!("migrate: no {key}: {data}")));
-            }
-        }
-        let checked = data["sentinel_hops"].as_u64().unwrap_or(0);
-        if checked != result.hops.len() as u64 {
-            return Err(Error::Agent(format!(
-                "migrate: the sentinel checked {checked} hops of {}: {data}",
-                result.hops.len()
-            )));
-        }
+        migration::expect_guest_checks(&result.verdict?, result.hops.len())?;
         a.check_alive()?;
         b.check_alive()?;
         Ok(())

@@ -123,22 +123,7 @@ fn live_migration_ping_pong_on_an_rbd_image_with_io_running() {
         };
         let result =
             scenario.run_with_control(h, |b| write_rbd_control(c.conf(), b), |_, _| Ok(()))?;
-        let run = result.verdict?;
-        run.expect_all_ok()?;
-        let data = run.ok("migrate")?;
-        println!("guest checks after {} hops: {data}", result.hops.len());
-        for key in ["page_cache_passes", "direct_rounds", "blocks_verified"] {
-            if data[key].as_u64().unwrap_or(0) == 0 {
-                return Err(Error::Agent(format!("migrate: no {key}: {data}")));
-            }
-        }
-        let checked = data["sentinel_hops"].as_u64().unwrap_or(0);
-        if checked != result.hops.len() as u64 {
-            return Err(Error::Agent(format!(
-                "migrate: the sentinel checked {checked} hops of {}: {data}",
-                result.hops.len()
-            )));
-        }
+        let data = migration::expect_guest_checks(&result.verdict?, result.hops.len())?;
         let longest = data["max_write_ms"].as_f64().unwrap_or(f64::INFINITY);
         if longest > MAX_WRITE_MS {
             return Err(Error::Agent(format!(
