@@ -354,6 +354,10 @@ pub struct Completion {
     /// The buffers of a `Read` or `Write`, handed back: the engine and the kernel are done with
     /// them. `None` for the other operations.
     pub bufs: Option<IoBuffers>,
+    /// Whether the kernel moved the data through the engine's registered buffers
+    /// (`READ_FIXED`/`WRITE_FIXED`, see [`EngineOptions::fixed_buffers`]) rather than pinning
+    /// the request's pages for it alone.
+    pub fixed_buffers: bool,
 }
 
 /// [`Engine::submit`] could not take a request; its buffers come back with the reason.
@@ -401,6 +405,26 @@ pub trait Engine: Send {
 
     /// Which kind of engine this is.
     fn kind(&self) -> EngineKind;
+
+    /// The memory requests' buffers point into changed: `regions` are its host address ranges
+    /// (the whole of guest memory), kept mapped for as long as `guard` lives. An engine made
+    /// with [`EngineOptions::fixed_buffers`] registers them with the kernel (replacing what it
+    /// registered before, once no request in flight uses that) and holds `guard` meanwhile; the
+    /// others ignore it. A registration the kernel refuses leaves requests unregistered.
+    fn set_memory(&mut self, regions: &[libc::iovec], guard: &MemoryGuard) {
+        let _ = (regions, guard);
+    }
+}
+
+/// How an engine is set up beyond its kind and queue depth.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineOptions {
+    /// io_uring only: register the memory given to [`Engine::set_memory`] as the ring's fixed
+    /// buffers, and move the data of a request whose buffer is one segment inside it with
+    /// `READ_FIXED`/`WRITE_FIXED`, sparing the kernel the pinning of its pages per request. The
+    /// price: all that memory stays pinned (allocated, resident, and counted against
+    /// `RLIMIT_MEMLOCK` without `CAP_IPC_LOCK`) while it is registered.
+    pub fixed_buffers: bool,
 }
 
 /// Create the engine of one queue thread over `image`.
@@ -412,13 +436,25 @@ pub fn new_engine(
     image: Arc<Image>,
     queue_depth: u32,
 ) -> Result<Box<dyn Engine>> {
+    new_engine_with(kind, image, queue_depth, EngineOptions::default())
+}
+
+/// [`new_engine`] with `options`.
+pub fn new_engine_with(
+    kind: EngineKind,
+    image: Arc<Image>,
+    queue_depth: u32,
+    options: EngineOptions,
+) -> Result<Box<dyn Engine>> {
     // An RBD image has one engine, whatever was asked; a file never gets it.
     #[cfg(feature = "rbd")]
     if let Some(rbd) = image.rbd_image() {
         return Ok(Box::new(RbdEngine::new(rbd.clone(), queue_depth)?));
     }
     Ok(match kind {
-        EngineKind::IoUring | EngineKind::Rbd => Box::new(UringEngine::new(image, queue_depth)?),
+        EngineKind::IoUring | EngineKind::Rbd => {
+            Box::new(UringEngine::with_options(image, queue_depth, options)?)
+        }
         EngineKind::Sync => Box::new(SyncEngine::new(image, queue_depth)?),
     })
 }

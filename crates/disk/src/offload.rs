@@ -163,6 +163,7 @@ pub(crate) fn run(image: &Image, job: Job) -> Completion {
                 user_data,
                 result,
                 bufs: op.into_buffers(),
+                fixed_buffers: false,
             }
         }
         Job::ZeroesByWriting {
@@ -173,6 +174,7 @@ pub(crate) fn run(image: &Image, job: Job) -> Completion {
             user_data,
             result: image.write_zeroes_by_writing(offset, len).map(|()| 0),
             bufs: None,
+            fixed_buffers: false,
         },
     }
 }

@@ -321,6 +321,7 @@ mod engine {
                     user_data: user_data[t],
                     result,
                     bufs: bufs[t].take(),
+                    fixed_buffers: false,
                 });
             });
             Ok(())

@@ -41,6 +41,7 @@ impl Engine for SyncEngine {
             user_data,
             result,
             bufs: op.into_buffers(),
+            fixed_buffers: false,
         });
         if was_empty {
             // The counter saturates only after 2^64 - 2 writes; a failure here would leave the

@@ -28,6 +28,18 @@
 //! refuse it for buffered writes, btrfs answers `EAGAIN` to every write that needs copy-on-write,
 //! and on XFS a throttled writer holds the inode lock that reads of the image wait for anyway.
 //!
+//! With [`EngineOptions::fixed_buffers`], guest memory is registered with the ring as fixed
+//! buffers (pieces of at most 1 GiB, the kernel's limit), and a read or write whose data is one
+//! segment inside one of them becomes `READ_FIXED`/`WRITE_FIXED`: the kernel then takes the
+//! pages it pinned at registration instead of pinning and releasing the request's own, which is
+//! most of what an `O_DIRECT` request costs it beside the device. The table has two halves: a new
+//! memory map is registered in the half no request in flight uses (waiting, with the requests
+//! going unregistered, if both are), since a request whose buffer the kernel looks up only when
+//! it issues it (in an io_uring worker, say) must find what it was built against. The engine
+//! holds the guard of each registered map, so no other mapping can take its addresses meanwhile
+//! and a request's address found inside a registered piece is inside that very mapping. A half
+//! that no longer serves is cleared as soon as its last request is reaped, releasing its pins.
+//!
 //! At reap, a short transfer is finished synchronously, and errors that have a fallback
 //! (`RWF_DONTCACHE` refused, `O_DIRECT` refused) get it.
 //!
@@ -50,8 +62,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::image::zeroes_mode;
 use crate::offload::{self, Job, Offload};
 use crate::{
-    iov, Completion, Engine, EngineKind, Error, Image, IoBuffers, Op, Result, SubmitError,
-    RWF_DONTCACHE,
+    iov, Completion, Engine, EngineKind, EngineOptions, Error, Image, IoBuffers, MemoryGuard, Op,
+    Result, SubmitError, RWF_DONTCACHE,
 };
 
 /// Most iovecs one `READV`/`WRITEV` takes (`UIO_MAXIOV`).
@@ -78,6 +90,17 @@ const SLOW_WRITE: Duration = Duration::from_millis(2);
 /// whether the throttling goes on.
 const ASYNC_WRITES_HOLD: Duration = Duration::from_secs(1);
 
+/// Entries in each half of the fixed-buffer table: guest memory of up to this many 1 GiB pieces
+/// (regions cut at [`MAX_FIXED_LEN`]) can be registered.
+const FIXED_HALF: u32 = 1024;
+
+/// The largest buffer the kernel registers.
+const MAX_FIXED_LEN: usize = 1 << 30;
+
+/// `IORING_REGISTER_BUFFERS_UPDATE`, the one registration the ring still takes once enabled
+/// when it has fixed buffers.
+const REGISTER_BUFFERS_UPDATE: u8 = 16;
+
 /// A request between submission and reap; it owns the request's buffers meanwhile.
 #[derive(Debug)]
 struct Slot {
@@ -88,6 +111,8 @@ struct Slot {
     len: u32,
     /// The `rw_flags` it was submitted with.
     flags: i32,
+    /// The half of the fixed-buffer table its `READ_FIXED`/`WRITE_FIXED` uses.
+    fixed: Option<usize>,
 }
 
 impl Slot {
@@ -96,6 +121,7 @@ impl Slot {
         op: Op::Flush,
         len: 0,
         flags: 0,
+        fixed: None,
     };
 
     /// The slot of an operation without data.
@@ -105,8 +131,133 @@ impl Slot {
             op,
             len: 0,
             flags: 0,
+            fixed: None,
         }
     }
+}
+
+/// One registered buffer: the host addresses `start..end`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Span {
+    start: usize,
+    end: usize,
+}
+
+/// One half of the fixed-buffer table.
+#[derive(Default)]
+struct FixedHalf {
+    /// The buffers registered here, by address; the `i`-th is the half's `i`-th table entry.
+    spans: Vec<Span>,
+    /// Reads and writes in flight over this half's buffers.
+    in_flight: usize,
+    /// Keeps the memory of `spans` mapped while it is registered.
+    guard: Option<MemoryGuard>,
+    /// Leading entries of the half that may hold a buffer in the kernel's table.
+    set: u32,
+}
+
+/// The fixed buffers of a ring; see the module documentation.
+#[derive(Default)]
+struct FixedBuffers {
+    halves: [FixedHalf; 2],
+    /// The half new requests use.
+    cur: usize,
+    /// A memory map to register once the other half has no request in flight.
+    pending: Option<(Vec<Span>, MemoryGuard)>,
+    /// Whether a failed registration was logged already.
+    warned: bool,
+}
+
+impl FixedBuffers {
+    /// The table index and half of a buffer holding all of `addr..addr + len`, if one does.
+    #[inline]
+    fn lookup(&self, addr: usize, len: usize) -> Option<(u16, usize)> {
+        let half = &self.halves[self.cur];
+        let end = addr.checked_add(len)?;
+        let i = half
+            .spans
+            .partition_point(|s| s.start <= addr)
+            .checked_sub(1)?;
+        let span = half.spans.get(i)?;
+        if len == 0 || end > span.end {
+            return None;
+        }
+        // Both below FIXED_HALF: the index fits the table's 2 * FIXED_HALF entries.
+        let index = self.cur as u32 * FIXED_HALF + i as u32;
+        Some((u16::try_from(index).ok()?, self.cur))
+    }
+}
+
+/// `regions` cut into pieces the kernel registers, by address; `None` when there are more than a
+/// half of the table holds.
+fn spans_of(regions: &[libc::iovec]) -> Option<Vec<Span>> {
+    let mut spans = Vec::new();
+    for r in regions {
+        let mut start = r.iov_base as usize;
+        let end = start.checked_add(r.iov_len)?;
+        while start < end {
+            let piece_end = end.min(start.saturating_add(MAX_FIXED_LEN));
+            spans.push(Span {
+                start,
+                end: piece_end,
+            });
+            start = piece_end;
+        }
+    }
+    spans.sort_unstable_by_key(|s| s.start);
+    (spans.len() <= FIXED_HALF as usize).then_some(spans)
+}
+
+/// Set entry `index` of the ring's buffer table to `span` (`None`: empty).
+fn register_one(ring: &IoUring, index: u32, span: Option<Span>) -> io::Result<()> {
+    let iov = match span {
+        Some(s) => libc::iovec {
+            iov_base: s.start as *mut libc::c_void,
+            iov_len: s.end - s.start,
+        },
+        None => libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        },
+    };
+    // SAFETY: the kernel pins the pages of the span (mapped memory: the engine holds the guard
+    // that keeps it mapped while registered) or drops the entry; it touches them only for the
+    // `READ_FIXED`/`WRITE_FIXED` requests the engine builds over a request's own buffers, which
+    // lie inside the span and which that request's guard keeps mapped. An entry a request in
+    // flight may use is never updated (see `maintain`).
+    unsafe {
+        ring.submitter()
+            .register_buffers_update(index, &[iov], None)
+    }
+}
+
+/// Register `spans` in half `h` (clearing the rest of what it held); on failure the half is left
+/// empty, or holding what could not be cleared.
+fn register_half(ring: &IoUring, half: &mut FixedHalf, h: usize, spans: &[Span]) -> io::Result<()> {
+    let base = h as u32 * FIXED_HALF;
+    let mut result = Ok(());
+    let mut done = 0;
+    for (i, span) in spans.iter().enumerate() {
+        if let Err(e) = register_one(ring, base + i as u32, Some(*span)) {
+            result = Err(e);
+            break;
+        }
+        done = i + 1;
+    }
+    let keep = if result.is_ok() { done as u32 } else { 0 };
+    let mut set = keep;
+    let was = half.set.max(done as u32);
+    for i in keep..was {
+        if register_one(ring, base + i, None).is_err() {
+            set = was;
+        }
+    }
+    half.set = set;
+    half.spans.clear();
+    if result.is_ok() {
+        half.spans.extend_from_slice(spans);
+    }
+    result
 }
 
 /// The io_uring engine; see the module documentation.
@@ -133,11 +284,22 @@ pub struct UringEngine {
     /// Until when buffered writes go to io_uring's workers rather than run here, since one
     /// was held by the kernel.
     async_writes_until: Option<Instant>,
+    /// The registered guest memory, with [`EngineOptions::fixed_buffers`].
+    fixed_bufs: Option<Box<FixedBuffers>>,
 }
 
 impl UringEngine {
     /// A ring of at least `queue_depth` entries over `image`.
     pub fn new(image: Arc<Image>, queue_depth: u32) -> Result<Self> {
+        Self::with_options(image, queue_depth, EngineOptions::default())
+    }
+
+    /// [`UringEngine::new`] with `options`.
+    pub fn with_options(
+        image: Arc<Image>,
+        queue_depth: u32,
+        options: EngineOptions,
+    ) -> Result<Self> {
         let depth = queue_depth.clamp(1, MAX_ENTRIES);
         let entries = depth.next_power_of_two();
         // Created disabled, so that the restrictions are in place before the first SQE.
@@ -162,8 +324,21 @@ impl UringEngine {
                 .register_files(&[image.as_raw_fd()])
                 .map_err(|e| debug!("io_uring: registering the image fd failed: {e}"))
                 .is_ok();
+        // Registered before the restrictions, which then allow updating the table only.
+        let fixed_bufs = (options.fixed_buffers && !image.is_null())
+            .then(|| ring.submitter().register_buffers_sparse(2 * FIXED_HALF))
+            .and_then(|r| {
+                r.map_err(|e| {
+                    warn!(
+                        "{}: io_uring: no fixed buffers ({e}); reads and writes go unregistered",
+                        image.path().display()
+                    )
+                })
+                .ok()
+            })
+            .map(|()| Box::<FixedBuffers>::default());
         if disabled {
-            restrict(&ring, fixed)?;
+            restrict(&ring, fixed, fixed_bufs.is_some())?;
         } else {
             warn!("io_uring: this kernel cannot restrict a ring (Linux 5.10); the ring takes any operation");
         }
@@ -182,7 +357,70 @@ impl UringEngine {
             cq_entries,
             offload: Offload::new(),
             async_writes_until: None,
+            fixed_bufs,
         })
+    }
+
+    /// Reads and writes in flight over the fixed buffers, per half of the table: what a test
+    /// checks to know the fixed path was taken, or that a half was released.
+    #[cfg(test)]
+    fn fixed_in_flight(&self) -> Option<[usize; 2]> {
+        let f = self.fixed_bufs.as_ref()?;
+        Some([f.halves[0].in_flight, f.halves[1].in_flight])
+    }
+
+    /// Register what waits to be registered, in the half no request uses, and clear a half that
+    /// no longer serves once its last request is reaped.
+    fn maintain(&mut self) {
+        let Some(fixed) = self.fixed_bufs.as_deref_mut() else {
+            return;
+        };
+        loop {
+            let other = 1 - fixed.cur;
+            if fixed.halves[other].in_flight > 0 {
+                return;
+            }
+            if let Some((spans, guard)) = fixed.pending.take() {
+                let half = &mut fixed.halves[other];
+                match register_half(&self.ring, half, other, &spans) {
+                    Ok(()) => half.guard = Some(guard),
+                    Err(e) => {
+                        half.guard = None;
+                        if !std::mem::replace(&mut fixed.warned, true) {
+                            warn!(
+                                "{}: registering guest memory as io_uring fixed buffers failed \
+                                 ({e}; RLIMIT_MEMLOCK?); its reads and writes go unregistered",
+                                self.image.path().display()
+                            );
+                        } else {
+                            debug!("io_uring: registering fixed buffers failed again: {e}");
+                        }
+                    }
+                }
+                fixed.cur = other;
+                continue;
+            }
+            let half = &mut fixed.halves[other];
+            if half.set > 0 || half.guard.is_some() {
+                // Only the empty spans are left to register: this cannot fail but for a kernel
+                // that refuses to clear, which leaves the half's pins until the ring goes.
+                let _ = register_half(&self.ring, half, other, &[]);
+                half.guard = None;
+            }
+            return;
+        }
+    }
+
+    /// A fixed read or write of half `h` left the engine.
+    fn fixed_done(&mut self, h: Option<usize>) {
+        let (Some(h), Some(fixed)) = (h, self.fixed_bufs.as_deref_mut()) else {
+            return;
+        };
+        let half = &mut fixed.halves[h];
+        half.in_flight = half.in_flight.saturating_sub(1);
+        if half.in_flight == 0 && h != fixed.cur {
+            self.maintain();
+        }
     }
 
     /// Complete a request now, handing its buffers back; [`Engine::reap`] reports it.
@@ -196,6 +434,7 @@ impl UringEngine {
             user_data,
             result,
             bufs,
+            fixed_buffers: false,
         });
     }
 
@@ -270,6 +509,7 @@ impl UringEngine {
     fn push(&mut self, entry: squeue::Entry, slot: Slot) -> std::result::Result<(), SubmitError> {
         while self.in_ring >= self.cq_entries {
             if let Err(error) = self.make_room() {
+                self.fixed_done(slot.fixed);
                 let bufs = slot.op.into_buffers();
                 return Err(SubmitError { error, bufs });
             }
@@ -287,7 +527,9 @@ impl UringEngine {
                 return Ok(());
             }
             if let Err(error) = self.submit_queued() {
-                let bufs = self.release_slot(idx).op.into_buffers();
+                let slot = self.release_slot(idx);
+                self.fixed_done(slot.fixed);
+                let bufs = slot.op.into_buffers();
                 return Err(SubmitError { error, bufs });
             }
         }
@@ -360,7 +602,9 @@ impl UringEngine {
             op,
             len,
             flags,
+            fixed,
         } = self.release_slot(idx as u32);
+        self.fixed_done(fixed);
         let result = match &op {
             Op::Read { offset, bufs } => self.finish_rw(false, bufs, *offset, len, flags, res),
             Op::Write { offset, bufs } => self.finish_rw(true, bufs, *offset, len, flags, res),
@@ -382,6 +626,7 @@ impl UringEngine {
             user_data,
             result,
             bufs: op.into_buffers(),
+            fixed_buffers: fixed.is_some(),
         })
     }
 
@@ -431,16 +676,33 @@ const OPCODES: [u8; 4] = [
     opcode::Fallocate::CODE,
 ];
 
+/// The opcodes the engine submits over fixed buffers, when it has them.
+const FIXED_OPCODES: [u8; 2] = [opcode::ReadFixed::CODE, opcode::WriteFixed::CODE];
+
 /// Seccomp cannot see the operations an io_uring runs, so the ring itself is told what it may
 /// run (`IORING_REGISTER_RESTRICTIONS`): the engine's opcodes, only on the image's fixed file
-/// when it is registered, with no SQE flag but `IOSQE_ASYNC`, and no registration once enabled.
-/// Code that got hold of the ring could not open, read or send anything else through it.
-fn restrict(ring: &IoUring, fixed: bool) -> Result<()> {
+/// when it is registered, with no SQE flag but `IOSQE_ASYNC`, and no registration once enabled
+/// but, with fixed buffers, updates of the buffer table (which can register only memory of this
+/// process, already its own to read and write). Code that got hold of the ring could not open,
+/// read or send anything else through it.
+fn restrict(ring: &IoUring, fixed: bool, fixed_buffers: bool) -> Result<()> {
     let mut allowed = squeue::Flags::ASYNC;
     if fixed {
         allowed |= squeue::Flags::FIXED_FILE;
     }
-    let mut rules: Vec<Restriction> = OPCODES.iter().map(|&op| Restriction::sqe_op(op)).collect();
+    let opcodes = if fixed_buffers {
+        &FIXED_OPCODES[..]
+    } else {
+        &[]
+    };
+    let mut rules: Vec<Restriction> = OPCODES
+        .iter()
+        .chain(opcodes)
+        .map(|&op| Restriction::sqe_op(op))
+        .collect();
+    if fixed_buffers {
+        rules.push(Restriction::register_op(REGISTER_BUFFERS_UPDATE));
+    }
     rules.push(Restriction::sqe_flags_allowed(allowed.bits()));
     if fixed {
         rules.push(Restriction::sqe_flags_required(
@@ -513,33 +775,52 @@ impl Engine for UringEngine {
                 }
                 let (iovecs, iovcnt) = (iov.as_ptr(), iov.len() as u32);
                 let flags = self.image.rw_flags();
-                let entry = if buffered_write {
-                    on_image!(self, |fd| opcode::Writev::new(fd, iovecs, iovcnt)
-                        .offset(offset)
-                        .rw_flags(flags)
-                        .build()
-                        .flags(squeue::Flags::ASYNC))
-                } else if write {
-                    on_image!(self, |fd| opcode::Writev::new(fd, iovecs, iovcnt)
-                        .offset(offset)
-                        .rw_flags(flags)
-                        .build())
-                } else {
-                    let entry = on_image!(self, |fd| opcode::Readv::new(fd, iovecs, iovcnt)
-                        .offset(offset)
-                        .rw_flags(flags)
-                        .build());
-                    if !self.image.is_direct() && len >= ASYNC_READ_MIN {
-                        entry.flags(squeue::Flags::ASYNC)
-                    } else {
-                        entry
-                    }
+                // One segment inside a registered buffer: over the fixed buffers.
+                let fixed = match (&self.fixed_bufs, iov) {
+                    (Some(f), [one]) => f.lookup(one.iov_base as usize, one.iov_len),
+                    _ => None,
                 };
+                let entry = match (fixed, write) {
+                    (Some((index, _)), true) => {
+                        let buf = iov[0].iov_base.cast::<u8>().cast_const();
+                        on_image!(self, |fd| opcode::WriteFixed::new(fd, buf, len, index)
+                            .offset(offset)
+                            .rw_flags(flags)
+                            .build())
+                    }
+                    (Some((index, _)), false) => {
+                        let buf = iov[0].iov_base.cast::<u8>();
+                        on_image!(self, |fd| opcode::ReadFixed::new(fd, buf, len, index)
+                            .offset(offset)
+                            .rw_flags(flags)
+                            .build())
+                    }
+                    (None, true) => on_image!(self, |fd| opcode::Writev::new(fd, iovecs, iovcnt)
+                        .offset(offset)
+                        .rw_flags(flags)
+                        .build()),
+                    (None, false) => on_image!(self, |fd| opcode::Readv::new(fd, iovecs, iovcnt)
+                        .offset(offset)
+                        .rw_flags(flags)
+                        .build()),
+                };
+                let entry = if buffered_write
+                    || (!write && !self.image.is_direct() && len >= ASYNC_READ_MIN)
+                {
+                    entry.flags(squeue::Flags::ASYNC)
+                } else {
+                    entry
+                };
+                let fixed = fixed.map(|(_, half)| half);
+                if let (Some(h), Some(f)) = (fixed, self.fixed_bufs.as_deref_mut()) {
+                    f.halves[h].in_flight += 1;
+                }
                 let slot = Slot {
                     user_data,
                     op,
                     len,
                     flags,
+                    fixed,
                 };
                 self.push(entry, slot)
             }
@@ -633,6 +914,32 @@ impl Engine for UringEngine {
 
     fn kind(&self) -> EngineKind {
         EngineKind::IoUring
+    }
+
+    fn set_memory(&mut self, regions: &[libc::iovec], guard: &MemoryGuard) {
+        let Some(fixed) = self.fixed_bufs.as_deref_mut() else {
+            return;
+        };
+        let spans = spans_of(regions).unwrap_or_else(|| {
+            if !std::mem::replace(&mut fixed.warned, true) {
+                warn!(
+                    "{}: guest memory in more than {FIXED_HALF} pieces of 1 GiB; its reads and \
+                     writes go unregistered",
+                    self.image.path().display()
+                );
+            }
+            Vec::new()
+        });
+        let cur = &mut fixed.halves[fixed.cur];
+        if cur.guard.is_some() && cur.spans == spans {
+            // The same mappings (a map rebuilt around the same regions): keep them registered,
+            // held by the new map now.
+            cur.guard = Some(Arc::clone(guard));
+            fixed.pending = None;
+            return;
+        }
+        fixed.pending = Some((spans, Arc::clone(guard)));
+        self.maintain();
     }
 }
 
@@ -761,6 +1068,23 @@ mod tests {
                 .register_files_update(0, &[other.as_raw_fd()])
                 .is_err(),
             "no registration after set-up"
+        );
+        let read_fixed = opcode::ReadFixed::new(types::Fixed(0), buf.as_mut_ptr(), 4096, 0).build();
+        assert_eq!(
+            raw(&mut engine, read_fixed),
+            -libc::EACCES,
+            "READ_FIXED is refused without fixed buffers"
+        );
+        // SAFETY: refused before the kernel looks at the buffer.
+        let update = unsafe {
+            engine
+                .ring
+                .submitter()
+                .register_buffers_update(0, &iov, None)
+        };
+        assert!(
+            update.is_err(),
+            "no buffer registration without fixed buffers"
         );
     }
 
@@ -1167,5 +1491,459 @@ mod tests {
         run(&mut engine, write_op(0, vec![data])).unwrap();
         img.writeback_and_evict(0, 0).unwrap();
         assert!(img.resident_bytes().unwrap() <= 64 << 10);
+    }
+
+    /// Shared memory as a VMM gives its guest's: a memfd mapped shared, unmapped on drop.
+    struct GuestRam {
+        ptr: *mut u8,
+        len: usize,
+    }
+
+    // SAFETY: the mapping is plain memory, owned by the value and unmapped only on drop.
+    unsafe impl Send for GuestRam {}
+    // SAFETY: as above; `&GuestRam` hands out only the address.
+    unsafe impl Sync for GuestRam {}
+
+    impl GuestRam {
+        fn new(len: usize) -> Arc<GuestRam> {
+            Self::with_prot(len, libc::PROT_READ | libc::PROT_WRITE)
+        }
+
+        fn with_prot(len: usize, prot: i32) -> Arc<GuestRam> {
+            // SAFETY: a name and flags; the descriptor is checked.
+            let fd = unsafe { libc::memfd_create(c"guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+            assert!(fd >= 0, "memfd_create");
+            // SAFETY: our own descriptor.
+            assert_eq!(unsafe { libc::ftruncate(fd, len as i64) }, 0);
+            // SAFETY: a new shared mapping of the memfd, checked below.
+            let ptr =
+                unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd, 0) };
+            assert_ne!(ptr, libc::MAP_FAILED, "mmap");
+            // SAFETY: the mapping keeps the memfd alive; the descriptor is ours to close.
+            unsafe { libc::close(fd) };
+            Arc::new(GuestRam {
+                ptr: ptr.cast(),
+                len,
+            })
+        }
+
+        /// The whole mapping as one region.
+        fn region(&self) -> libc::iovec {
+            self.range(0, self.len)
+        }
+
+        fn range(&self, at: usize, len: usize) -> libc::iovec {
+            assert!(at + len <= self.len);
+            libc::iovec {
+                // SAFETY: inside the mapping, as just checked.
+                iov_base: unsafe { self.ptr.add(at) }.cast(),
+                iov_len: len,
+            }
+        }
+
+        /// Buffers at `at` (one iovec per length, back to back), kept mapped by this memory.
+        fn bufs(self: &Arc<Self>, at: usize, lens: &[usize]) -> IoBuffers {
+            let mut next = at;
+            let iov = lens
+                .iter()
+                .map(|&len| {
+                    let v = self.range(next, len);
+                    next += len;
+                    v
+                })
+                .collect();
+            let guard: MemoryGuard = Arc::clone(self) as MemoryGuard;
+            // SAFETY: each iovec lies in the mapping, which the guard keeps until dropped.
+            unsafe { IoBuffers::new(iov, Some(guard)) }
+        }
+
+        fn bytes(&self, at: usize, len: usize) -> Vec<u8> {
+            let v = self.range(at, len);
+            // SAFETY: inside the mapping; no request is in flight over it when tests look.
+            unsafe { std::slice::from_raw_parts(v.iov_base.cast::<u8>(), len) }.to_vec()
+        }
+
+        fn fill(&self, at: usize, data: &[u8]) {
+            let v = self.range(at, data.len());
+            // SAFETY: as above.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), v.iov_base.cast(), data.len()) };
+        }
+    }
+
+    impl Drop for GuestRam {
+        fn drop(&mut self) {
+            // SAFETY: our mapping, which nothing uses any more (the last guard is going).
+            unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        }
+    }
+
+    fn guard_of(ram: &Arc<GuestRam>) -> MemoryGuard {
+        Arc::clone(ram) as MemoryGuard
+    }
+
+    fn fixed_engine(img: Arc<Image>) -> UringEngine {
+        let options = EngineOptions {
+            fixed_buffers: true,
+        };
+        UringEngine::with_options(img, 16, options).unwrap()
+    }
+
+    /// Submit `op` and wait for its completion.
+    fn complete(engine: &mut UringEngine, op: Op) -> Completion {
+        engine.submit(op, 9).unwrap();
+        engine.commit().unwrap();
+        reap_n(engine, 1).remove(0)
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        fill_pattern(&mut v, seed);
+        v
+    }
+
+    #[test]
+    fn guest_memory_is_cut_into_pieces_the_kernel_registers() {
+        let gib = 1usize << 30;
+        let at = |base: usize, len: usize| libc::iovec {
+            iov_base: base as *mut libc::c_void,
+            iov_len: len,
+        };
+        let spans = spans_of(&[at(16 * gib, 4096), at(gib, 2 * gib + 8192)]).unwrap();
+        let expect = |start: usize, end: usize| Span { start, end };
+        assert_eq!(
+            spans,
+            [
+                expect(gib, 2 * gib),
+                expect(2 * gib, 3 * gib),
+                expect(3 * gib, 3 * gib + 8192),
+                expect(16 * gib, 16 * gib + 4096),
+            ],
+            "sorted by address, at most 1 GiB each"
+        );
+        let fixed = FixedBuffers {
+            halves: [
+                FixedHalf::default(),
+                FixedHalf {
+                    spans,
+                    ..FixedHalf::default()
+                },
+            ],
+            cur: 1,
+            ..FixedBuffers::default()
+        };
+        let base = FIXED_HALF as u16;
+        assert_eq!(fixed.lookup(gib, 4096), Some((base, 1)));
+        assert_eq!(fixed.lookup(3 * gib - 4096, 4096), Some((base + 1, 1)));
+        assert_eq!(
+            fixed.lookup(16 * gib + 4096 - 512, 512),
+            Some((base + 3, 1))
+        );
+        assert_eq!(fixed.lookup(2 * gib - 512, 1024), None, "across two pieces");
+        assert_eq!(
+            fixed.lookup(16 * gib + 4096 - 512, 1024),
+            None,
+            "past the end"
+        );
+        assert_eq!(fixed.lookup(gib - 512, 512), None, "below memory");
+        assert_eq!(fixed.lookup(4 * gib, 512), None, "in a hole");
+        assert_eq!(fixed.lookup(usize::MAX - 10, 512), None, "wrapping");
+        assert_eq!(fixed.lookup(gib, 0), None, "nothing to move");
+        let many: Vec<libc::iovec> = (0..=FIXED_HALF as usize)
+            .map(|i| at(i * gib, 4096))
+            .collect();
+        assert!(
+            spans_of(&many).is_none(),
+            "more than a half of the table holds"
+        );
+    }
+
+    /// With fixed buffers, one-segment reads and writes inside registered memory go through
+    /// `READ_FIXED`/`WRITE_FIXED` and move the right data; what is not one segment inside it
+    /// goes as before, and gets its data right too.
+    #[test]
+    fn fixed_buffers_carry_direct_reads_and_writes_inside_guest_memory() {
+        let dir = TempDir::new();
+        let img = image(&dir.join("fixed.img"), CacheMode::None, 4 << 20);
+        let mut engine = fixed_engine(Arc::clone(&img));
+        let ram = GuestRam::new(1 << 20);
+        // Two regions, back to back in one mapping: a buffer across them is in no one buffer.
+        let regions = [ram.range(0, 512 << 10), ram.range(512 << 10, 512 << 10)];
+        engine.set_memory(&regions, &guard_of(&ram));
+        let data = pattern(64 << 10, 3);
+        ram.fill(0, &data);
+        let w = complete(
+            &mut engine,
+            Op::Write {
+                offset: 1 << 20,
+                bufs: ram.bufs(0, &[64 << 10]),
+            },
+        );
+        assert_eq!(w.result.unwrap(), 64 << 10);
+        assert!(
+            w.fixed_buffers,
+            "a one-segment write in guest memory is WRITE_FIXED"
+        );
+        let r = complete(
+            &mut engine,
+            Op::Read {
+                offset: 1 << 20,
+                bufs: ram.bufs(128 << 10, &[64 << 10]),
+            },
+        );
+        assert_eq!(r.result.unwrap(), 64 << 10);
+        assert!(
+            r.fixed_buffers,
+            "a one-segment read in guest memory is READ_FIXED"
+        );
+        assert!(
+            ram.bytes(128 << 10, 64 << 10) == data,
+            "READ_FIXED read what was written"
+        );
+        assert_eq!(
+            img.resident_bytes_in(1 << 20, 64 << 10).unwrap(),
+            0,
+            "still O_DIRECT"
+        );
+
+        // Two segments: READV.
+        let r = complete(
+            &mut engine,
+            Op::Read {
+                offset: 1 << 20,
+                bufs: ram.bufs(256 << 10, &[4096, 60 << 10]),
+            },
+        );
+        assert_eq!(r.result.unwrap(), 64 << 10);
+        assert!(!r.fixed_buffers, "two segments go as READV");
+        assert!(ram.bytes(256 << 10, 64 << 10) == data);
+        // Across the two regions: READV.
+        let r = complete(
+            &mut engine,
+            Op::Read {
+                offset: 1 << 20,
+                bufs: ram.bufs((512 << 10) - 4096, &[8192]),
+            },
+        );
+        assert_eq!(r.result.unwrap(), 8192);
+        assert!(
+            !r.fixed_buffers,
+            "a buffer across two registered buffers goes as READV"
+        );
+        assert!(ram.bytes((512 << 10) - 4096, 8192) == data[..8192]);
+        // Outside guest memory: READV.
+        let (n, bufs) = read(&mut engine, 1 << 20, vec![AlignedBuf::new(4096)]);
+        assert_eq!(n.unwrap(), 4096);
+        assert!(bufs[0].as_ref() == &data[..4096]);
+        assert_eq!(engine.fixed_in_flight(), Some([0, 0]));
+    }
+
+    /// A memory-table change while a fixed read is in flight: the new memory is registered in
+    /// the other half of the table at once, the read in flight completes with its data, the
+    /// next requests use the new memory's buffers, and the old half is released (its guard
+    /// dropped) once its read is reaped. With both halves busy, the next change waits.
+    #[test]
+    fn fixed_buffers_follow_memory_changes_with_requests_in_flight() {
+        let dir = TempDir::new();
+        let img = image(&dir.join("change.img"), CacheMode::None, 4 << 20);
+        let mut engine = fixed_engine(Arc::clone(&img));
+        let data = pattern(1 << 20, 5);
+        let src = GuestRam::new(1 << 20);
+        src.fill(0, &data);
+        engine.set_memory(&[src.region()], &guard_of(&src));
+        assert!(
+            complete(
+                &mut engine,
+                Op::Write {
+                    offset: 0,
+                    bufs: src.bufs(0, &[1 << 20])
+                }
+            )
+            .fixed_buffers
+        );
+
+        let old = GuestRam::new(1 << 20);
+        engine.set_memory(&[old.region()], &guard_of(&old));
+        drop(src);
+        let old_weak = Arc::downgrade(&old);
+        engine
+            .submit(
+                Op::Read {
+                    offset: 0,
+                    bufs: old.bufs(0, &[1 << 20]),
+                },
+                1,
+            )
+            .unwrap();
+        engine.commit().unwrap();
+        assert_eq!(
+            engine.fixed_in_flight(),
+            Some([1, 0]),
+            "over the old memory's half"
+        );
+
+        let new = GuestRam::new(1 << 20);
+        engine.set_memory(&[new.region()], &guard_of(&new));
+        drop(old);
+        assert!(
+            old_weak.upgrade().is_some(),
+            "the old memory stays while its read is in flight"
+        );
+        engine
+            .submit(
+                Op::Read {
+                    offset: 0,
+                    bufs: new.bufs(4096, &[8192]),
+                },
+                2,
+            )
+            .unwrap();
+        engine.commit().unwrap();
+        assert_eq!(
+            engine.fixed_in_flight(),
+            Some([1, 1]),
+            "the new memory's half"
+        );
+
+        // Both halves busy: a third map waits, and its requests go unregistered meanwhile.
+        let third = GuestRam::new(64 << 10);
+        engine.set_memory(&[third.region()], &guard_of(&third));
+        engine
+            .submit(
+                Op::Read {
+                    offset: 0,
+                    bufs: third.bufs(0, &[4096]),
+                },
+                3,
+            )
+            .unwrap();
+        engine.commit().unwrap();
+        assert_eq!(
+            engine.fixed_in_flight(),
+            Some([1, 1]),
+            "third goes unregistered"
+        );
+
+        let mut done = reap_n(&mut engine, 3);
+        done.sort_by_key(|c| c.user_data);
+        assert!(done.iter().all(|c| c.result.is_ok()), "{done:?}");
+        assert_eq!(
+            done.iter().map(|c| c.fixed_buffers).collect::<Vec<_>>(),
+            [true, true, false]
+        );
+        drop(done);
+        assert!(
+            old_weak.upgrade().is_none(),
+            "the old memory's half let its guard go"
+        );
+        assert!(
+            new.bytes(4096, 8192) == data[..8192],
+            "the new memory's read"
+        );
+        assert!(
+            third.bytes(0, 4096) == data[..4096],
+            "the unregistered read"
+        );
+        // The third map is registered now that a half was free.
+        let c = complete(
+            &mut engine,
+            Op::Read {
+                offset: 8192,
+                bufs: third.bufs(8192, &[4096]),
+            },
+        );
+        assert!(
+            c.fixed_buffers,
+            "the third map registered once a half was free"
+        );
+        assert!(third.bytes(8192, 4096) == data[8192..12288]);
+        let c = complete(
+            &mut engine,
+            Op::Read {
+                offset: 0,
+                bufs: new.bufs(0, &[4096]),
+            },
+        );
+        assert!(!c.fixed_buffers, "the replaced map's buffers are gone");
+        assert!(new.bytes(0, 4096) == data[..4096]);
+    }
+
+    /// Memory the kernel will not pin (here, mapped without access) makes the registration
+    /// fail: reads and writes go unregistered, and keep working.
+    #[test]
+    fn a_refused_registration_leaves_requests_unregistered() {
+        let dir = TempDir::new();
+        let img = image(&dir.join("refused.img"), CacheMode::None, 1 << 20);
+        let mut engine = fixed_engine(Arc::clone(&img));
+        let ram = GuestRam::new(1 << 20);
+        let locked = GuestRam::with_prot(1 << 20, libc::PROT_NONE);
+        let guard: MemoryGuard = Arc::new((Arc::clone(&ram), Arc::clone(&locked)));
+        engine.set_memory(&[ram.region(), locked.region()], &guard);
+        let data = pattern(8192, 7);
+        ram.fill(0, &data);
+        let w = complete(
+            &mut engine,
+            Op::Write {
+                offset: 0,
+                bufs: ram.bufs(0, &[8192]),
+            },
+        );
+        assert_eq!(w.result.unwrap(), 8192);
+        assert!(!w.fixed_buffers, "nothing registered");
+        let r = complete(
+            &mut engine,
+            Op::Read {
+                offset: 0,
+                bufs: ram.bufs(65536, &[8192]),
+            },
+        );
+        assert_eq!(r.result.unwrap(), 8192);
+        assert!(ram.bytes(65536, 8192) == data);
+        // A map the kernel takes registers.
+        engine.set_memory(&[ram.region()], &guard_of(&ram));
+        let r = complete(
+            &mut engine,
+            Op::Read {
+                offset: 0,
+                bufs: ram.bufs(131072, &[8192]),
+            },
+        );
+        assert!(r.fixed_buffers, "registered once the memory can be pinned");
+        assert!(ram.bytes(131072, 8192) == data);
+    }
+
+    /// With fixed buffers the ring takes `READ_FIXED` and buffer-table updates, and still
+    /// refuses every other registration; the kernel itself refuses a fixed read outside the
+    /// buffer it names.
+    #[test]
+    fn fixed_buffers_widen_the_restrictions_by_their_opcodes_only() {
+        let dir = TempDir::new();
+        let img = image(&dir.join("rf.img"), CacheMode::Writeback, 1 << 20);
+        let mut engine = fixed_engine(Arc::clone(&img));
+        let ram = GuestRam::new(64 << 10);
+        engine.set_memory(&[ram.range(0, 32 << 10)], &guard_of(&ram));
+        let at = |off: usize| ram.range(off, 0).iov_base.cast::<u8>();
+        let inside =
+            opcode::ReadFixed::new(types::Fixed(0), at(0), 4096, FIXED_HALF as u16).build();
+        assert_eq!(
+            raw(&mut engine, inside),
+            4096,
+            "READ_FIXED inside the buffer"
+        );
+        let outside =
+            opcode::ReadFixed::new(types::Fixed(0), at(32 << 10), 4096, FIXED_HALF as u16).build();
+        assert_eq!(
+            raw(&mut engine, outside),
+            -libc::EFAULT,
+            "past the buffer's end"
+        );
+        let other = std::fs::File::open(dir.join("rf.img")).unwrap();
+        assert!(
+            engine
+                .ring
+                .submitter()
+                .register_files_update(0, &[other.as_raw_fd()])
+                .is_err(),
+            "no other registration after set-up"
+        );
     }
 }
