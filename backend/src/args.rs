@@ -161,6 +161,17 @@ pub struct BackendArgs {
     #[arg(long)]
     pub poll_fixed: bool,
 
+    /// Register guest memory with each queue thread's io_uring as fixed buffers (again after
+    /// every memory-table change), so that a read or write whose data is one segment inside it
+    /// skips the kernel's per-request pinning of its pages (`READ_FIXED`/`WRITE_FIXED`). The
+    /// price: every page of guest memory is allocated and pinned for the connection's life,
+    /// counted against RLIMIT_MEMLOCK (per queue) unless the process has CAP_IPC_LOCK, and
+    /// memory the guest gives back (balloon, free page reporting) must not be discarded by the
+    /// VMM meanwhile. A registration the kernel refuses leaves requests unregistered.
+    /// io-uring engine only.
+    #[arg(long)]
+    pub fixed_buffers: bool,
+
     /// Keep polling while requests are at the device as well, instead of sleeping until their
     /// completion wakes the thread. Saves the completion's wake-up at the price of a CPU
     /// spinning through device latencies: for hosts with a core to spare per queue thread. No

@@ -68,6 +68,8 @@ pub struct DeviceSettings {
     pub poll_fixed: bool,
     /// Keep polling while requests are at the device.
     pub poll_device: bool,
+    /// Register guest memory as the io_uring engines' fixed buffers.
+    pub fixed_buffers: bool,
     /// Mark the data of reads in the dirty log while migrating (off only in tests that show
     /// a migration goes wrong without it).
     pub log_reads: bool,
@@ -160,6 +162,7 @@ impl BlkDevice {
             poll: settings.poll,
             poll_fixed: settings.poll_fixed,
             poll_device: settings.poll_device,
+            fixed_buffers: settings.fixed_buffers,
             logging: AtomicBool::new(false),
             log_reads: settings.log_reads,
             taking_chains: AtomicBool::new(true),
@@ -181,7 +184,10 @@ impl BlkDevice {
             })?));
             let queues: Vec<usize> = (0..num_queues).filter(|q| mask & (1 << q) != 0).collect();
             let depth = u32::from(settings.queue_size) * queues.len() as u32;
-            let engine = disk::new_engine(settings.engine, image.clone(), depth)
+            let options = disk::EngineOptions {
+                fixed_buffers: settings.fixed_buffers,
+            };
+            let engine = disk::new_engine_with(settings.engine, image.clone(), depth, options)
                 .map_err(|source| Error::Engine { source })?;
             let deferred_path = Arc::new(DeferredPath::new(
                 shared.clone(),
@@ -557,6 +563,7 @@ mod tests {
             poll: Duration::ZERO,
             poll_fixed: false,
             poll_device: false,
+            fixed_buffers: false,
             log_reads: true,
             used_order: UsedOrderMode::Avail,
             io_limits: Arc::new(crate::limits::IoLimits::new(throttle::Spec::none())),

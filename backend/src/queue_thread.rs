@@ -22,7 +22,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use completion::DeferredCompletions;
@@ -35,7 +35,10 @@ use virtio_blk::{
     RequestType, SECTOR_SHIFT, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
 };
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemory, Permissions};
+use vm_memory::{
+    GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryBackend, GuestMemoryRegion,
+    Permissions,
+};
 
 use crate::complete::{complete, count_done, signal_if_needed, Done};
 use crate::deferred_path::{defer_at_submission, needs_deferred_path, needs_sync, DeferredPath};
@@ -195,6 +198,9 @@ pub struct QueueThread {
     timer: WakeTimer,
     /// The clock as the I/O limits read it, once per pass over a ring (`None`: not read yet).
     pass_now: Option<u64>,
+    /// With `--fixed-buffers`: the memory map last handed to the engine (a `Weak`, so that its
+    /// address is not reused by another map while compared with).
+    registered: Weak<GuestMem>,
 }
 
 impl Drop for QueueThread {
@@ -267,6 +273,7 @@ impl QueueThread {
             poll_window: PollWindow::default(),
             timer,
             pass_now: None,
+            registered: Weak::new(),
         }
     }
 
@@ -625,6 +632,9 @@ impl QueueThread {
                 error!("queue {}: completion for unknown head {head}", queue.index);
                 return;
             };
+            if c.fixed_buffers {
+                QueueStats::add(&shared.stats.queue(queue.index).fixed_buffer_ios, 1);
+            }
             if let Some(mut bufs) = c.bufs {
                 // While migrating, the data a read put in guest memory goes to the dirty log
                 // before the used entry that shows it to the guest: the kernel wrote it through
@@ -755,6 +765,25 @@ impl QueueThread {
         }
     }
 
+    /// Hand the engine `mem`, a memory map it has not seen, to register as its fixed buffers:
+    /// done before the first request read with the new map is submitted, so that its buffers
+    /// can use them. A request of an older map still finds its own: the engine keeps the
+    /// buffers a request in flight uses, and its old map mapped, until the request is reaped.
+    /// Registering pins the map's pages, which takes time in proportion to guest memory.
+    #[cold]
+    fn register_memory(&mut self, mem: &Arc<GuestMem>) {
+        let regions: Vec<libc::iovec> = mem
+            .iter()
+            .map(|r| libc::iovec {
+                iov_base: r.as_ptr().cast(),
+                iov_len: r.len() as usize,
+            })
+            .collect();
+        let guard: MemoryGuard = Arc::<GuestMem>::clone(mem);
+        self.engine.set_memory(&regions, &guard);
+        self.registered = Arc::downgrade(mem);
+    }
+
     /// Parse one chain and either submit it or complete it at once.
     /// `table` is the queue's descriptor table and size, to walk a chain that virtio-queue
     /// stops walking at 4 GiB.
@@ -767,6 +796,9 @@ impl QueueThread {
         mem: &Arc<GuestMem>,
         view: &MemView,
     ) -> Started {
+        if self.shared.fixed_buffers && !std::ptr::eq(self.registered.as_ptr(), Arc::as_ptr(mem)) {
+            self.register_memory(mem);
+        }
         let shared = &*self.shared;
         let queue = &mut self.queues[local];
         let stats = shared.stats.queue(queue.index);

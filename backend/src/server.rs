@@ -122,6 +122,7 @@ pub fn run(args: &BackendArgs) -> Result<()> {
         poll: Duration::from_micros(args.poll_us),
         poll_fixed: args.poll_fixed,
         poll_device: args.poll_device,
+        fixed_buffers: args.fixed_buffers && engine == EngineKind::IoUring,
         log_reads: !args.test_unlogged_reads,
         used_order: args.used_order,
         io_limits: io_limits.clone(),
@@ -151,6 +152,13 @@ pub fn run(args: &BackendArgs) -> Result<()> {
         },
         args.used_order,
     );
+    if args.fixed_buffers {
+        if engine == EngineKind::IoUring {
+            info!("guest memory is registered as io_uring fixed buffers: it stays pinned while connected");
+        } else {
+            warn!("--fixed-buffers applies to the io-uring engine only; ignored");
+        }
+    }
     if args.test_unlogged_reads {
         warn!("--test-unlogged-reads: a migration will lose the data of reads; tests only");
     }

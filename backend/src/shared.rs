@@ -51,6 +51,9 @@ pub struct DeviceShared {
     pub poll_fixed: bool,
     /// Keep polling while requests are at the device.
     pub poll_device: bool,
+    /// The engines register guest memory as fixed buffers: queue threads hand them each new
+    /// memory map.
+    pub fixed_buffers: bool,
     /// The frontend acked `VHOST_F_LOG_ALL`: a migration is under way, and every guest page the
     /// backend writes goes to the dirty log. The fast path reads it once per completed read.
     pub logging: AtomicBool,

@@ -54,6 +54,8 @@ pub struct QueueStats {
     pub throttle_wait_us: AtomicU64,
     /// The queue thread's adaptive poll window now, in nanoseconds (0: it sleeps at once).
     pub poll_window_ns: AtomicU64,
+    /// Reads and writes the engine ran over registered guest memory (`--fixed-buffers`).
+    pub fixed_buffer_ios: AtomicU64,
 }
 
 impl QueueStats {
@@ -94,6 +96,7 @@ impl QueueStats {
             throttle_waiting: get(&self.throttle_waiting),
             throttle_wait_us: get(&self.throttle_wait_us),
             poll_window_ns: get(&self.poll_window_ns),
+            fixed_buffer_ios: get(&self.fixed_buffer_ios),
         }
     }
 }
@@ -143,6 +146,8 @@ pub struct QueueStatsSnapshot {
     pub throttle_wait_us: u64,
     /// The adaptive poll window now, in nanoseconds (0: the thread sleeps at once).
     pub poll_window_ns: u64,
+    /// Reads and writes run over registered guest memory (`--fixed-buffers`).
+    pub fixed_buffer_ios: u64,
 }
 
 /// The deferred worker's batch statistics for one queue, as the control socket reports them.

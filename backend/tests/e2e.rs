@@ -22,11 +22,17 @@ fn spawn(opts: BackendOpts) -> Backend {
 
 /// Writes a distinct pattern through every queue, reads each back through another queue, and
 /// checks the bytes landed at the right offset of the image.
-fn round_trip_on_every_queue(io_engine: &'static str, cache: &'static str, num_queues: usize) {
+fn round_trip_on_every_queue(
+    io_engine: &'static str,
+    cache: &'static str,
+    num_queues: usize,
+    extra_args: &[&str],
+) {
     let b = spawn(BackendOpts {
         num_queues,
         io_engine,
         cache,
+        extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         ..BackendOpts::default()
     });
     let mut d = b.connect_queues(num_queues);
@@ -68,10 +74,10 @@ fn round_trip_on_every_queue(io_engine: &'static str, cache: &'static str, num_q
 }
 
 macro_rules! round_trip_tests {
-    ($($name:ident: $engine:literal, $cache:literal, $queues:literal;)*) => {$(
+    ($($name:ident: $engine:literal, $cache:literal, $queues:literal $(, $extra:literal)*;)*) => {$(
         #[test]
         fn $name() {
-            round_trip_on_every_queue($engine, $cache, $queues);
+            round_trip_on_every_queue($engine, $cache, $queues, &[$($extra),*]);
         }
     )*};
 }
@@ -87,6 +93,8 @@ round_trip_tests! {
     sync_writeback_round_trips_on_each_of_four_queues: "sync", "writeback", 4;
     io_uring_dontcache_round_trips_on_each_of_two_queues: "io-uring", "dontcache", 2;
     sync_dontcache_round_trips_on_each_of_two_queues: "sync", "dontcache", 2;
+    io_uring_cache_none_round_trips_over_fixed_buffers: "io-uring", "none", 2, "--fixed-buffers";
+    io_uring_writeback_round_trips_over_fixed_buffers: "io-uring", "writeback", 2, "--fixed-buffers";
 }
 
 /// 32 requests in flight on each of four queues at once, from four threads, with and without
@@ -102,6 +110,13 @@ fn many_requests_in_flight_on_every_queue_all_complete() {
 fn many_requests_in_flight_all_complete_with_polling() {
     many_requests_in_flight(&["--poll-us", "200"]);
     many_requests_in_flight(&["--poll-us", "200", "--poll-device"]);
+}
+
+/// The same over fixed buffers, with and without polling.
+#[test]
+fn many_requests_in_flight_all_complete_over_fixed_buffers() {
+    many_requests_in_flight(&["--fixed-buffers"]);
+    many_requests_in_flight(&["--poll-us", "200", "--fixed-buffers"]);
 }
 
 fn many_requests_in_flight(extra_args: &[&str]) {
@@ -323,6 +338,86 @@ fn guest_memory_in_two_regions_works_with_set_mem_table_and_add_mem_reg() {
             let r = q.read(k * 2048, 1 << 20);
             assert_eq!(r.status, S_OK, "{memory_messages:?} read {k}");
             assert!(r.data == data, "{memory_messages:?} request {k} round trip");
+        }
+    }
+}
+
+/// With `--fixed-buffers`, reads and writes go through the registered guest memory (the
+/// per-queue count says so) and move the right data: before a memory-table change, across one
+/// with requests in flight, and after changes sent both ways (the backend maps the regions
+/// anew and registers the new mappings). Without the option, nothing goes that way.
+#[test]
+fn fixed_buffers_carry_requests_across_memory_table_changes() {
+    let fixed_ios = |b: &Backend| {
+        let stats = b.stats();
+        stats["queues"][0]["fixed_buffer_ios"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no fixed_buffer_ios in {stats}"))
+    };
+    let memory = vec![
+        RegionSpec::new(0, 8 << 20),
+        RegionSpec::new(4 << 30, 16 << 20),
+    ];
+    for fixed in [true, false] {
+        let b = spawn(BackendOpts {
+            cache: "none",
+            control: true,
+            extra_args: if fixed {
+                vec!["--fixed-buffers".into()]
+            } else {
+                Vec::new()
+            },
+            ..BackendOpts::default()
+        });
+        let mut d = b.connect(&Options {
+            num_queues: Some(1),
+            memory: memory.clone(),
+            ..Options::default()
+        });
+        let mut ios = 0;
+        let data = |k: u64| pattern(k, 256 << 10);
+        let sector = |k: u64| k * 512;
+        // Enough requests to walk the arena from region 0 into region 1.
+        for k in 0..24u64 {
+            let q = d.queue(0);
+            assert_eq!(q.write(sector(k), &data(k)).status, S_OK, "write {k}");
+            let r = q.read(sector(k), 256 << 10);
+            assert_eq!(r.status, S_OK, "read {k}");
+            assert!(r.data == data(k), "request {k} round trip");
+            ios += 2;
+        }
+        let expect = |ios: u64| if fixed { ios } else { 0 };
+        assert_eq!(
+            fixed_ios(&b),
+            expect(ios),
+            "fixed {fixed}: before the change"
+        );
+        // SET_MEM_TABLE replaces the map at once, with requests in flight; REM_MEM_REG then
+        // ADD_MEM_REG leaves a moment without the region, so nothing is in flight across it.
+        for (change, re_add) in [None, Some(1)].into_iter().enumerate() {
+            let q = d.queue(0);
+            let in_flight = if re_add.is_none() { 8 } else { 0 };
+            let reads: Vec<_> = (0..in_flight)
+                .map(|k| q.submit(&Transfer::blk(T_IN, sector(k), &[], 256 << 10)))
+                .collect();
+            d.resend_memory(re_add).expect("memory table sent again");
+            let q = d.queue(0);
+            for (k, t) in (0..).zip(reads) {
+                let c = q.complete(t);
+                assert_eq!(c.status, S_OK, "change {change}: read {k} in flight");
+                assert!(c.data == data(k), "change {change}: read {k} in flight");
+            }
+            for k in in_flight..24u64 {
+                let r = q.read(sector(k), 256 << 10);
+                assert_eq!(r.status, S_OK, "change {change}: read {k}");
+                assert!(r.data == data(k), "change {change}: read {k} after");
+            }
+            ios += 24;
+            assert_eq!(
+                fixed_ios(&b),
+                expect(ios),
+                "fixed {fixed}: after change {change}"
+            );
         }
     }
 }
