@@ -186,9 +186,10 @@ impl Peer {
     /// no-batching baseline the batching targets compare with), `ours-{none,writeback}-uring-nopoll`
     /// (`--poll-us 0`: no polling), `ours-{none,writeback}-uring-pollfixed`
     /// (`--poll-us 50 --poll-fixed`: a fixed 50 µs window after every event,
-    /// cloud-hypervisor's scheme), and `ours-none-uring-polldev` (`--poll-us
+    /// cloud-hypervisor's scheme), `ours-none-uring-polldev` (`--poll-us
     /// 1000 --poll-device`: polling through device latencies too; not a
-    /// default).
+    /// default), and `ours-none-uring-fixedbuf` (`--fixed-buffers`: guest
+    /// memory registered as io_uring fixed buffers; not a default).
     pub fn all(with_ch: bool) -> Vec<Peer> {
         let mut v = Vec::new();
         for cache in ["none", "writeback", "dontcache"] {
@@ -222,6 +223,14 @@ impl Peer {
                     "io-uring",
                     "polldev",
                     &["--poll-us", "1000", "--poll-device"],
+                ));
+                // Guest memory registered as io_uring fixed buffers: what skipping the per-request
+                // page pinning of O_DIRECT buys.
+                v.push(Peer::ours_with(
+                    cache,
+                    "io-uring",
+                    "fixedbuf",
+                    &["--fixed-buffers"],
                 ));
                 // A limit far above the load (the largest accepted): what limits cost when they
                 // never bite, on a real disk.
@@ -735,6 +744,10 @@ mod tests {
         let dev = peer("ours-none-uring-polldev");
         assert_eq!(dev.mode, Mode::Direct);
         assert_eq!(extra(&dev), ["--poll-us", "1000", "--poll-device"]);
+        let fixedbuf = peer("ours-none-uring-fixedbuf");
+        assert_eq!(fixedbuf.mode, Mode::Direct);
+        assert_eq!(extra(&fixedbuf), ["--fixed-buffers"]);
+        assert!(!fixedbuf.is_our_default());
         let wb = peer("ours-writeback-uring-pollfixed");
         assert_eq!(wb.mode, Mode::Buffered);
         assert!(wb.wants_warm_cache() && !none.wants_warm_cache());
@@ -755,6 +768,7 @@ mod tests {
         }
         assert!(!defaults.iter().any(|d| d == "ours-dontcache-sync"));
         assert!(!defaults.iter().any(|d| d == "ours-none-uring-polldev"));
+        assert!(!defaults.iter().any(|d| d == "ours-none-uring-fixedbuf"));
     }
 
     #[test]
