@@ -318,8 +318,20 @@ fn serve_one(
     drop(daemon);
     for q in stats.snapshot() {
         info!(
-            "queue {}: {} requests ({} reads, {} writes, {} flushes, {} errors), {} bytes read, {} bytes written",
-            q.index, q.requests, q.reads, q.writes, q.flushes, q.errors, q.bytes_read, q.bytes_written
+            "queue {}: {} requests ({} reads, {} writes, {} flushes, {} errors), {} bytes read, {} bytes written{}",
+            q.index,
+            q.requests,
+            q.reads,
+            q.writes,
+            q.flushes,
+            q.errors,
+            q.bytes_read,
+            q.bytes_written,
+            if q.fixed_buffer_ios > 0 {
+                format!(", {} over fixed buffers", q.fixed_buffer_ios)
+            } else {
+                String::new()
+            }
         );
     }
     lock(lifecycle).connected = false;
