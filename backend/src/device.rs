@@ -524,11 +524,14 @@ impl VhostUserBackend for BlkDevice {
             thread.on_kick();
             thread.process_queue(usize::from(device_event), vrings);
             thread.poll(vrings);
+            thread.going_to_sleep();
         } else if u64::from(device_event) == self.completion_event_id() {
             thread.reap(vrings);
             thread.poll(vrings);
+            thread.going_to_sleep();
         } else if u64::from(device_event) == self.timer_event_id() {
             thread.serve_waiting(vrings);
+            thread.going_to_sleep();
         } else if u64::from(device_event) == self.pin_event_id() {
             if let Some(pin) = self.pins.get(thread_id) {
                 pin.apply();

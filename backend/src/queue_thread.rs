@@ -491,6 +491,15 @@ impl QueueThread {
         self.reap(vrings);
     }
 
+    /// The thread goes back to epoll: a queue that holds tokens taken ahead from the I/O limits'
+    /// buckets gives them back if another queue waits for tokens (a test of a field per queue
+    /// otherwise), so that they do not sit unused while this thread sleeps.
+    pub fn going_to_sleep(&mut self) {
+        for queue in &mut self.queues {
+            queue.throttle.idle();
+        }
+    }
+
     /// A kick woke the thread (before it serves the ring): adapt the poll window to how long the
     /// thread waited for the driver.
     pub fn on_kick(&mut self) {

@@ -37,6 +37,32 @@
 //! handle; the only shared word is the count of waiting queues. With no queue waiting, nobody
 //! pays for fairness: the share is checked only under contention.
 //!
+//! # Allowances
+//!
+//! Two atomic operations on a word every queue thread writes are cheap on one thread but not on
+//! two: the word's cache line moves between the cores on every request. So a queue does not go
+//! to the shared bucket for every request while the bucket is far from empty: a request that
+//! goes there takes, in the same atomic operation, an *allowance* for the requests after it (a
+//! sixteenth of the bucket, of at most a tenth of a second: 6.25 ms of the rate), and those
+//! spend it from the queue's own handle without touching a shared word. The tokens are taken
+//! from the bucket when the allowance is, so nothing goes beyond the limit; what a queue holds
+//! counts as its own when it checks the bucket, so nothing is lost to it either. Three rules keep
+//! the limit exactly where it was:
+//!
+//! - an allowance is taken only while no queue waits and the bucket stays at least half full
+//!   after it: near the limit, or when a queue waits, every request goes to the shared bucket
+//!   as before, with the fair share and the reserve;
+//! - a queue gives back what it holds (one `fetch_update`) as soon as it sees a queue waiting,
+//!   when its allowance is a millisecond old ([`ALLOWANCE_AGE_NS`]: tokens are never spent long
+//!   after they were taken, so a queue that was idle cannot add its allowance to a bucket that
+//!   refilled meanwhile), when its thread goes to sleep while a queue waits, and when it is
+//!   dropped;
+//! - a change of limits drops the allowances of the buckets it changes: their debt, the
+//!   allowances included, is forgiven.
+//!
+//! At most the queues' allowances (a sixteenth of the bucket each) go ahead of the bucket's
+//! level, each for at most a millisecond, and only while the bucket is more than half full.
+//!
 //! # Groups
 //!
 //! Every word the buckets share — the TATs, the count of waiting queues, the spec (under a
@@ -76,6 +102,12 @@ pub const MIN_SLEEP_NS: u64 = 1_000_000;
 /// The longest a queue thread waiting for tokens sleeps before looking again: the refill period
 /// within which a change of limits, or a drain, reaches requests already waiting.
 pub const MAX_SLEEP_NS: u64 = 10_000_000;
+/// A queue's allowance from a bucket (tokens taken ahead, see "Allowances" above) is this
+/// fraction of the bucket's size in time, of at most a tenth of a second: 1/16.
+const ALLOWANCE_SHARE: u64 = 16;
+/// How long a queue may keep an allowance before it gives back what is left: the tokens it
+/// spends were taken from the bucket at most this long before.
+const ALLOWANCE_AGE_NS: u64 = MIN_SLEEP_NS;
 
 /// The current time on the `CLOCK_MONOTONIC` time line, in nanoseconds: the clock of every
 /// bucket (the same in every process of the host).
@@ -135,6 +167,10 @@ struct Rate {
     per_unit: PerUnit,
     /// For an operation limit with `iops-size`: nanoseconds per byte of a larger request.
     per_sized_byte: PerUnit,
+    /// The allowance a queue takes ahead from this bucket at once, in nanoseconds of its time.
+    allowance: u64,
+    /// For an operation limit: the cost of one operation (`per_unit.times(1)`).
+    per_op: u64,
 }
 
 /// A cost per unit in nanoseconds as a 64.64 fixed-point number, computed once per change, so
@@ -234,12 +270,15 @@ fn main_tau(limit: &Limit) -> u64 {
 }
 
 fn rate(slot: usize, unit: Unit, rate: u64, tau: u64, iops_size: Option<u64>) -> Rate {
+    let per_unit = PerUnit::new(u128::from(rate));
     Rate {
         slot,
         unit,
         rate,
         tau,
-        per_unit: PerUnit::new(u128::from(rate)),
+        allowance: tau.min(TENTH_NS) / ALLOWANCE_SHARE,
+        per_unit,
+        per_op: per_unit.times(1),
         per_sized_byte: PerUnit::new(u128::from(iops_size.unwrap_or(1)) * u128::from(rate)),
     }
 }
@@ -257,7 +296,7 @@ fn cost(rate: &Rate, io: Io, iops_size: Option<u64>) -> u64 {
         Unit::Iops => match iops_size {
             // A large request counts as bytes / iops-size operations.
             Some(size) if io.bytes > size => rate.per_sized_byte.times(io.bytes),
-            _ => rate.per_unit.times(1),
+            _ => rate.per_op,
         },
     }
 }
@@ -556,7 +595,7 @@ impl Buckets {
     }
 }
 
-/// One queue thread's handle on its device's buckets, with its fair share.
+/// One queue thread's handle on its device's buckets, with its fair share and its allowances.
 #[derive(Debug)]
 pub struct Queue {
     buckets: Arc<Buckets>,
@@ -566,6 +605,12 @@ pub struct Queue {
     share_tat: u64,
     /// Counted in [`Buckets::waiting`].
     waiting: bool,
+    /// Per bucket (indexed like [`SharedState::tats`]): tokens taken ahead and not spent yet,
+    /// in nanoseconds of the bucket's time.
+    allowance: [u64; SLOTS],
+    /// Until when the allowances held may be spent: [`ALLOWANCE_AGE_NS`] after the first was
+    /// taken (0: none held).
+    held_until: u64,
 }
 
 impl Queue {
@@ -579,6 +624,8 @@ impl Queue {
             generation,
             share_tat: 0,
             waiting: false,
+            allowance: [0; SLOTS],
+            held_until: 0,
         }
     }
 
@@ -593,10 +640,29 @@ impl Queue {
         self.waiting
     }
 
+    /// Tokens this queue holds ahead in the bucket of `slot`, in nanoseconds of its time.
+    #[cfg(test)]
+    fn held(&self, slot: usize) -> u64 {
+        self.allowance[slot]
+    }
+
     fn refresh(&mut self) {
         let generation = self.buckets.state().generation.load(Ordering::Acquire);
         if generation != self.generation {
-            self.config = self.buckets.config();
+            let config = self.buckets.config();
+            // A change forgives the debt of every bucket whose rate or size it changes, the
+            // allowances taken from it included: those are dropped, not spent nor given back.
+            // Across more than one change a bucket may have changed and changed back, so then
+            // every allowance goes (a few milliseconds of tokens, once per change).
+            let one_change = generation == self.generation.wrapping_add(1);
+            for (slot, held) in self.allowance.iter_mut().enumerate() {
+                if *held > 0
+                    && (!one_change || self.config.rate_of_slot(slot) != config.rate_of_slot(slot))
+                {
+                    *held = 0;
+                }
+            }
+            self.config = config;
             self.generation = generation;
         }
     }
@@ -605,35 +671,106 @@ impl Queue {
     /// again: `Err(due)`. A refusal counts this queue as waiting, which holds every queue to an
     /// equal share until it has [`caught_up`](Self::caught_up). Ask for the oldest waiting
     /// request first: the buckets do not know about order.
+    ///
+    /// While no queue waits and a bucket is more than half full, a request that must go to the
+    /// shared bucket takes an allowance for the next ones with it, in the same atomic operation:
+    /// they are then served from this handle alone, with two loads of shared words nobody
+    /// writes meanwhile (the generation and the count of waiting queues).
+    #[inline]
     pub fn take(&mut self, io: Io, now: u64) -> Result<(), u64> {
-        self.refresh();
-        let config = &*self.config;
-        let rates = &config.rates[io.dir as usize];
-        let iops_size = config.spec.iops_size();
-        let tats = &self.buckets.state().tats;
-        let mut due = 0u64;
-        let mut dominant = 0u64;
-        let mut low = false;
-        // What each bucket held when checked, and what the request costs there: at most the
-        // sustained and burst buckets of two units and two scopes.
-        let mut seen = [(0u64, 0u64); 8];
-        for (rate, seen) in rates.iter().zip(&mut seen) {
-            let tat = tats[rate.slot].0.load(Ordering::Relaxed);
-            let cost = cost(rate, io, iops_size);
-            *seen = (tat, cost);
-            due = due.max((tat + 1).saturating_sub(rate.tau));
-            dominant = dominant.max(cost);
-            low |= tat.saturating_add(RESERVE_NS) >= now.saturating_add(rate.tau);
+        if self.may_spend(now) && self.spend(io) {
+            return Ok(());
         }
-        // Shares apply to the last tokens of a bucket only: above the reserve there is enough
-        // for everyone waiting, and a queue whose thread is late (preempted, say) must not make
-        // the others leave tokens to spill over a full bucket.
+        self.take_shared(io, now)
+    }
+
+    /// Whether this queue may spend its allowances at `now`: it holds some, they are younger
+    /// than [`ALLOWANCE_AGE_NS`], the limits have not changed since it looked, and no queue
+    /// waits for tokens.
+    #[inline(always)]
+    fn may_spend(&self, now: u64) -> bool {
+        let state = self.buckets.state();
+        now < self.held_until
+            && state.generation.load(Ordering::Acquire) == self.generation
+            && state.waiting.load(Ordering::Relaxed) <= u64::from(self.waiting)
+    }
+
+    /// Pay for `io` from the allowances alone, if they cover it in every bucket it passes.
+    #[inline(always)]
+    fn spend(&mut self, io: Io) -> bool {
+        let config = &*self.config;
+        let rates = config.rates[io.dir as usize].as_slice();
+        let iops_size = config.spec.iops_size();
+        for (k, rate) in rates.iter().enumerate() {
+            let c = cost(rate, io, iops_size);
+            let held = &mut self.allowance[rate.slot];
+            if *held < c {
+                // Short in this bucket: undo what the buckets before it paid.
+                for rate in &rates[..k] {
+                    self.allowance[rate.slot] += cost(rate, io, iops_size);
+                }
+                return false;
+            }
+            *held -= c;
+        }
+        true
+    }
+
+    /// [`take`](Self::take) when the allowances do not cover `io`: from the shared buckets.
+    fn take_shared(&mut self, io: Io, now: u64) -> Result<(), u64> {
+        self.refresh();
         let others = self
             .buckets
             .state()
             .waiting
             .load(Ordering::Relaxed)
             .saturating_sub(u64::from(self.waiting));
+        // Allowances are for buckets nobody waits for, and for a moment only: tokens are never
+        // spent long after they were taken.
+        if self.held_until != 0 && (others > 0 || now >= self.held_until) {
+            self.settle();
+        }
+        let config = &*self.config;
+        let rates = &config.rates[io.dir as usize];
+        let iops_size = config.spec.iops_size();
+        // What the request costs in each bucket: at most the sustained and burst buckets of two
+        // units and two scopes.
+        let mut costs = [0u64; 8];
+        let mut covered = true;
+        for (rate, c) in rates.iter().zip(&mut costs) {
+            *c = cost(rate, io, iops_size);
+            covered &= self.allowance[rate.slot] >= *c;
+        }
+        if covered {
+            for (rate, &c) in rates.iter().zip(&costs) {
+                self.allowance[rate.slot] -= c;
+            }
+            return Ok(());
+        }
+        let tats = &self.buckets.state().tats;
+        let mut due = 0u64;
+        let mut dominant = 0u64;
+        let mut low = false;
+        // Per bucket, what it held when checked and what the request takes from it beyond this
+        // queue's allowance (0: the allowance covers it).
+        let mut seen = [(0u64, 0u64); 8];
+        for ((rate, &c), seen) in rates.iter().zip(&costs).zip(&mut seen) {
+            dominant = dominant.max(c);
+            let held = self.allowance[rate.slot];
+            if held >= c {
+                continue;
+            }
+            let tat = tats[rate.slot].0.load(Ordering::Relaxed);
+            // This queue's allowance is in the TAT already, and it is this queue's to spend:
+            // the level the request sees leaves it out.
+            let level = tat.saturating_sub(held);
+            *seen = (tat, c - held);
+            due = due.max((level + 1).saturating_sub(rate.tau));
+            low |= level.saturating_add(RESERVE_NS) >= now.saturating_add(rate.tau);
+        }
+        // Shares apply to the last tokens of a bucket only: above the reserve there is enough
+        // for everyone waiting, and a queue whose thread is late (preempted, say) must not make
+        // the others leave tokens to spill over a full bucket.
         let shared = others > 0 && low;
         if shared {
             due = due.max((self.share_tat + 1).saturating_sub(SHARE_TAU_NS));
@@ -645,8 +782,18 @@ impl Queue {
             }
             return Err(due);
         }
-        for (rate, &(tat, cost)) in rates.iter().zip(&seen) {
-            charge(&tats[rate.slot].0, tat, cost, now);
+        for ((rate, &c), &(tat, need)) in rates.iter().zip(&costs).zip(&seen) {
+            let held = &mut self.allowance[rate.slot];
+            if need == 0 {
+                *held -= c;
+                continue;
+            }
+            let ahead = allowance_to_take(rate, tat, need, c, now, others);
+            charge(&tats[rate.slot].0, tat, need.saturating_add(ahead), now);
+            *held = ahead;
+            if ahead > 0 && self.held_until == 0 {
+                self.held_until = now.saturating_add(ALLOWANCE_AGE_NS);
+            }
         }
         if shared {
             let share = others.saturating_add(1);
@@ -668,6 +815,41 @@ impl Queue {
         }
     }
 
+    /// Give back the allowances this queue holds (tokens taken ahead and not spent), so that
+    /// they are neither lost nor spent late. [`take`](Self::take) does so on its own once they
+    /// are [`ALLOWANCE_AGE_NS`] old or another queue waits, and dropping the handle does.
+    pub fn settle(&mut self) {
+        self.refresh();
+        if std::mem::take(&mut self.held_until) == 0 {
+            return;
+        }
+        let tats = &self.buckets.state().tats;
+        for (tat, held) in tats.iter().zip(&mut self.allowance) {
+            let held = std::mem::take(held);
+            if held > 0 {
+                // Never below zero, whatever a change did to the TAT meanwhile: a TAT in the
+                // past is a full bucket, however far in the past.
+                let _ = tat
+                    .0
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                        Some(t.saturating_sub(held))
+                    });
+            }
+        }
+    }
+
+    /// The queue thread goes to sleep: if it holds allowances and another queue waits for
+    /// tokens, give them back now rather than at this queue's next request. A test of a field
+    /// when it holds none.
+    #[inline]
+    pub fn idle(&mut self) {
+        if self.held_until != 0
+            && self.buckets.state().waiting.load(Ordering::Relaxed) > u64::from(self.waiting)
+        {
+            self.settle();
+        }
+    }
+
     /// This queue has no request waiting for tokens any more.
     pub fn caught_up(&mut self) {
         if std::mem::take(&mut self.waiting) {
@@ -678,6 +860,25 @@ impl Queue {
                 |n| Some(n.saturating_sub(1)),
             );
         }
+    }
+}
+
+/// The allowance a request that goes to the shared bucket of `rate` takes with it, in
+/// nanoseconds of the bucket's time: the bucket's share ([`Rate::allowance`]) when no queue
+/// waits, the share holds at least this request's cost `c`, and the bucket (at `tat` when
+/// checked, `need` taken by the request itself) stays at least half full after it; else none.
+/// Keeping half the bucket out of reach of allowances leaves the queues that take one request at
+/// a time near the limit, the fair share and the reserve exactly as without them.
+#[inline]
+fn allowance_to_take(rate: &Rate, tat: u64, need: u64, c: u64, now: u64, others: u64) -> u64 {
+    let after = tat
+        .max(now)
+        .saturating_add(need)
+        .saturating_add(rate.allowance);
+    if others == 0 && rate.allowance >= c && after <= now.saturating_add(rate.tau / 2) {
+        rate.allowance
+    } else {
+        0
     }
 }
 
@@ -699,6 +900,7 @@ fn charge(tat: &AtomicU64, seen: u64, cost: u64, now: u64) {
 
 impl Drop for Queue {
     fn drop(&mut self) {
+        self.settle();
         self.caught_up();
     }
 }
@@ -952,6 +1154,211 @@ mod tests {
         let due = q.take(write(4096), T0).expect_err("the bucket is empty");
         assert_eq!(due, T0 + 400 * MS + 1);
         assert!(q.take(read(4096), T0).is_ok(), "reads are not limited");
+    }
+
+    fn tat(b: &Buckets, slot: usize) -> u64 {
+        b.state().tats[slot].0.load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn a_request_to_a_full_bucket_takes_an_allowance_for_the_next() {
+        // 10k/s: 100 us a request; the bucket holds 100 ms, an allowance 6.25 ms (62 requests).
+        let b = buckets("iops-total=10000");
+        let mut q = Queue::new(b.clone());
+        assert!(q.take(read(4096), T0).is_ok());
+        assert_eq!(tat(&b, 0), T0 + 100_000 + 6_250_000);
+        assert_eq!(q.held(0), 6_250_000);
+        // The next 62 are served from it: the shared word does not move.
+        for _ in 0..62 {
+            assert!(q.take(read(4096), T0 + 10).is_ok());
+        }
+        assert_eq!(tat(&b, 0), T0 + 6_350_000);
+        assert_eq!(q.held(0), 50_000);
+        // The 64th spends the last half request of it and takes a new one.
+        assert!(q.take(read(4096), T0 + 20).is_ok());
+        assert_eq!(q.held(0), 6_250_000);
+        assert_eq!(tat(&b, 0), T0 + 64 * 100_000 + 6_250_000);
+        // Given back, the bucket holds exactly what 64 requests took.
+        q.settle();
+        assert_eq!(q.held(0), 0);
+        assert_eq!(tat(&b, 0), T0 + 64 * 100_000);
+        q.settle();
+        assert_eq!(
+            tat(&b, 0),
+            T0 + 64 * 100_000,
+            "settling twice gives back once"
+        );
+    }
+
+    #[test]
+    fn allowances_stop_at_half_the_bucket() {
+        // 10k/s: the bucket holds 1000 requests, an allowance 62.5.
+        let b = buckets("iops-total=10000");
+        let mut q = Queue::new(b.clone());
+        // The full bucket is exactly the 1000 it is without allowances, and what the queue holds
+        // at the end (the half request left of its last allowance) is in the TAT beside them.
+        assert_eq!(take_all(&mut q, read(4096), T0), 1000);
+        assert_eq!(q.take(read(4096), T0), Err(T0 + 1));
+        assert_eq!(tat(&b, 0) - q.held(0), T0 + 100 * MS);
+        // 40 ms later the bucket is 40 % full: requests take one at a time, no allowance.
+        let later = T0 + 40 * MS;
+        let before = tat(&b, 0) - q.held(0);
+        assert!(q.take(read(4096), later).is_ok());
+        assert_eq!(q.held(0), 0);
+        assert_eq!(tat(&b, 0), before + 100_000);
+        // Once it is more than half full again, one comes with the next request.
+        let refilled = T0 + 160 * MS;
+        assert!(q.take(read(4096), refilled).is_ok());
+        assert_eq!(q.held(0), 6_250_000);
+    }
+
+    #[test]
+    fn what_a_queue_holds_counts_as_its_own_at_the_bucket() {
+        // 1k/s: 1 ms a request; an allowance is 6.25 ms, so a quarter request is left over
+        // each time. Those quarters are spent, not lost: the full bucket is still 100.
+        let b = buckets("iops-total=1000");
+        let mut q = Queue::new(b);
+        assert_eq!(take_all(&mut q, read(4096), T0), 100);
+        // And the rate over a second of 1 ms steps is still the rate.
+        let mut n = 0;
+        for ms in 1..=1000 {
+            n += take_all(&mut q, read(4096), T0 + ms * MS);
+        }
+        assert_eq!(n, 1000);
+    }
+
+    #[test]
+    fn an_old_allowance_is_given_back_not_spent() {
+        let b = buckets("iops-total=10000");
+        let mut q = Queue::new(b.clone());
+        assert!(q.take(read(4096), T0).is_ok());
+        assert_eq!(q.held(0), 6_250_000);
+        // A millisecond later the bucket has refilled past what the allowance took: spending it
+        // now would add it to a full bucket. It goes back, and the request takes a new one.
+        let later = T0 + ALLOWANCE_AGE_NS;
+        assert!(q.take(read(4096), later).is_ok());
+        assert_eq!(tat(&b, 0), later + 100_000 + 6_250_000);
+        // A full bucket after an idle minute: 1000 and not one more, whatever was held.
+        let idle = T0 + 60 * SEC;
+        assert_eq!(take_all(&mut q, read(4096), idle), 1000);
+    }
+
+    #[test]
+    fn a_waiting_queue_gets_the_allowances_of_the_others() {
+        let b = buckets("iops-total=10000");
+        let mut holder = Queue::new(b.clone());
+        let mut other = Queue::new(b.clone());
+        assert!(holder.take(read(4096), T0).is_ok());
+        assert_eq!(holder.held(0), 6_250_000);
+        // The other empties the bucket (the 1000 requests it holds, less the holder's one and
+        // its allowance of 62.5), and waits.
+        let n = take_all(&mut other, read(4096), T0);
+        assert_eq!(n, 1000 - 1 - 62);
+        assert_eq!(b.waiting_queues(), 1);
+        // The holder's thread goes to sleep: with a queue waiting, it gives its allowance back,
+        // and the waiting queue finds it.
+        holder.idle();
+        assert_eq!(holder.held(0), 0);
+        assert_eq!(take_all(&mut other, read(4096), T0), 62);
+        // Without a queue waiting, going to sleep keeps the allowance (no shared write).
+        let b = buckets("iops-total=10000");
+        let mut q = Queue::new(b.clone());
+        assert!(q.take(read(4096), T0).is_ok());
+        q.idle();
+        assert_eq!(q.held(0), 6_250_000);
+        // With a queue waiting, a take gives it back too, and takes no new one.
+        let mut waiter = Queue::new(b.clone());
+        take_all(&mut waiter, read(4096), T0);
+        assert!(waiter.is_waiting());
+        assert!(q.take(read(4096), T0).is_ok());
+        assert_eq!(q.held(0), 0);
+    }
+
+    #[test]
+    fn a_dropped_queue_gives_its_allowance_back() {
+        let b = buckets("bps-total=1048576000");
+        let mut q = Queue::new(b.clone());
+        assert!(q.take(read(4096), T0).is_ok());
+        assert!(q.held(3) > 0);
+        drop(q);
+        // 4096 bytes at 1000 MiB/s: 3906.25 ns, rounded up.
+        assert_eq!(tat(&b, 3), T0 + 3907);
+    }
+
+    #[test]
+    fn a_change_drops_the_allowances_of_the_buckets_it_changes() {
+        let b = buckets("iops-total=10000,bps-read=1048576000");
+        let mut q = Queue::new(b.clone());
+        assert!(q.take(read(4096), T0).is_ok());
+        assert!(q.held(0) > 0 && q.held(4) > 0);
+        // The bps limit changes, the iops one does not: only the first allowance goes.
+        b.set_at(
+            Spec::parse("iops-total=10000,bps-read=2097152000").expect("valid"),
+            T0 + 10,
+        );
+        assert!(q.take(read(4096), T0 + 20).is_ok());
+        assert_eq!(q.held(0), 6_250_000 - 100_000);
+        // A fresh one from the changed bucket, which forgave the old one.
+        assert_eq!(q.held(4), 6_250_000);
+        assert_eq!(tat(&b, 4), T0 + 20 + 1954 + 6_250_000);
+        // Lowered to a limit the old allowance would overrun: nothing of it is spent.
+        b.set_at(Spec::parse("iops-total=10").expect("valid"), T0 + 30);
+        assert!(q.take(read(4096), T0 + 40).is_ok());
+        assert!(
+            q.take(read(4096), T0 + 40).is_err(),
+            "the new bucket holds one"
+        );
+        q.caught_up();
+        // Two changes seen at once (a bucket may have changed and changed back): all go.
+        let mut q = Queue::new(b.clone());
+        b.set_at(Spec::parse("iops-total=10000").expect("valid"), T0 + SEC);
+        assert!(q.take(read(4096), T0 + SEC).is_ok());
+        assert!(q.held(0) > 0);
+        b.set_at(Spec::none(), T0 + SEC + 1);
+        b.set_at(
+            Spec::parse("iops-total=10000").expect("valid"),
+            T0 + SEC + 2,
+        );
+        assert!(q.take(read(4096), T0 + SEC + 3).is_ok());
+        assert_eq!(tat(&b, 0), T0 + SEC + 3 + 100_000 + 6_250_000);
+    }
+
+    #[test]
+    fn threads_with_allowances_share_the_rate_exactly() {
+        // Far from the limit, two threads take allowances; near it, one request at a time. Over
+        // the run, what they took is the full bucket and the rate, no more.
+        let b = buckets("iops-total=1000000");
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let (b, barrier) = (b.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    let mut q = Queue::new(b);
+                    barrier.wait();
+                    let start = now();
+                    let (mut n, mut last) = (0u64, start);
+                    while last < start + 100 * MS {
+                        // A request at a time, as a queue thread asks.
+                        if q.take(read(4096), last).is_ok() {
+                            n += 1;
+                        }
+                        last = now();
+                    }
+                    q.settle();
+                    (n, start, last)
+                })
+            })
+            .collect();
+        let (mut total, mut start, mut end) = (0, u64::MAX, 0);
+        for thread in threads {
+            let (n, s, e) = thread.join().expect("thread");
+            total += n;
+            start = start.min(s);
+            end = end.max(e);
+        }
+        let allowed = 100_000 + (end - start) / 1000;
+        assert!(total <= allowed + 4, "{total} taken, {allowed} allowed");
+        assert!(total * 2 >= allowed, "{total} taken, {allowed} allowed");
     }
 
     #[test]
