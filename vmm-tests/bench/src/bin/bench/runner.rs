@@ -12,7 +12,7 @@ use super::error::{Context, Result};
 use super::fio;
 use super::peers::{Kind, Peer, Programs, Server, Store};
 use super::rbd::RbdImage;
-use super::stats::{percentiles_us, BackendFigures, Sample};
+use super::stats::{mean_in_flight, percentiles_us, BackendFigures, Sample};
 use super::workload::Workload;
 use vmm_bench::procstat;
 
@@ -163,6 +163,20 @@ fn measure(plan: &Plan, w: &Workload, p: &Peer, s: &mut Sample) -> Result<()> {
                 }
             };
             server.stop();
+            // A closed loop keeps its depth in flight: much less, by the latencies counted, and
+            // the IOPS are not the backend's (a run once came out at a third of its limit with
+            // normal latencies). Said here so that such a run can be told apart.
+            let depth = f64::from(w.iodepth) * f64::from(w.queues);
+            let in_flight = mean_in_flight(&raw.lat_ns, raw.seconds);
+            if in_flight < 0.9 * depth {
+                eprintln!(
+                    "bench: {} {}: {in_flight:.1} of {depth} requests in flight on average by \
+                     their latencies (Little's law): the requests counted and the window \
+                     disagree, the IOPS of this run understate the backend",
+                    p.name,
+                    w.name()
+                );
+            }
             let pcts = percentiles_us(&mut raw.lat_ns);
             (raw, pcts)
         }

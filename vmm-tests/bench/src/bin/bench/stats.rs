@@ -158,6 +158,18 @@ pub fn percentiles_us(lat_ns: &mut [u32]) -> [f64; 3] {
     [at(0.50), at(0.99), at(0.999)]
 }
 
+/// The mean number of requests in flight over a window of `seconds` in which requests of
+/// these latencies completed (Little's law: the sum of their latencies over the window). A
+/// closed-loop client keeps its whole depth in flight, so a figure well below the depth says
+/// the requests counted and the window they are divided by disagree: the client was not
+/// submitting for part of the window, or counted over less of it.
+pub fn mean_in_flight(lat_ns: &[u32], seconds: f64) -> f64 {
+    if seconds <= 0.0 {
+        return 0.0;
+    }
+    lat_ns.iter().map(|&ns| f64::from(ns)).sum::<f64>() / 1e9 / seconds
+}
+
 /// Asks our backend for its `stats` on its control socket
 /// (`{"cmd":"stats"}`, one JSON line back; see `backend/src/control.rs`).
 ///
@@ -304,6 +316,17 @@ mod tests {
         assert_eq!(f.mean_batch, Some((360.0 + 400.0 - 40.0) / 40.0));
         // The worse queue, at the end.
         assert_eq!(f.deferred_p99_us, Some(2100.0));
+    }
+
+    #[test]
+    fn mean_in_flight_is_littles_law() {
+        // 64 requests in flight all along a 2 s window, 10 ms each: 12800 of them.
+        let full = vec![10_000_000u32; 12_800];
+        assert!((mean_in_flight(&full, 2.0) - 64.0).abs() < 1e-9);
+        // The same latencies, but a third of the requests in the same window: 21 in flight.
+        let short = vec![10_000_000u32; 4_267];
+        assert!((mean_in_flight(&short, 2.0) - 21.3).abs() < 0.1);
+        assert_eq!(mean_in_flight(&full, 0.0), 0.0);
     }
 
     #[test]
