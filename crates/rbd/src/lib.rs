@@ -116,6 +116,13 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// The default bound on connecting to the cluster and opening an image.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// `RBD_FEATURE_EXCLUSIVE_LOCK`: one client at a time may write (it holds the lock).
+pub const FEATURE_EXCLUSIVE_LOCK: u64 = 1 << 2;
+
+/// `RBD_FEATURE_JOURNALING`: writes go through a journal first, which reads of a handle that
+/// does not hold the exclusive lock would not see replayed.
+pub const FEATURE_JOURNALING: u64 = 1 << 6;
+
 /// The config file librados reads when none is given.
 pub const DEFAULT_CONF: &str = "/etc/ceph/ceph.conf";
 
@@ -325,6 +332,10 @@ pub struct Image {
     read_only: bool,
     size: u64,
     object_size: u64,
+    /// The image's feature bits (`RBD_FEATURE_*`), read at open.
+    features: u64,
+    /// How the cluster was reached, for [`Image::open_reader`].
+    opts: ClusterOptions,
     /// Closed early by [`Image::close`]: requests are refused, `Drop` has nothing left to do.
     closed: AtomicBool,
     /// The queues submitting to this image, so that [`Image::close`] can wait until none is
@@ -426,6 +437,8 @@ impl Image {
             read_only,
             size: 0,
             object_size: 0,
+            features: 0,
+            opts: opts.clone(),
             closed: AtomicBool::new(false),
             queues: Mutex::new(Vec::new()),
             cluster,
@@ -449,6 +462,17 @@ impl Image {
         }
         image.size = info.size;
         image.object_size = info.obj_size;
+        let mut features = 0u64;
+        // SAFETY: the image is open and `features` a valid out-pointer.
+        let ret = unsafe { sys::rbd_get_features(image.handle, &mut features) };
+        if ret < 0 {
+            return Err(Error::Image {
+                spec: spec.to_string(),
+                context: "reading the image's features",
+                source: errno(ret.into()),
+            });
+        }
+        image.features = features;
         info!(
             "RBD image {spec} open{} as {}: {} bytes in objects of {} bytes",
             if read_only { " read-only" } else { "" },
@@ -477,6 +501,25 @@ impl Image {
     /// The image's object size in bytes (a good discard granularity).
     pub fn object_size(&self) -> u64 {
         self.object_size
+    }
+
+    /// The image's feature bits (`RBD_FEATURE_*`, see [`FEATURE_EXCLUSIVE_LOCK`] and
+    /// [`FEATURE_JOURNALING`]), as read at open.
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    /// Open the same image (or snapshot) again, read-only, on a cluster connection of its own,
+    /// within the same timeout.
+    ///
+    /// librbd sends all of one client's requests to an OSD over one connection, served by one
+    /// messenger thread at each end; a second client is a second connection. A read-only handle
+    /// never takes the image's exclusive lock and, on the image's head, never loads its object
+    /// map: its reads go to the OSDs, which order them after every write they have acknowledged
+    /// to any client. So, with librbd's cache off, it reads what the writing handle wrote, and
+    /// the writing handle keeps the lock to itself.
+    pub fn open_reader(&self) -> Result<Image> {
+        Image::open(&self.opts, &self.spec, true)
     }
 
     /// The image's size in bytes now (it may have been resized since open).
@@ -634,6 +677,9 @@ struct Slot {
 /// One thread's asynchronous requests on an [`Image`]; see the crate documentation.
 pub struct AioQueue {
     image: Arc<Image>,
+    /// Where reads go, when not to `image`: a read-only handle on a connection of its own
+    /// ([`Image::open_reader`]).
+    reader: Option<Arc<Image>>,
     shared: Arc<Shared>,
     // Boxed: librbd holds each slot's address while the vector may grow.
     #[allow(clippy::vec_box)]
@@ -653,21 +699,35 @@ impl AioQueue {
     /// A queue on `image` with slots preallocated for `depth` requests in flight (more are
     /// allocated if more are submitted).
     pub fn new(image: Arc<Image>, depth: u32) -> Result<AioQueue> {
+        Self::with_reader(image, None, depth)
+    }
+
+    /// As [`AioQueue::new`], with reads sent to `reader` (another handle on the same image,
+    /// from [`Image::open_reader`]) instead of `image`; every other request goes to `image`.
+    pub fn with_reader(
+        image: Arc<Image>,
+        reader: Option<Arc<Image>>,
+        depth: u32,
+    ) -> Result<AioQueue> {
         let eventfd = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::EventFd { source })?;
         let shared = Arc::new(Shared {
             in_call: AtomicBool::new(false),
             head: AtomicPtr::new(ptr::null_mut()),
             eventfd,
         });
-        match image.queues.lock() {
-            Ok(mut q) => {
-                q.retain(|w| w.strong_count() > 0);
-                q.push(Arc::downgrade(&shared));
+        // Both images learn of the queue, so that closing either waits for its submissions.
+        for img in std::iter::once(&image).chain(reader.as_ref()) {
+            match img.queues.lock() {
+                Ok(mut q) => {
+                    q.retain(|w| w.strong_count() > 0);
+                    q.push(Arc::downgrade(&shared));
+                }
+                Err(poisoned) => poisoned.into_inner().push(Arc::downgrade(&shared)),
             }
-            Err(poisoned) => poisoned.into_inner().push(Arc::downgrade(&shared)),
         }
         let mut q = AioQueue {
             image,
+            reader,
             shared,
             slots: Vec::new(),
             tags: Vec::new(),
@@ -762,8 +822,12 @@ impl AioQueue {
         slot_ref.completion.store(completion, Ordering::Relaxed);
         // Announce the call before looking at `closed`; `Image::close` sets `closed` before
         // looking at this flag (both SeqCst): at least one side sees the other.
+        let image = match (op, &self.reader) {
+            (AioOp::Readv { .. }, Some(reader)) => reader,
+            _ => &self.image,
+        };
         self.shared.in_call.store(true, Ordering::SeqCst);
-        if self.image.closed.load(Ordering::SeqCst) {
+        if image.closed.load(Ordering::SeqCst) {
             self.shared.in_call.store(false, Ordering::SeqCst);
             // SAFETY: a completion exists but no request was started on it: release it here and
             // report the slot through the list.
@@ -776,16 +840,16 @@ impl AioQueue {
             }
             return;
         }
-        let h = self.image.handle;
+        let h = image.handle;
         let bad_rw = match op {
             AioOp::Readv { offset, iovcnt, .. } | AioOp::Writev { offset, iovcnt, .. } => {
                 libc::c_int::try_from(iovcnt).is_err() || i64::try_from(offset).is_err()
             }
             _ => false,
         };
-        // SAFETY: the image is open (we hold an `Arc`), the completion is fresh, and the
-        // caller guarantees the iovecs and buffers; librbd copies the iovec array before
-        // returning and uses the buffers until the completion fires.
+        // SAFETY: the image is open (we hold an `Arc`, and it is not closed: see above), the
+        // completion is fresh, and the caller guarantees the iovecs and buffers; librbd copies
+        // the iovec array before returning and uses the buffers until the completion fires.
         let ret = unsafe {
             match op {
                 _ if bad_rw => -libc::EINVAL,

@@ -80,6 +80,7 @@ extern "C" {
     pub fn rbd_get_size(image: rbd_image_t, size: *mut u64) -> c_int;
     pub fn rbd_stat(image: rbd_image_t, info: *mut rbd_image_info_t, infosize: size_t) -> c_int;
     pub fn rbd_flush(image: rbd_image_t) -> c_int;
+    pub fn rbd_get_features(image: rbd_image_t, features: *mut u64) -> c_int;
 
     pub fn rbd_aio_create_completion(
         cb_arg: *mut c_void,
