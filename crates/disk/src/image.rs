@@ -138,6 +138,10 @@ pub struct Image {
     /// The open RBD image, for an `rbd:` spec.
     #[cfg(feature = "rbd")]
     rbd: Option<std::sync::Arc<::rbd::Image>>,
+    /// Read-only handles on the same RBD image, each on a cluster connection of its own (see
+    /// [`Image::rbd_reader`]).
+    #[cfg(feature = "rbd")]
+    rbd_readers: Vec<std::sync::Arc<::rbd::Image>>,
 }
 
 impl Image {
@@ -241,6 +245,8 @@ impl Image {
             faults: crate::fault::FaultInjector::from_env(),
             #[cfg(feature = "rbd")]
             rbd: None,
+            #[cfg(feature = "rbd")]
+            rbd_readers: Vec::new(),
         };
         image.log_opened();
         Ok(image)
@@ -271,6 +277,8 @@ impl Image {
             faults: crate::fault::FaultInjector::from_env(),
             #[cfg(feature = "rbd")]
             rbd: None,
+            #[cfg(feature = "rbd")]
+            rbd_readers: Vec::new(),
         };
         image.log_opened();
         Ok(image)
@@ -314,6 +322,18 @@ impl Image {
                         source: Box::new(source),
                     }
                 })?;
+            let connections = rbd_connections(&spec, opts, rbd_opts, &rbd);
+            let rbd_readers = open_readers(&rbd, connections - 1).map_err(|source| Error::Rbd {
+                context: format!("opening {spec} again on a connection of its own"),
+                source: Box::new(source),
+            })?;
+            if connections > 1 {
+                info!(
+                    "{spec}: {connections} cluster connections: queue thread i reads through \
+                     connection i mod {connections}; every write, flush and discard goes \
+                     through the first"
+                );
+            }
             if opts.size.is_some_and(|s| s != rbd.size()) {
                 warn!(
                     "{spec}: the image has {} bytes; ignoring the requested size",
@@ -336,6 +356,7 @@ impl Image {
                 #[cfg(feature = "fault-injection")]
                 faults: crate::fault::FaultInjector::from_env(),
                 rbd: Some(std::sync::Arc::new(rbd)),
+                rbd_readers,
             };
             image.log_opened();
             Ok(image)
@@ -391,6 +412,13 @@ impl Image {
     pub fn close_before_exit(&self) -> Result<()> {
         #[cfg(feature = "rbd")]
         if let Some(rbd) = &self.rbd {
+            for reader in &self.rbd_readers {
+                // Read-only: nothing to write back, no lock to hand over; a failure to close
+                // one only costs its connection until the process exits.
+                if let Err(e) = reader.close() {
+                    warn!("{}: closing a read connection: {e}", self.path.display());
+                }
+            }
             return rbd.close().map_err(|source| Error::Flush {
                 path: self.path.clone(),
                 source: io::Error::other(source),
@@ -408,6 +436,26 @@ impl Image {
     #[cfg(feature = "rbd")]
     pub fn rbd_image(&self) -> Option<&std::sync::Arc<::rbd::Image>> {
         self.rbd.as_ref()
+    }
+
+    /// The handle that queue thread `worker` reads an RBD image through: `None` for the
+    /// main handle (the one every write goes through), else one of the read-only handles,
+    /// thread `worker` taking connection `worker` mod the number of connections.
+    #[cfg(feature = "rbd")]
+    pub fn rbd_reader(&self, worker: usize) -> Option<&std::sync::Arc<::rbd::Image>> {
+        match worker % (self.rbd_readers.len() + 1) {
+            0 => None,
+            c => self.rbd_readers.get(c - 1),
+        }
+    }
+
+    /// Cluster connections open for an RBD image (0 for other images).
+    pub fn rbd_connections(&self) -> usize {
+        #[cfg(feature = "rbd")]
+        if self.rbd.is_some() {
+            return self.rbd_readers.len() + 1;
+        }
+        0
     }
 
     /// Whether the image was opened read-only.
@@ -952,6 +1000,57 @@ fn probe_dontcache(fd: RawFd, path: &Path) -> bool {
             false
         }
     }
+}
+
+/// How many cluster connections to open for the RBD image `rbd`: what was asked
+/// ([`RbdOptions::connections`]), or 1 where more would not be safe: with librbd's cache on
+/// (the cache is per handle, and a second handle would read around the first's dirty data), or
+/// with journaling on a writable image (reads of a handle that does not hold the exclusive lock
+/// would not see the journal replayed).
+#[cfg(feature = "rbd")]
+fn rbd_connections(
+    spec: &RbdSpec,
+    opts: &ImageOptions,
+    rbd_opts: &RbdOptions,
+    rbd: &::rbd::Image,
+) -> usize {
+    let asked = rbd_opts.connections.max(1);
+    if asked == 1 {
+        return 1;
+    }
+    let why_not = if opts.cache == CacheMode::Writeback {
+        Some("librbd's cache (--cache writeback) is per connection")
+    } else if !rbd.read_only() && rbd.features() & ::rbd::FEATURE_JOURNALING != 0 {
+        Some("the image has journaling, which only the lock owner's reads see replayed")
+    } else {
+        None
+    };
+    match why_not {
+        Some(why) => {
+            info!("{spec}: one cluster connection for all I/O instead of {asked}: {why}");
+            1
+        }
+        None => asked,
+    }
+}
+
+/// Open `n` read-only handles on `rbd`'s image, each on a connection of its own, in parallel
+/// (each open waits for the monitors and the OSD).
+#[cfg(feature = "rbd")]
+fn open_readers(
+    rbd: &::rbd::Image,
+    n: usize,
+) -> std::result::Result<Vec<std::sync::Arc<::rbd::Image>>, ::rbd::Error> {
+    std::thread::scope(|s| {
+        let opening: Vec<_> = (0..n).map(|_| s.spawn(|| rbd.open_reader())).collect();
+        opening
+            .into_iter()
+            .map(|h| match h.join() {
+                Ok(r) => r.map(std::sync::Arc::new),
+                Err(panic) => std::panic::resume_unwind(panic),
+            })
+            .collect()
+    })
 }
 
 #[cfg(test)]

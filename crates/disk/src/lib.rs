@@ -425,6 +425,9 @@ pub struct EngineOptions {
     /// price: all that memory stays pinned (allocated, resident, and counted against
     /// `RLIMIT_MEMLOCK` without `CAP_IPC_LOCK`) while it is registered.
     pub fixed_buffers: bool,
+    /// The queue thread's number in its device: an RBD image open on several cluster
+    /// connections reads through connection `worker` mod their number.
+    pub worker: usize,
 }
 
 /// Create the engine of one queue thread over `image`.
@@ -449,7 +452,12 @@ pub fn new_engine_with(
     // An RBD image has one engine, whatever was asked; a file never gets it.
     #[cfg(feature = "rbd")]
     if let Some(rbd) = image.rbd_image() {
-        return Ok(Box::new(RbdEngine::new(rbd.clone(), queue_depth)?));
+        let reader = image.rbd_reader(options.worker).cloned();
+        return Ok(Box::new(RbdEngine::with_reader(
+            rbd.clone(),
+            reader,
+            queue_depth,
+        )?));
     }
     Ok(match kind {
         EngineKind::IoUring | EngineKind::Rbd => {

@@ -35,6 +35,11 @@ pub struct RbdOptions {
     pub ceph_conf: Option<PathBuf>,
     /// Bound on reaching the cluster and opening the image; `None`: 10 s.
     pub timeout: Option<Duration>,
+    /// Cluster connections to open for the image (`--rbd-connections`; 0 counts as 1): the
+    /// first carries every write and holds the exclusive lock, the others are read-only handles
+    /// that queue threads read through. Fewer are opened where more would not be safe (librbd's
+    /// cache on, or a writable image with journaling).
+    pub connections: usize,
 }
 
 /// A parsed `rbd:` image spec.
@@ -187,11 +192,22 @@ mod engine {
     impl RbdEngine {
         /// An engine over `image` with room for `queue_depth` requests without allocating.
         pub fn new(image: Arc<rbd::Image>, queue_depth: u32) -> Result<Self> {
+            Self::with_reader(image, None, queue_depth)
+        }
+
+        /// As [`RbdEngine::new`], with reads sent to `reader` (a read-only handle on the same
+        /// image, on a cluster connection of its own) instead of `image`.
+        pub fn with_reader(
+            image: Arc<rbd::Image>,
+            reader: Option<Arc<rbd::Image>>,
+            queue_depth: u32,
+        ) -> Result<Self> {
             let depth = queue_depth.max(1);
-            let queue = AioQueue::new(image, depth).map_err(|source| Error::Rbd {
-                context: "creating an RBD request queue".into(),
-                source: Box::new(source),
-            })?;
+            let queue =
+                AioQueue::with_reader(image, reader, depth).map_err(|source| Error::Rbd {
+                    context: "creating an RBD request queue".into(),
+                    source: Box::new(source),
+                })?;
             let n = depth as usize;
             Ok(RbdEngine {
                 queue,

@@ -1584,6 +1584,7 @@ mod tests {
     fn fixed_engine(img: Arc<Image>) -> UringEngine {
         let options = EngineOptions {
             fixed_buffers: true,
+            ..EngineOptions::default()
         };
         UringEngine::with_options(img, 16, options).unwrap()
     }
