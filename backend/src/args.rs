@@ -34,6 +34,45 @@ pub struct Cli {
     pub backend: BackendArgs,
 }
 
+impl Cli {
+    /// Checks between options that clap's attributes cannot express; an error exits with
+    /// status 2, as clap's own.
+    pub fn check(&self) -> Result<(), clap::Error> {
+        let b = &self.backend;
+        let rbd = b
+            .blk_file
+            .as_deref()
+            .and_then(|p| p.to_str())
+            .is_some_and(disk::RbdSpec::is_rbd);
+        let conflict = |msg: &str| {
+            Err(clap::Error::raw(
+                clap::error::ErrorKind::ArgumentConflict,
+                format!("{msg}\n"),
+            ))
+        };
+        if rbd {
+            if let Some(engine) = b.io_engine {
+                return conflict(&format!(
+                    "--io-engine {engine}: rbd: images are served through librbd, not a file \
+                     engine; leave --io-engine out"
+                ));
+            }
+        } else if b.rbd_connections.is_some() {
+            return conflict("--rbd-connections applies to rbd: images only");
+        }
+        Ok(())
+    }
+}
+
+/// The default number of cluster connections for an `rbd:` image served by `num_queues`
+/// queue threads: one per thread, so that each reads over a connection of its own, up to 2.
+/// Each connection is a librados client of its own (about 16 threads, a monitor session, its
+/// own sessions with the OSDs), and a second one is what was measured to pay: a host with
+/// many disks should not pay that many times per disk by default.
+pub fn default_rbd_connections(num_queues: u16) -> u16 {
+    num_queues.clamp(1, 2)
+}
+
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -89,6 +128,14 @@ pub struct BackendArgs {
     #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub rbd_timeout: u64,
 
+    /// Cluster connections for an `rbd:` image (default: one per queue thread, at most 2).
+    /// The first carries every write, flush and discard and holds the image's exclusive lock;
+    /// the others are read-only, and queue thread i reads through connection i mod N. One
+    /// connection is used whatever is asked with --cache writeback (librbd's cache is per
+    /// connection) or on a writable image with journaling.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub rbd_connections: Option<u16>,
+
     /// Expose the disk read-only to the guest (and open the image read-only).
     #[arg(long)]
     pub read_only: bool,
@@ -116,9 +163,11 @@ pub struct BackendArgs {
     #[arg(long, default_value = "auto", value_parser = ["auto", "fallback"])]
     pub dontcache_eviction: String,
 
-    /// I/O engine: io-uring (one ring per queue thread) or sync (for hosts without io_uring).
-    #[arg(long, default_value = "io-uring")]
-    pub io_engine: EngineKind,
+    /// I/O engine of files and block devices: io-uring (one ring per queue thread, the default)
+    /// or sync (for hosts without io_uring). `rbd:` images always go through librbd, so giving
+    /// it with one is an error.
+    #[arg(long)]
+    pub io_engine: Option<EngineKind>,
 
     /// Serial number that GET_ID reports (at most 20 bytes).
     #[arg(long, value_parser = parse_serial)]
@@ -438,6 +487,48 @@ mod tests {
         assert_eq!(parse(&long).expect_err("4 KiB spec").exit_code(), 2);
         // A file name merely containing "rbd" is a file.
         assert!(parse("/var/lib/rbd:x").is_ok());
+    }
+
+    #[test]
+    fn io_engine_and_rbd_connections_go_with_their_kind_of_image() {
+        let parse = |file: &str, extra: &[&str]| {
+            let base = [
+                "vhost-user-blk",
+                "--socket-path",
+                "/tmp/s",
+                "--blk-file",
+                file,
+            ];
+            Cli::try_parse_from(base.iter().chain(extra)).and_then(|cli| cli.check().map(|()| cli))
+        };
+        // An rbd: image is served through librbd: a file engine asked for is refused, with
+        // clap's exit status for a bad command line.
+        let e = parse("rbd:p/i", &["--io-engine", "sync"]).expect_err("engine with rbd:");
+        assert_eq!(e.exit_code(), 2);
+        assert!(
+            e.to_string()
+                .contains("rbd: images are served through librbd"),
+            "{e}"
+        );
+        assert!(parse("rbd:p/i", &["--io-engine", "io-uring"]).is_err());
+        let cli = parse("rbd:p/i", &["--rbd-connections", "3"]).expect("rbd: with connections");
+        assert_eq!(cli.backend.rbd_connections, Some(3));
+        assert!(parse("rbd:p/i", &["--rbd-connections", "0"]).is_err());
+        // Files take an engine, and no connections.
+        let cli = parse("/tmp/i", &["--io-engine", "sync"]).expect("a file engine");
+        assert_eq!(cli.backend.io_engine, Some(EngineKind::Sync));
+        let e = parse("/tmp/i", &["--rbd-connections", "2"]).expect_err("connections, file");
+        assert_eq!(e.exit_code(), 2);
+        assert_eq!(
+            parse("/tmp/i", &[]).expect("a file").backend.io_engine,
+            None
+        );
+        // One connection per queue thread by default, at most 2.
+        assert_eq!(
+            [1, 2, 4, 8].map(default_rbd_connections),
+            [1, 2, 2, 2],
+            "default connections for 1, 2, 4 and 8 queues"
+        );
     }
 
     #[test]

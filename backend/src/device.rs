@@ -175,7 +175,7 @@ impl BlkDevice {
         let queue_masks: Vec<u64> = (0..num_queues).map(|q| 1u64 << q).collect();
         let mut threads = Vec::with_capacity(queue_masks.len());
         let mut pins = Vec::with_capacity(queue_masks.len());
-        for mask in &queue_masks {
+        for (worker, mask) in queue_masks.iter().enumerate() {
             pins.push(Arc::new(PinControl::new().map_err(|source| {
                 Error::WorkerEvents {
                     context: "creating a worker's re-pin eventfd",
@@ -186,6 +186,7 @@ impl BlkDevice {
             let depth = u32::from(settings.queue_size) * queues.len() as u32;
             let options = disk::EngineOptions {
                 fixed_buffers: settings.fixed_buffers,
+                worker,
             };
             let engine = disk::new_engine_with(settings.engine, image.clone(), depth, options)
                 .map_err(|source| Error::Engine { source })?;

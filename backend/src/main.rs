@@ -11,6 +11,9 @@ fn main() -> ExitCode {
         .format_timestamp_micros()
         .init();
     let cli = Cli::parse();
+    if let Err(e) = cli.check() {
+        e.exit();
+    }
     if let Some(Command::Ctl(ctl)) = cli.command {
         return match control::request(&ctl.control, &ctl.request.join(" ")) {
             Ok(answer) => {

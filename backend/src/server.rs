@@ -76,15 +76,20 @@ pub fn run(args: &BackendArgs) -> Result<()> {
             &RbdOptions {
                 ceph_conf: args.ceph_conf.clone(),
                 timeout: Some(Duration::from_secs(args.rbd_timeout)),
+                connections: usize::from(
+                    args.rbd_connections
+                        .unwrap_or_else(|| crate::args::default_rbd_connections(args.num_queues)),
+                ),
             },
         )
         .map_err(|source| Error::Image { source })?,
     );
-    // An RBD image has its own engine; --io-engine chooses among the file engines.
+    // An RBD image has its own engine; --io-engine chooses among the file engines (given with
+    // an rbd: image, `Cli::check` refused it).
     let engine = if image.is_rbd() {
         EngineKind::Rbd
     } else {
-        args.io_engine
+        args.io_engine.unwrap_or(EngineKind::IoUring)
     };
     // A snapshot is served read-only even without --read-only.
     let read_only = args.read_only || image.read_only();

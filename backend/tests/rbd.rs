@@ -91,6 +91,13 @@ fn data_flush_and_get_id_round_trip_through_the_cluster() {
         let mut d = b.connect_queues(2);
         assert_eq!(d.capacity_bytes(), 16 << 20, "capacity from the image");
         assert!(b.log().contains("engine rbd"), "the RBD engine serves it");
+        // Queue 1 reads through a connection of its own, unless librbd's cache is on.
+        let connections = if cache == "none" {
+            "2 cluster connections"
+        } else {
+            "one cluster connection for all I/O instead of 2: librbd's cache"
+        };
+        assert!(b.log().contains(connections), "{cache}: {}", b.log());
         let seed = if cache == "none" { 1 } else { 100 };
         // Two queues, several objects (4 MiB each), a request across an object boundary.
         let writes = [
@@ -125,6 +132,63 @@ fn data_flush_and_get_id_round_trip_through_the_cluster() {
         }
         drop(d);
         stop(b);
+    }
+}
+
+#[test]
+fn reads_through_every_connection_see_the_writes_just_completed() {
+    // An image with `rbd create`'s default features (exclusive-lock, object-map, ...) and four
+    // queue threads on four cluster connections, queue i reading through connection i. A write
+    // completes through the first (the lock owner, which also keeps the object map); a read
+    // right after it, on any queue, must see it, including in objects that did not exist when
+    // the read-only connections opened the image (they must not trust an object map of their
+    // own).
+    let (_shared, c) = shared_cluster();
+    c.create_image("conns", 16 << 20);
+    let features =
+        String::from_utf8_lossy(&c.rbd(&["info", &format!("{POOL}/conns")])).into_owned();
+    assert!(
+        features.contains("exclusive-lock") && features.contains("object-map"),
+        "the test needs an image with the default features: {features}"
+    );
+    let b = spawn_rbd(
+        "conns",
+        None,
+        &["--num-queues", "4", "--rbd-connections", "4"],
+    );
+    let mut d = b.connect_queues(4);
+    assert!(b.log().contains("4 cluster connections"), "{}", b.log());
+    let object = (4u64 << 20) / SECTOR_SIZE;
+    for k in 0..4u64 {
+        let sector = k * object + 8 * k;
+        let len = 16usize << 10;
+        for (round, q) in [(0u64, k as usize), (1, (k as usize + 1) % 4)] {
+            let seed = 60 + 10 * k + round;
+            assert_eq!(
+                d.write(q, sector, &pattern(seed, len)).status,
+                S_OK,
+                "write {k}.{round} on queue {q}"
+            );
+            for rq in 0..4 {
+                let r = d.read(rq, sector, len as u32);
+                assert_eq!(r.status, S_OK, "read {k}.{round} on queue {rq}");
+                assert!(
+                    r.data == pattern(seed, len),
+                    "queue {rq} reads write {k}.{round} (written on queue {q}) back"
+                );
+            }
+        }
+    }
+    drop(d);
+    stop(b);
+    // The backend's one writing handle kept the lock: the image is free again, and whole.
+    let exported = c.export("conns");
+    for k in 0..4u64 {
+        let at = ((k * object + 8 * k) * SECTOR_SIZE) as usize;
+        assert!(
+            exported[at..at + (16 << 10)] == pattern(60 + 10 * k + 1, 16 << 10)[..],
+            "object {k}'s last write in the exported image"
+        );
     }
 }
 
@@ -268,28 +332,33 @@ fn a_stalled_osd_fails_only_the_requests_it_stalls_and_serving_resumes() {
 fn two_backends_hand_the_image_over() {
     let (_shared, c) = shared_cluster();
     c.create_image("handover", 4 << 20);
-    let a = spawn_rbd("handover", None, &[]);
-    let mut da = a.connect_queues(1);
+    // Two queues each: each backend reads through two connections, and writes through one.
+    let a = spawn_rbd("handover", None, &["--num-queues", "2"]);
+    let mut da = a.connect_queues(2);
     assert_eq!(da.write(0, 0, &pattern(41, 4096)).status, S_OK);
     assert_eq!(da.flush(0).status, S_OK);
 
     // A second process writes: librbd asks the first for the exclusive lock and gets it.
-    let b = spawn_rbd("handover", None, &[]);
-    let mut db = b.connect_queues(1);
-    let r = db.read(0, 0, 4096);
-    assert!(
-        r.status == S_OK && r.data == pattern(41, 4096),
-        "B sees A's data"
-    );
-    assert_eq!(db.write(0, 8, &pattern(42, 4096)).status, S_OK);
+    let b = spawn_rbd("handover", None, &["--num-queues", "2"]);
+    let mut db = b.connect_queues(2);
+    for q in 0..2 {
+        let r = db.read(q, 0, 4096);
+        assert!(
+            r.status == S_OK && r.data == pattern(41, 4096),
+            "B sees A's data (queue {q})"
+        );
+    }
+    assert_eq!(db.write(1, 8, &pattern(42, 4096)).status, S_OK);
     assert_eq!(db.flush(0).status, S_OK);
 
     // And back: A writes again, after B.
-    let r = da.read(0, 8, 4096);
-    assert!(
-        r.status == S_OK && r.data == pattern(42, 4096),
-        "A sees B's data"
-    );
+    for q in 0..2 {
+        let r = da.read(q, 8, 4096);
+        assert!(
+            r.status == S_OK && r.data == pattern(42, 4096),
+            "A sees B's data (queue {q})"
+        );
+    }
     assert_eq!(da.write(0, 16, &pattern(43, 4096)).status, S_OK);
     assert_eq!(da.flush(0).status, S_OK);
     drop(db);
