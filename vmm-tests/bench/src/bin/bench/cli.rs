@@ -53,10 +53,16 @@ pub struct Args {
     /// RBD peers: the pool of the image.
     #[arg(long, default_value = "rbd")]
     pub rbd_pool: String,
-    /// RBD peers: the image (created with the `layering` feature only and
-    /// filled once; the same image serves every peer).
+    /// RBD peers: the image (created with --rbd-features and filled once;
+    /// the same image serves every peer).
     #[arg(long, default_value = "bench")]
     pub rbd_image: String,
+    /// RBD peers: the features the image is created with: `layering` (the
+    /// default, see docs/benchmarks.md) or `default` (`rbd create`'s own:
+    /// exclusive-lock, object-map, ... too; fio-rbd's two jobs then trade
+    /// the lock on every write).
+    #[arg(long, default_value = "layering")]
+    pub rbd_features: String,
     /// List the workloads and peers and exit.
     #[arg(long)]
     pub list: bool,
@@ -381,6 +387,7 @@ fn rbd_target(
         image: args.rbd_image.clone(),
         osd_pid_file,
         fio_conf: work_dir.join("fio-rbd.conf"),
+        features: args.rbd_features.clone(),
     };
     image.write_fio_conf()?;
     image.prepare(image_size)?;

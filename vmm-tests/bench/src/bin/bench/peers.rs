@@ -304,20 +304,23 @@ impl Peer {
     }
 
     /// The RBD peers, which run on their own (`--peers rbd`): our backend
-    /// with librbd's cache off (`ours-rbd`) and on (`ours-rbd-writeback`),
-    /// qemu-storage-daemon's rbd driver and fio's rbd engine.
+    /// with librbd's cache off (`ours-rbd`), the same on one cluster
+    /// connection (`ours-rbd-1conn`, where the default opens one per queue
+    /// thread) and with librbd's cache on (`ours-rbd-writeback`, one
+    /// connection), qemu-storage-daemon's rbd driver and fio's rbd engine.
     pub fn rbd() -> Vec<Peer> {
-        let ours = |name: &str, cache: &str| Peer {
+        let ours = |name: &str, cache: &str, extra: &[&str]| Peer {
             name: name.into(),
             kind: Kind::OursRbd {
                 cache: cache.into(),
-                extra: Vec::new(),
+                extra: extra.iter().map(|s| s.to_string()).collect(),
             },
             mode: Mode::Rbd,
         };
         vec![
-            ours("ours-rbd", "none"),
-            ours("ours-rbd-writeback", "writeback"),
+            ours("ours-rbd", "none", &[]),
+            ours("ours-rbd-1conn", "none", &["--rbd-connections", "1"]),
+            ours("ours-rbd-writeback", "writeback", &[]),
             Peer {
                 name: "qsd-rbd".into(),
                 kind: Kind::QsdRbd,
@@ -698,6 +701,7 @@ mod tests {
             image: "bench".into(),
             osd_pid_file: None,
             fio_conf: "/w/fio.conf".into(),
+            features: "layering".into(),
         };
         let progs = Programs {
             backend: "vhost-user-blk".into(),

@@ -3,10 +3,11 @@
 //! the run ends), or an existing cluster given by its config file; the bench
 //! image in it, created and filled once.
 //!
-//! The image is created with the `layering` feature only: fio's rbd engine
-//! opens the image once per job, and with `exclusive-lock` on, its two jobs
-//! would trade the lock on every write, measuring the lock hand-over rather
-//! than the I/O path. Every peer then runs on that same image.
+//! The image is created with the `layering` feature only unless asked
+//! otherwise (`--rbd-features default`): fio's rbd engine opens the image
+//! once per job, and with `exclusive-lock` on, its two jobs would trade the
+//! lock on every write, measuring the lock hand-over rather than the I/O
+//! path. Every peer then runs on that same image.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -26,6 +27,9 @@ pub struct RbdImage {
     pub osd_pid_file: Option<PathBuf>,
     /// The config fio's rbd engine reads: `conf` with librbd's cache off.
     pub fio_conf: PathBuf,
+    /// `rbd create --image-feature` (comma-separated), or `default` for
+    /// `rbd create`'s own feature set.
+    pub features: String,
 }
 
 impl RbdImage {
@@ -73,25 +77,24 @@ impl RbdImage {
         format!("{}/{}", self.pool, self.image)
     }
 
-    /// Creates the image with `size` bytes (`layering` only) and fills it
-    /// once with non-zero data (`rbd bench`, sequential 4 MiB writes), unless
-    /// an image of that size marked as filled is there already.
+    /// Creates the image with `size` bytes and [`RbdImage::features`] and
+    /// fills it once with non-zero data (`rbd bench`, sequential 4 MiB
+    /// writes), unless an image of that size and those features marked as
+    /// filled is there already.
     pub fn prepare(&self, size: u64) -> Result<()> {
         let name = self.name();
+        let filled = format!("{size} {}", self.features);
         let meta = self.rbd(&["image-meta", "get", &name, "bench.filled"])?;
-        if meta.status.success() && String::from_utf8_lossy(&meta.stdout).trim() == size.to_string()
-        {
+        if meta.status.success() && String::from_utf8_lossy(&meta.stdout).trim() == filled {
             return Ok(());
         }
         let _ = self.rbd(&["rm", "--no-progress", &name]);
-        let create = self.rbd(&[
-            "create",
-            "--image-feature",
-            "layering",
-            "--size",
-            &format!("{}M", size >> 20),
-            &name,
-        ])?;
+        let size_arg = format!("{}M", size >> 20);
+        let mut create_args = vec!["create", "--size", &size_arg, &name];
+        if self.features != "default" {
+            create_args.extend(["--image-feature", &self.features]);
+        }
+        let create = self.rbd(&create_args)?;
         if !create.status.success() {
             bail!(
                 "rbd create {name}: {}",
@@ -119,13 +122,7 @@ impl RbdImage {
                 String::from_utf8_lossy(&fill.stderr).trim()
             );
         }
-        let mark = self.rbd(&[
-            "image-meta",
-            "set",
-            &name,
-            "bench.filled",
-            &size.to_string(),
-        ])?;
+        let mark = self.rbd(&["image-meta", "set", &name, "bench.filled", &filled])?;
         if !mark.status.success() {
             bail!(
                 "rbd image-meta set {name}: {}",

@@ -112,7 +112,11 @@ fn mode_of(name: &str) -> &'static str {
         Some(Mode::Buffered) => "buffered, hot",
         Some(Mode::Dontcache) => "dontcache, cold",
         Some(Mode::Null) => "null",
-        Some(Mode::Rbd) if name.contains("writeback") => "RBD, librbd cache on",
+        Some(Mode::Rbd) if name.contains("writeback") => "RBD, librbd cache on, 1 connection",
+        Some(Mode::Rbd) if name.contains("1conn") => "RBD, librbd cache off, 1 connection",
+        Some(Mode::Rbd) if name.starts_with("ours") => {
+            "RBD, librbd cache off, 1 connection per queue"
+        }
         Some(Mode::Rbd) => "RBD, librbd cache off",
         None => "?",
     }
