@@ -13,7 +13,7 @@ use super::fio;
 use super::peers::{Kind, Peer, Programs, Server, Store};
 use super::rbd::RbdImage;
 use super::stats::{mean_in_flight, percentiles_us, BackendFigures, Sample};
-use super::workload::Workload;
+use super::workload::{Op, Workload};
 use vmm_bench::procstat;
 
 /// What to run.
@@ -58,8 +58,20 @@ pub fn run(plan: &Plan) -> Result<Vec<Sample>> {
     let total = plan.reps as usize * plan.workloads.len() * plan.peers.len();
     let mut progress = Progress::new(total, plan);
     let mut samples = Vec::with_capacity(total);
+    // Whether a write run changed the RBD image since it was filled.
+    let mut rbd_written = false;
     for rep in 0..plan.reps {
         for w in &plan.workloads {
+            if let Some(r) = &plan.rbd {
+                if w.op == Op::Write {
+                    rbd_written = true;
+                } else if rbd_written {
+                    // Reads see the image as filled, not as the random writes
+                    // before left the memstore OSD's objects (see `fill`).
+                    r.fill(plan.image_size)?;
+                    rbd_written = false;
+                }
+            }
             for p in &plan.peers {
                 progress.start(rep, w, p);
                 let s = run_one(plan, rep, w, p);
