@@ -10,9 +10,10 @@
 //! librbd with iovecs pointing straight into guest memory, librbd's completion callback (on a
 //! librbd thread) only records the result and writes the engine's eventfd, and the queue thread
 //! collects results in [`Engine::reap`] from its epoll loop. Every queue thread shares the
-//! device's one open image (`Arc<rbd::Image>`): librbd handles are thread-safe, and a single
-//! handle per process keeps the image's exclusive lock with one owner instead of bouncing it
-//! between handles.
+//! device's one writable image handle (`Arc<rbd::Image>`): librbd handles are thread-safe, and
+//! a single writable handle per process keeps the image's exclusive lock with one owner instead
+//! of bouncing it between handles. A thread's reads may go to a read-only handle on a cluster
+//! connection of its own instead ([`RbdOptions::connections`]; see `Image::rbd_reader`).
 
 use std::fmt;
 use std::path::PathBuf;

@@ -8,9 +8,11 @@
 //! - [`Cluster`] is a connected cluster handle ([`ClusterOptions`]: config file, client id,
 //!   a bounded connect timeout, extra settings such as `rbd_cache`).
 //! - [`Image`] is an open image, shared as `Arc<Image>` by every thread that submits to it
-//!   (librbd's image handle is thread-safe; one handle per process also keeps the image's
-//!   exclusive lock in one owner).
-//! - [`AioQueue`] is one thread's asynchronous requests on an image. librbd calls a completion
+//!   (librbd's image handle is thread-safe; one writable handle per process also keeps the
+//!   image's exclusive lock in one owner). [`Image::open_reader`] opens it again read-only on a
+//!   cluster connection of its own, for reads.
+//! - [`AioQueue`] is one thread's asynchronous requests on an image (its reads optionally on a
+//!   reader handle). librbd calls a completion
 //!   callback on one of its own threads; the callback never blocks: it records the result, pushes
 //!   the request onto a lock-free list and writes the queue's eventfd when the list was empty.
 //!   The owning thread waits for the eventfd in its epoll loop and collects the finished requests
