@@ -230,6 +230,11 @@ pub fn run(args: &BackendArgs) -> Result<()> {
         let stopping = lock(&lifecycle).stopping;
         if stopping {
             info!("stopping: every in-flight request has completed");
+            // As when stopped unconnected: an RBD image's cache is written back and its
+            // exclusive lock released now; the process exits without dropping the image.
+            if let Err(e) = image.close_before_exit() {
+                error!("{e}");
+            }
             return Ok(());
         }
         info!("frontend disconnected; waiting for the next one on {socket_name}");

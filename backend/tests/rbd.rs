@@ -55,8 +55,8 @@ fn spawn_rbd(image: &str, conf: Option<PathBuf>, extra: &[&str]) -> Backend {
 
 /// Stop a backend with SIGTERM and wait for it, so that it closes the image and releases its
 /// exclusive lock: after a SIGKILL the next writer waits for the dead owner's watch to expire
-/// (30 s by default), as it would after a crash.
-fn stop(mut b: Backend) {
+/// (30 s by default), as it would after a crash. Returns its log.
+fn stop(mut b: Backend) -> String {
     // SAFETY: signalling our own child by its pid.
     unsafe { libc::kill(b.pid() as i32, libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -68,6 +68,7 @@ fn stop(mut b: Backend) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    b.log()
 }
 
 #[test]
@@ -371,6 +372,37 @@ fn two_backends_hand_the_image_over() {
             "write {i} in the image"
         );
     }
+}
+
+#[test]
+fn a_backend_stopped_while_connected_releases_the_lock_at_once() {
+    // SIGTERM with the frontend still connected (a VMM that stops its backend before itself):
+    // the backend drains, then must close the image, handing the exclusive lock back at once.
+    // Otherwise the next writer waits for the cluster to expire the dead client's watch
+    // (osd_client_watch_timeout, 30 s).
+    let (_shared, c) = shared_cluster();
+    c.create_image("stop-connected", 4 << 20);
+    let a = spawn_rbd("stop-connected", None, &["--num-queues", "2"]);
+    let mut da = a.connect_queues(2);
+    assert_eq!(da.write(0, 0, &pattern(71, 4096)).status, S_OK);
+    let log = stop(a);
+    assert!(
+        log.contains("RBD image rbd/stop-connected closed"),
+        "the backend closed the image before exiting:\n{log}"
+    );
+    drop(da);
+
+    let b = spawn_rbd("stop-connected", None, &[]);
+    let mut db = b.connect_queues(1);
+    let t0 = Instant::now();
+    assert_eq!(db.write(0, 8, &pattern(72, 4096)).status, S_OK);
+    let waited = t0.elapsed();
+    assert!(
+        waited < Duration::from_secs(10),
+        "the next writer took the lock in {waited:?}, not after the dead owner's watch expired"
+    );
+    drop(db);
+    stop(b);
 }
 
 #[test]
