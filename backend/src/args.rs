@@ -198,9 +198,10 @@ pub struct BackendArgs {
     /// Longest window, in microseconds, for which a queue thread busy-polls its ring after work
     /// before sleeping (kicks stay off meanwhile): lower latency at low queue depth for a CPU
     /// spent spinning. Adaptive by default: the window starts at nothing, grows (4 us, then
-    /// doubling up to this value) while each request arrives within this many microseconds of
-    /// the last work, and collapses to nothing as soon as one arrives later, so a queue that
-    /// goes quiet costs no CPU. 0 turns polling off.
+    /// four times longer up to this value) while requests keep coming within 1 ms of the last
+    /// work, collapses to nothing when the queue goes quiet for longer, and also when a whole
+    /// window passes with no request (it then waits a few requests, more each time, before
+    /// growing again), so a queue that goes quiet costs no CPU. 0 turns polling off.
     #[arg(long, default_value_t = 50, value_name = "US")]
     pub poll_us: u64,
 

@@ -114,24 +114,50 @@ enum Started {
 /// epoll for its other events.
 const MAX_POLL: Duration = Duration::from_millis(1);
 
-/// The first adaptive poll window, after a request that arrived within `--poll-us` of the last
-/// work found the window at nothing; each such request doubles it up to `--poll-us`.
+/// The first adaptive poll window, after a request that came soon after the last work found
+/// the window at nothing; each such request multiplies it by [`POLL_GROWTH`], up to `--poll-us`.
 const POLL_START: Duration = Duration::from_micros(4);
+
+/// How much the adaptive window grows after each request it missed by a little.
+const POLL_GROWTH: u32 = 4;
+
+/// A wait for the driver longer than this (or than `--poll-us`, if longer) means the queue went
+/// quiet: the window collapses to nothing. It is far longer than the window itself because the
+/// wait is measured when the thread wakes, so it includes the thread's own wake-up, which on a
+/// virtual CPU that halted while the thread slept takes tens of microseconds: a request that
+/// came 15 µs after the last work often looks 60–120 µs late from the thread's side.
+const QUIET: Duration = Duration::from_millis(1);
+
+/// The longest hold (in kicks) on growing the window again after whole windows were polled
+/// for nothing; it starts at one kick and doubles each time it happens again.
+const MAX_HOLD: u32 = 256;
 
 /// The adaptive poll window of one queue thread.
 ///
 /// The thread measures how long it waited for the driver: from the last work it did with
 /// nothing left at the engine to the next kick. A wait within the window needs no change; one
-/// longer than the window but within `max` says polling a little longer would have caught it,
-/// so the window grows (from [`POLL_START`], doubling, up to `max`); one longer than `max` says
-/// the queue went quiet, and the window collapses to nothing, so an idle queue, or one whose
-/// requests come far apart, spins for nothing at all.
+/// longer than the window but short of [`QUIET`] says polling longer may have caught it, so the
+/// window grows (from [`POLL_START`], times [`POLL_GROWTH`], up to `max`); one longer than that
+/// says the queue went quiet, and the window collapses to nothing, so an idle queue, or one
+/// whose requests come far apart, spins for nothing at all.
+///
+/// Since the measured wait includes the thread's wake-up, it cannot tell a driver that takes
+/// 60 µs from one that takes 15 µs and a wake-up of 45. The poll itself can: a session that
+/// polled the whole `max` window and found nothing says the driver took longer than `max`. The
+/// window then collapses and may not grow again for a number of kicks that doubles with every
+/// such session in a row (up to [`MAX_HOLD`]), and falls back to one when a session serves
+/// something: a driver that comes back after 100–900 µs costs a few wasted windows per hold,
+/// not a window per request.
 #[derive(Debug, Default)]
 struct PollWindow {
     /// The current window (zero: sleep at once).
     window: Duration,
     /// When the thread last went to sleep waiting for the driver, nothing being at the engine.
     idle_since: Option<Instant>,
+    /// Kicks left before the window may grow again.
+    hold: u32,
+    /// The hold the next whole window polled for nothing sets (zero: one kick).
+    backoff: u32,
 }
 
 impl PollWindow {
@@ -158,17 +184,42 @@ impl PollWindow {
         let old = self.window;
         if waited <= self.window {
             // Arrived within the window after all (a kick that raced the end of the poll).
-        } else if waited > max {
+        } else if waited > max.max(QUIET) {
             self.window = Duration::ZERO;
+        } else if self.hold > 0 {
+            self.hold -= 1;
         } else if self.window < max {
             self.window = if self.window.is_zero() {
                 POLL_START
             } else {
-                self.window * 2
+                self.window * POLL_GROWTH
             }
             .min(max);
         }
         self.window != old
+    }
+
+    /// A poll session of `window` ended: `found` whether it served anything, `expired` whether
+    /// it ended because the window passed with nothing to do (not on the time limit, nor to
+    /// sleep through requests at the device). Returns whether the window changed.
+    fn session_ended(
+        &mut self,
+        window: Duration,
+        max: Duration,
+        found: bool,
+        expired: bool,
+    ) -> bool {
+        if found {
+            self.backoff = 0;
+        }
+        if found || !expired || window < max || self.window.is_zero() {
+            return false;
+        }
+        // A whole window polled for nothing: the driver takes longer than `max`.
+        self.window = Duration::ZERO;
+        self.hold = self.backoff.max(1);
+        self.backoff = (self.hold * 2).min(MAX_HOLD);
+        true
     }
 }
 
@@ -508,14 +559,19 @@ impl QueueThread {
             return;
         }
         if self.poll_window.on_kick(Instant::now(), max) {
-            if let Some(first) = self.queues.first() {
-                let ns = u64::try_from(self.poll_window.window.as_nanos()).unwrap_or(u64::MAX);
-                self.shared
-                    .stats
-                    .queue(first.index)
-                    .poll_window_ns
-                    .store(ns, Ordering::Relaxed);
-            }
+            self.publish_window();
+        }
+    }
+
+    /// Show the adaptive window in the thread's first queue's stats.
+    fn publish_window(&self) {
+        if let Some(first) = self.queues.first() {
+            let ns = u64::try_from(self.poll_window.window.as_nanos()).unwrap_or(u64::MAX);
+            self.shared
+                .stats
+                .queue(first.index)
+                .poll_window_ns
+                .store(ns, Ordering::Relaxed);
         }
     }
 
@@ -538,6 +594,7 @@ impl QueueThread {
         if full.is_zero() {
             return;
         }
+
         let window = if self.shared.poll_fixed {
             full
         } else {
@@ -553,6 +610,7 @@ impl QueueThread {
         let start = Instant::now();
         let mut last_work = start;
         let mut found = false;
+        let mut expired = false;
         self.polling = true;
         loop {
             let mut worked = false;
@@ -579,17 +637,25 @@ impl QueueThread {
             if now - start >= MAX_POLL {
                 break;
             }
-            if !worked
-                && ((self.in_engine > 0 && !self.shared.poll_device) || now - last_work >= window)
-            {
-                // With requests at the device, the next event is most likely their completion,
-                // tens of microseconds away and announced by the engine's eventfd: sleep, unless
-                // told to spin through device latencies (`--poll-device`).
-                break;
+            if !worked {
+                if self.in_engine > 0 && !self.shared.poll_device {
+                    // With requests at the device, the next event is most likely their
+                    // completion, tens of microseconds away and announced by the engine's
+                    // eventfd: sleep, unless told to spin through device latencies
+                    // (`--poll-device`).
+                    break;
+                }
+                if now - last_work >= window {
+                    expired = true;
+                    break;
+                }
             }
             std::hint::spin_loop();
         }
         self.polling = false;
+        if !self.shared.poll_fixed && self.poll_window.session_ended(window, full, found, expired) {
+            self.publish_window();
+        }
         // The wait for the driver started with the last work, if nothing is left at the engine.
         if found {
             // Chains or completions served while polling: the wait restarts at the last of them.
@@ -1187,17 +1253,86 @@ mod tests {
     fn the_window_grows_while_requests_come_soon_and_collapses_when_they_stop() {
         let mut w = PollWindow::default();
         assert!(w.window.is_zero(), "starts at nothing");
-        // A client round trip of 20 µs each time: 4, 8, 16, then 32 catches it and stays.
+        // A client round trip of 20 µs each time: 4, 16, then the maximum catches it and stays.
         let grown: Vec<u64> = (0..5)
             .map(|_| kick_after(&mut w, 20).as_micros() as u64)
             .collect();
-        assert_eq!(grown, [4, 8, 16, 32, 32]);
-        // Waits up to the maximum keep growing it, capped there.
-        assert_eq!(kick_after(&mut w, 45), MAX);
-        assert_eq!(kick_after(&mut w, 49), MAX);
+        assert_eq!(grown, [4, 16, 50, 50, 50]);
         // One request after the queue went quiet: nothing again.
-        assert_eq!(kick_after(&mut w, 51), Duration::ZERO);
+        assert_eq!(kick_after(&mut w, 1_001), Duration::ZERO);
         assert_eq!(kick_after(&mut w, 10_000), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_wait_lengthened_by_the_threads_own_wake_up_still_grows_the_window() {
+        // A driver that answers in 15 µs, seen by a thread that slept and took 45–105 µs to
+        // wake: every measured wait is longer than the maximum window, none is a quiet queue.
+        let mut w = PollWindow::default();
+        let grown: Vec<u64> = [60, 120, 80]
+            .into_iter()
+            .map(|us| kick_after(&mut w, us).as_micros() as u64)
+            .collect();
+        assert_eq!(grown, [4, 16, 50]);
+        // A late request now and then (the client preempted) leaves the window where it is.
+        assert_eq!(kick_after(&mut w, 400), MAX);
+    }
+
+    #[test]
+    fn whole_windows_polled_for_nothing_collapse_it_and_hold_it_off_longer_each_time() {
+        let mut w = PollWindow::default();
+        let grow = |w: &mut PollWindow| {
+            for _ in 0..3 {
+                kick_after(w, 100);
+            }
+            assert_eq!(w.window, MAX);
+        };
+        grow(&mut w);
+        // The driver comes back only after 100–900 µs, each time: a whole window for nothing.
+        assert!(w.session_ended(MAX, MAX, false, true));
+        assert!(w.window.is_zero());
+        let mut holds = Vec::new();
+        for _ in 0..10 {
+            // Kicks that would grow the window leave it at nothing while the hold lasts.
+            let mut held = 0;
+            while kick_after(&mut w, 100).is_zero() {
+                held += 1;
+            }
+            holds.push(held);
+            grow(&mut w);
+            assert!(w.session_ended(MAX, MAX, false, true));
+        }
+        assert_eq!(holds, [1, 2, 4, 8, 16, 32, 64, 128, 256, 256]);
+        // A session that serves a request ends the backoff: the next hold is one kick again.
+        assert!(!w.session_ended(Duration::ZERO, MAX, true, false));
+        assert_eq!(
+            kick_after(&mut w, 100),
+            Duration::ZERO,
+            "the hold already set"
+        );
+        for _ in 0..255 {
+            kick_after(&mut w, 100);
+        }
+        grow(&mut w);
+        assert!(w.session_ended(MAX, MAX, false, true));
+        assert_eq!(kick_after(&mut w, 100), Duration::ZERO);
+        assert_eq!(kick_after(&mut w, 100), POLL_START);
+    }
+
+    #[test]
+    fn only_a_whole_window_polled_for_nothing_collapses_it() {
+        let mut w = PollWindow::default();
+        kick_after(&mut w, 20);
+        kick_after(&mut w, 20);
+        let w16 = w.window;
+        // A shorter window that ran out grows at the next kick instead.
+        assert!(!w.session_ended(w16, MAX, false, true));
+        kick_after(&mut w, 20);
+        assert_eq!(w.window, MAX);
+        // Sessions that served requests, or ended on the time limit or to sleep on the
+        // device, say nothing against polling.
+        assert!(!w.session_ended(MAX, MAX, true, true));
+        assert!(!w.session_ended(MAX, MAX, false, false));
+        assert_eq!(w.window, MAX);
     }
 
     #[test]
@@ -1205,12 +1340,12 @@ mod tests {
         let mut w = PollWindow::default();
         let t0 = Instant::now();
         w.went_idle(0, t0);
-        // The engine's eventfd, left readable, wakes the thread 30 µs later for nothing.
-        w.went_idle(0, t0 + Duration::from_micros(30));
-        // The kick 60 µs after the real last work: past the maximum, so nothing again, as
-        // measured from t0 (from the empty wake-up it would look like 30 µs, and grow).
+        // The engine's eventfd, left readable, wakes the thread 990 µs later for nothing.
+        w.went_idle(0, t0 + Duration::from_micros(990));
+        // The kick 1010 µs after the real last work: the queue went quiet, so nothing again, as
+        // measured from t0 (from the empty wake-up it would look like 20 µs, and grow).
         w.window = POLL_START;
-        w.on_kick(t0 + Duration::from_micros(60), MAX);
+        w.on_kick(t0 + Duration::from_micros(1010), MAX);
         assert_eq!(w.window, Duration::ZERO);
         // Requests at the device: not a wait for the driver.
         w.went_idle(2, t0);
