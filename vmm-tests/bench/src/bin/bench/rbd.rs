@@ -116,10 +116,9 @@ impl RbdImage {
     /// Writes the whole image once, sequentially in 4 MiB requests (each
     /// replaces a whole RADOS object). The memstore OSD keeps an object as
     /// the list of the pieces written into it, so 4 KiB random writes make
-    /// every later read of that object cost more OSD CPU: refilled before
-    /// the read runs that follow write runs, the image reads the same
-    /// however many write runs came before, and read figures do not fall
-    /// with each repetition.
+    /// every later request on that object cost more OSD CPU: refilled
+    /// before every run that follows a write run, each run starts on the
+    /// same image, whatever ran before it.
     pub fn fill(&self, size: u64) -> Result<()> {
         let name = self.name();
         let fill = self.rbd(&[

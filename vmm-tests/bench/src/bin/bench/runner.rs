@@ -58,21 +58,15 @@ pub fn run(plan: &Plan) -> Result<Vec<Sample>> {
     let total = plan.reps as usize * plan.workloads.len() * plan.peers.len();
     let mut progress = Progress::new(total, plan);
     let mut samples = Vec::with_capacity(total);
-    // Whether a write run changed the RBD image since it was filled.
-    let mut rbd_written = false;
+    let mut refill = Refill::default();
     for rep in 0..plan.reps {
         for w in &plan.workloads {
-            if let Some(r) = &plan.rbd {
-                if w.op == Op::Write {
-                    rbd_written = true;
-                } else if rbd_written {
-                    // Reads see the image as filled, not as the random writes
-                    // before left the memstore OSD's objects (see `fill`).
-                    r.fill(plan.image_size)?;
-                    rbd_written = false;
-                }
-            }
             for p in &plan.peers {
+                if let Some(r) = plan.rbd.as_ref().filter(|_| p.is_rbd()) {
+                    if refill.before_run(w.op) {
+                        r.fill(plan.image_size)?;
+                    }
+                }
                 progress.start(rep, w, p);
                 let s = run_one(plan, rep, w, p);
                 progress.done(&s);
@@ -82,6 +76,37 @@ pub fn run(plan: &Plan) -> Result<Vec<Sample>> {
     }
     progress.finish();
     Ok(samples)
+}
+
+/// When the RBD image must be rewritten (see [`RbdImage::fill`]) before a
+/// run on it: whenever a write run came since it was last filled. The
+/// memstore OSD keeps an object as the list of the pieces written into it,
+/// so 4 KiB random writes make every later request on that object cost more
+/// OSD CPU. Refilled so, every run, read or write, of every peer starts on
+/// the image as filled: read runs do not measure how many write runs came
+/// before them, and a peer's write run does not measure its place in the
+/// order (the first one used to write into the least fragmented objects).
+#[derive(Debug)]
+struct Refill {
+    /// Whether the image may differ from a freshly filled one.
+    written: bool,
+}
+
+impl Default for Refill {
+    /// A run on a cluster of `--rbd-conf` may find the image as an earlier
+    /// run's writes left it: refilled before the first run too.
+    fn default() -> Self {
+        Refill { written: true }
+    }
+}
+
+impl Refill {
+    /// Whether to refill before a run of `op` on the image; records the run.
+    fn before_run(&mut self, op: Op) -> bool {
+        let refill = self.written;
+        self.written = op == Op::Write;
+        refill
+    }
 }
 
 fn run_one(plan: &Plan, rep: u32, w: &Workload, p: &Peer) -> Sample {
@@ -328,5 +353,34 @@ impl Progress {
             let _ = writeln!(e);
         }
         let _ = writeln!(e, "bench: {} runs in {}m{:02}s", self.total, t / 60, t % 60);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refill_before_every_run_that_follows_a_write_run() {
+        let mut r = Refill::default();
+        // The image's state is unknown at first.
+        assert!(r.before_run(Op::Read));
+        // Reads leave it as filled.
+        assert!(!r.before_run(Op::Read));
+        assert!(!r.before_run(Op::Write));
+        // Every peer's write run starts on a filled image, not on the
+        // previous peer's writes.
+        assert!(r.before_run(Op::Write));
+        assert!(r.before_run(Op::Write));
+        // So does the read run after the last of them.
+        assert!(r.before_run(Op::Read));
+        assert!(!r.before_run(Op::Read));
+    }
+
+    #[test]
+    fn refill_starts_with_the_first_run_of_any_kind() {
+        let mut r = Refill::default();
+        assert!(r.before_run(Op::Write));
+        assert!(r.before_run(Op::Read));
     }
 }
