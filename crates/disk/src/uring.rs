@@ -1589,10 +1589,15 @@ mod tests {
         UringEngine::with_options(img, 16, options).unwrap()
     }
 
+    /// Submit `op` as `user_data` and hand it to the kernel, without waiting for it.
+    fn submit_now(engine: &mut UringEngine, op: Op, user_data: u64) {
+        engine.submit(op, user_data).unwrap();
+        engine.commit().unwrap();
+    }
+
     /// Submit `op` and wait for its completion.
     fn complete(engine: &mut UringEngine, op: Op) -> Completion {
-        engine.submit(op, 9).unwrap();
-        engine.commit().unwrap();
+        submit_now(engine, op, 9);
         reap_n(engine, 1).remove(0)
     }
 
@@ -1766,16 +1771,14 @@ mod tests {
         engine.set_memory(&[old.region()], &guard_of(&old));
         drop(src);
         let old_weak = Arc::downgrade(&old);
-        engine
-            .submit(
-                Op::Read {
-                    offset: 0,
-                    bufs: old.bufs(0, &[1 << 20]),
-                },
-                1,
-            )
-            .unwrap();
-        engine.commit().unwrap();
+        submit_now(
+            &mut engine,
+            Op::Read {
+                offset: 0,
+                bufs: old.bufs(0, &[1 << 20]),
+            },
+            1,
+        );
         assert_eq!(
             engine.fixed_in_flight(),
             Some([1, 0]),
@@ -1789,16 +1792,14 @@ mod tests {
             old_weak.upgrade().is_some(),
             "the old memory stays while its read is in flight"
         );
-        engine
-            .submit(
-                Op::Read {
-                    offset: 0,
-                    bufs: new.bufs(4096, &[8192]),
-                },
-                2,
-            )
-            .unwrap();
-        engine.commit().unwrap();
+        submit_now(
+            &mut engine,
+            Op::Read {
+                offset: 0,
+                bufs: new.bufs(4096, &[8192]),
+            },
+            2,
+        );
         assert_eq!(
             engine.fixed_in_flight(),
             Some([1, 1]),
@@ -1808,16 +1809,14 @@ mod tests {
         // Both halves busy: a third map waits, and its requests go unregistered meanwhile.
         let third = GuestRam::new(64 << 10);
         engine.set_memory(&[third.region()], &guard_of(&third));
-        engine
-            .submit(
-                Op::Read {
-                    offset: 0,
-                    bufs: third.bufs(0, &[4096]),
-                },
-                3,
-            )
-            .unwrap();
-        engine.commit().unwrap();
+        submit_now(
+            &mut engine,
+            Op::Read {
+                offset: 0,
+                bufs: third.bufs(0, &[4096]),
+            },
+            3,
+        );
         assert_eq!(
             engine.fixed_in_flight(),
             Some([1, 1]),
