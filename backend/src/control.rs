@@ -283,121 +283,95 @@ mod tests {
         }
     }
 
-    fn setup(queues: usize) -> (Arc<DeviceStats>, Arc<QueueWorkers>, Hotplug, IoLimits) {
-        let stats = Arc::new(DeviceStats::new(queues));
-        let workers = Arc::new(QueueWorkers::new(queues));
-        let hotplug = Hotplug::new(
-            queues,
-            workers.clone(),
-            QueueMap::default(),
-            vcpu::VcpuAffinity::default(),
-            std::time::Duration::from_millis(1),
-        );
-        (
-            stats,
-            workers,
-            hotplug,
-            IoLimits::new(throttle::Spec::none()),
-        )
+    /// A device's control state, as the server keeps it, for `queues` queues.
+    struct Device {
+        stats: Arc<DeviceStats>,
+        workers: Arc<QueueWorkers>,
+        hotplug: Hotplug,
+        limits: IoLimits,
+    }
+
+    impl Device {
+        fn new(queues: usize) -> Self {
+            let workers = Arc::new(QueueWorkers::new(queues));
+            let hotplug = Hotplug::new(
+                queues,
+                workers.clone(),
+                QueueMap::default(),
+                vcpu::VcpuAffinity::default(),
+                std::time::Duration::from_millis(1),
+            );
+            Self {
+                stats: Arc::new(DeviceStats::new(queues)),
+                workers,
+                hotplug,
+                limits: IoLimits::new(throttle::Spec::none()),
+            }
+        }
+
+        /// The control socket's answer to `line`.
+        fn ask(&self, line: &str) -> serde_json::Value {
+            answer(
+                line,
+                &self.stats,
+                &self.workers,
+                &self.hotplug,
+                &self.limits,
+                &info(),
+            )
+        }
     }
 
     #[test]
     fn stats_lists_every_queue() {
-        let (stats, workers, hotplug, limits) = setup(3);
-        let v = answer(
-            r#"{"cmd":"stats"}"#,
-            &stats,
-            &workers,
-            &hotplug,
-            &limits,
-            &info(),
-        );
+        let dev = Device::new(3);
+        let v = dev.ask(r#"{"cmd":"stats"}"#);
         assert_eq!(v["queues"].as_array().map(Vec::len), Some(3));
         assert_eq!(v["queues"][2]["index"], 2);
         assert_eq!(v["device"]["capacity"], 1 << 20);
-        assert_eq!(
-            answer("stats", &stats, &workers, &hotplug, &limits, &info()),
-            v
-        );
+        assert_eq!(dev.ask("stats"), v);
     }
 
     #[test]
     fn unknown_and_malformed_requests_get_an_error() {
-        let (stats, workers, hotplug, limits) = setup(1);
-        assert!(
-            answer("frobnicate", &stats, &workers, &hotplug, &limits, &info())["error"].is_string()
-        );
-        assert!(
-            answer("{not json", &stats, &workers, &hotplug, &limits, &info())["error"].is_string()
-        );
-        assert!(answer(
+        let dev = Device::new(1);
+        for bad in [
+            "frobnicate",
+            "{not json",
             "vcpu-unplug x",
-            &stats,
-            &workers,
-            &hotplug,
-            &limits,
-            &info()
-        )["error"]
-            .is_string());
-        assert!(answer(
             r#"{"cmd":"vcpu-plug"}"#,
-            &stats,
-            &workers,
-            &hotplug,
-            &limits,
-            &info()
-        )["error"]
-            .is_string());
+        ] {
+            assert!(dev.ask(bad)["error"].is_string(), "{bad}");
+        }
     }
 
     #[test]
     fn queue_map_is_checked_against_the_queue_count() {
-        let (stats, workers, hotplug, limits) = setup(2);
-        let ok = answer(
-            "set-queue-map 0=1,1=0",
-            &stats,
-            &workers,
-            &hotplug,
-            &limits,
-            &info(),
-        );
+        let dev = Device::new(2);
+        let ok = dev.ask("set-queue-map 0=1,1=0");
         assert_eq!(ok["ok"], true, "{ok}");
-        assert_eq!(hotplug.queue_map(), "0=1,1=0");
-        let bad = answer(
-            "set-queue-map 2=0",
-            &stats,
-            &workers,
-            &hotplug,
-            &limits,
-            &info(),
-        );
+        assert_eq!(dev.hotplug.queue_map(), "0=1,1=0");
+        let bad = dev.ask("set-queue-map 2=0");
         assert!(bad["error"].is_string(), "{bad}");
     }
 
     #[test]
     fn unplug_without_a_connection_reports_an_empty_drain() {
-        let (stats, workers, hotplug, limits) = setup(2);
-        let v = answer(
-            "vcpu-unplug 1",
-            &stats,
-            &workers,
-            &hotplug,
-            &limits,
-            &info(),
-        );
+        let dev = Device::new(2);
+        let v = dev.ask("vcpu-unplug 1");
         assert_eq!(v["vcpu"], 1);
         assert_eq!(v["drained"], 0);
-        let s = answer("stats", &stats, &workers, &hotplug, &limits, &info());
+        let s = dev.ask("stats");
         assert_eq!(s["vcpus"][0]["online"], false, "{s}");
-        answer("vcpu-plug 1", &stats, &workers, &hotplug, &limits, &info());
-        let s = answer("stats", &stats, &workers, &hotplug, &limits, &info());
+        dev.ask("vcpu-plug 1");
+        let s = dev.ask("stats");
         assert_eq!(s["vcpus"][0]["online"], true, "{s}");
     }
 
     #[test]
     fn limits_are_shown_and_set_and_bad_ones_change_nothing() {
-        let (stats, workers, hotplug, limits) = setup(1);
-        let ask = |line: &str| answer(line, &stats, &workers, &hotplug, &limits, &info());
+        let dev = Device::new(1);
+        let ask = |line: &str| dev.ask(line);
         assert_eq!(ask("limits show")["limits"], "none");
         let set = ask("limits set iops-total=2000,iops-total-max=4000");
         assert_eq!(set["ok"], true, "{set}");

@@ -86,17 +86,22 @@ pub fn write_control(image: &Path, block: &[u8]) -> Result<()> {
 /// does not, the error carries the agent's result lines (a failed check).
 fn wait_step(q: &Qemu, step: &str) -> Result<()> {
     q.wait_ready(step).map_err(|e| {
-        let results: Vec<String> = q
-            .console()
-            .lines()
-            .into_iter()
-            .filter(|l| l.contains(RESULT_PREFIX))
-            .collect();
         Error::Agent(format!(
             "the guest never said {step} ({e}): {}",
-            results.join("; ")
+            agent_results(q)
         ))
     })
+}
+
+/// The agent's result lines on `q`'s console so far, joined: what a failed check reported.
+fn agent_results(q: &Qemu) -> String {
+    let results: Vec<String> = q
+        .console()
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains(RESULT_PREFIX))
+        .collect();
+    results.join("; ")
 }
 
 /// Waits until the migration under way on `q` has finished its first pass over RAM (its second
@@ -259,15 +264,9 @@ pub fn start_target(
 pub fn run_for(q: &mut Qemu, d: Duration) -> Result<()> {
     std::thread::sleep(d);
     if !q.running()? {
-        let results: Vec<String> = q
-            .console()
-            .lines()
-            .into_iter()
-            .filter(|l| l.contains(RESULT_PREFIX))
-            .collect();
         return Err(Error::Agent(format!(
             "the guest stopped early: {}",
-            results.join("; ")
+            agent_results(q)
         )));
     }
     match q.status()?.as_str() {
