@@ -933,6 +933,42 @@ mod tests {
     }
 
     /// Take as many `io` as the queue allows at `now`.
+    /// Two threads take from `b` at once, as two queue threads do: each calls `take` (the
+    /// requests it took at the given time) until `run` ns have passed, then gives back what it
+    /// holds. Returns the requests both took, and the time from the first start to the last end.
+    fn take_from_two_threads(
+        b: Arc<Buckets>,
+        run: u64,
+        take: fn(&mut Queue, u64) -> u64,
+    ) -> (u64, u64) {
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let (b, barrier) = (b.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    let mut q = Queue::new(b);
+                    barrier.wait();
+                    let start = now();
+                    let (mut n, mut last) = (0u64, start);
+                    while last < start + run {
+                        n += take(&mut q, last);
+                        last = now();
+                    }
+                    q.settle();
+                    (n, start, last)
+                })
+            })
+            .collect();
+        let (mut total, mut start, mut end) = (0, u64::MAX, 0);
+        for thread in threads {
+            let (n, s, e) = thread.join().expect("thread");
+            total += n;
+            start = start.min(s);
+            end = end.max(e);
+        }
+        (total, end - start)
+    }
+
     fn take_all(q: &mut Queue, io: Io, now: u64) -> u64 {
         let mut n = 0;
         while q.take(io, now).is_ok() {
@@ -1088,35 +1124,14 @@ mod tests {
 
     #[test]
     fn threads_share_the_rate_exactly() {
-        let b = buckets("iops-total=100000");
-        let barrier = Arc::new(std::sync::Barrier::new(2));
-        let threads: Vec<_> = (0..2)
-            .map(|_| {
-                let (b, barrier) = (b.clone(), barrier.clone());
-                std::thread::spawn(move || {
-                    let mut q = Queue::new(b);
-                    barrier.wait();
-                    let start = now();
-                    let (mut n, mut last) = (0u64, start);
-                    while last < start + 200 * MS {
-                        n += take_all(&mut q, read(4096), last);
-                        last = now();
-                    }
-                    (n, start, last)
-                })
-            })
-            .collect();
-        let (mut total, mut start, mut end) = (0, u64::MAX, 0);
-        for thread in threads {
-            let (n, s, e) = thread.join().expect("thread");
-            total += n;
-            start = start.min(s);
-            end = end.max(e);
-        }
+        let (total, span) =
+            take_from_two_threads(buckets("iops-total=100000"), 200 * MS, |q, now| {
+                take_all(q, read(4096), now)
+            });
         // At most the full bucket (10k) and the rate over the run: racing threads may overrun
         // by a request each now and then, which the next requests pay for. (Fewer when both
         // threads were preempted for long on this shared machine: a full bucket spills.)
-        let allowed = 10_000 + (end - start) / 10_000;
+        let allowed = 10_000 + span / 10_000;
         assert!(total <= allowed + 4, "{total} taken, {allowed} allowed");
         assert!(total * 2 >= allowed, "{total} taken, {allowed} allowed");
     }
@@ -1327,36 +1342,13 @@ mod tests {
     fn threads_with_allowances_share_the_rate_exactly() {
         // Far from the limit, two threads take allowances; near it, one request at a time. Over
         // the run, what they took is the full bucket and the rate, no more.
-        let b = buckets("iops-total=1000000");
-        let barrier = Arc::new(std::sync::Barrier::new(2));
-        let threads: Vec<_> = (0..2)
-            .map(|_| {
-                let (b, barrier) = (b.clone(), barrier.clone());
-                std::thread::spawn(move || {
-                    let mut q = Queue::new(b);
-                    barrier.wait();
-                    let start = now();
-                    let (mut n, mut last) = (0u64, start);
-                    while last < start + 100 * MS {
-                        // A request at a time, as a queue thread asks.
-                        if q.take(read(4096), last).is_ok() {
-                            n += 1;
-                        }
-                        last = now();
-                    }
-                    q.settle();
-                    (n, start, last)
-                })
-            })
-            .collect();
-        let (mut total, mut start, mut end) = (0, u64::MAX, 0);
-        for thread in threads {
-            let (n, s, e) = thread.join().expect("thread");
-            total += n;
-            start = start.min(s);
-            end = end.max(e);
-        }
-        let allowed = 100_000 + (end - start) / 1000;
+        let (total, span) = take_from_two_threads(
+            buckets("iops-total=1000000"),
+            100 * MS,
+            // A request at a time, as a queue thread asks.
+            |q, now| u64::from(q.take(read(4096), now).is_ok()),
+        );
+        let allowed = 100_000 + span / 1000;
         assert!(total <= allowed + 4, "{total} taken, {allowed} allowed");
         assert!(total * 2 >= allowed, "{total} taken, {allowed} allowed");
     }
