@@ -222,14 +222,14 @@ fn measure(plan: &Plan, w: &Workload, p: &Peer, s: &mut Sample) -> Result<()> {
         return Err(super::error::Error::msg("no request completed"));
     }
     s.iops = raw.ios as f64 / raw.seconds;
+    let mut osd_cores = None;
     if let (Some(pid), Some((Ok(c0), t0))) = (osd, osd0) {
         if let Ok(c1) = procstat::cpu_seconds(pid) {
             // The server's start and stop fall in the window too; the OSD
             // idles then, so this slightly understates it.
             let cores = (c1 - c0) / t0.elapsed().as_secs_f64();
             s.osd_cpu_us = Some(cores * 1e6 / s.iops);
-            // The OSD works for this run: not noise.
-            s.others_cores = (s.others_cores - cores).max(0.0);
+            osd_cores = Some(cores);
         }
     }
     s.mib_s = raw.bytes as f64 / raw.seconds / f64::from(1 << 20);
@@ -237,7 +237,7 @@ fn measure(plan: &Plan, w: &Workload, p: &Peer, s: &mut Sample) -> Result<()> {
     s.backend_cpu_us = raw.backend_cpu_s * 1e6 / raw.ios as f64;
     s.backend_cores = raw.backend_cpu_s / raw.seconds;
     s.client_cpu_us = raw.client_cpu_s * 1e6 / raw.ios as f64;
-    s.others_cores = raw.others_s.max(0.0) / raw.seconds;
+    s.others_cores = noise_cores(raw.others_s, raw.seconds, osd_cores);
     s.steal_cores = raw.steal_s.max(0.0) / raw.seconds;
     if let Some((start, end)) = &raw.backend {
         let f = BackendFigures::between(start, end);
@@ -246,6 +246,14 @@ fn measure(plan: &Plan, w: &Workload, p: &Peer, s: &mut Sample) -> Result<()> {
         s.deferred_p99_us = f.deferred_p99_us;
     }
     Ok(())
+}
+
+/// The cores the rest of the host kept busy over a run of `seconds`, from
+/// the CPU seconds `others_s` not charged to the peer or its client: less
+/// the cores the cluster's OSD spent (`osd_cores`), which works for the run
+/// and has a column of its own.
+fn noise_cores(others_s: f64, seconds: f64, osd_cores: Option<f64>) -> f64 {
+    (others_s.max(0.0) / seconds - osd_cores.unwrap_or(0.0)).max(0.0)
 }
 
 /// Cores of other work below which the host counts as idle.
@@ -375,6 +383,17 @@ mod tests {
         // So does the read run after the last of them.
         assert!(r.before_run(Op::Read));
         assert!(!r.before_run(Op::Read));
+    }
+
+    #[test]
+    fn the_osd_is_not_noise() {
+        // 5.2 CPU seconds outside the peer and client over 4 s, 1.2 cores of
+        // them the OSD's: 0.1 cores of noise.
+        assert!((noise_cores(5.2, 4.0, Some(1.2)) - 0.1).abs() < 1e-9);
+        assert!((noise_cores(5.2, 4.0, None) - 1.3).abs() < 1e-9);
+        // Clock-tick rounding can put the OSD above the rest: never negative.
+        assert_eq!(noise_cores(4.0, 4.0, Some(1.2)), 0.0);
+        assert_eq!(noise_cores(-0.1, 4.0, None), 0.0);
     }
 
     #[test]
