@@ -117,6 +117,11 @@ mon data avail warn = 1
 mon data avail crit = 0
 osd objectstore = memstore
 memstore device bytes = $(( ${CEPH_STORE_MB:-1024} * 1024 * 1024 ))
+# Objects in fixed pages: by default memstore keeps an object as the list of the
+# pieces written into it, so every small write into an object makes the next one
+# on it cost more (splitting and copying that list): after a few thousand 4 KiB
+# random writes, an OSD write cost 200-300 us of CPU, against about 90 in pages.
+memstore page set = true
 osd max object name len = 256
 osd max object namespace len = 64
 # Few threads: the machine running the tests is small.
