@@ -114,11 +114,12 @@ impl RbdImage {
     }
 
     /// Writes the whole image once, sequentially in 4 MiB requests (each
-    /// replaces a whole RADOS object). The memstore OSD keeps an object as
+    /// replaces a whole RADOS object). memstore's default keeps an object as
     /// the list of the pieces written into it, so 4 KiB random writes make
-    /// every later request on that object cost more OSD CPU: refilled
-    /// before every run that follows a write run, each run starts on the
-    /// same image, whatever ran before it.
+    /// every later request on that object cost more OSD CPU (the throw-away
+    /// cluster keeps pages instead, a cluster of `--rbd-conf` may not):
+    /// refilled before every run that follows a write run, each run starts
+    /// on the same image, whatever ran before it.
     pub fn fill(&self, size: u64) -> Result<()> {
         let name = self.name();
         let fill = self.rbd(&[

@@ -79,10 +79,11 @@ pub fn run(plan: &Plan) -> Result<Vec<Sample>> {
 }
 
 /// When the RBD image must be rewritten (see [`RbdImage::fill`]) before a
-/// run on it: whenever a write run came since it was last filled. The
-/// memstore OSD keeps an object as the list of the pieces written into it,
-/// so 4 KiB random writes make every later request on that object cost more
-/// OSD CPU. Refilled so, every run, read or write, of every peer starts on
+/// run on it: whenever a write run came since it was last filled. A
+/// memstore OSD keeps an object as the list of the pieces written into it
+/// by default (the throw-away cluster keeps pages instead), so 4 KiB random
+/// writes make every later request on that object cost more OSD CPU.
+/// Refilled so, every run, read or write, of every peer starts on
 /// the image as filled: read runs do not measure how many write runs came
 /// before them, and a peer's write run does not measure its place in the
 /// order (the first one used to write into the least fragmented objects).
