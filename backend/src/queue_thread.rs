@@ -441,7 +441,7 @@ impl QueueThread {
                 error!("submitting to the engine: {e}");
             }
         }
-        self.reap(vrings);
+        self.reap_polled(vrings);
     }
 
     /// A kick on the thread's `local`-th vring: serve every available chain.
@@ -554,8 +554,9 @@ impl QueueThread {
             );
         }
         // A synchronous engine has finished already, and io_uring may have too: complete what is
-        // done without another trip through epoll.
-        self.reap(vrings);
+        // done without another trip through epoll (the engine does not signal its eventfd for
+        // what it finished within the submission: this reap is what reports it).
+        self.reap_polled(vrings);
     }
 
     /// The thread goes back to epoll: a queue that holds tokens taken ahead from the I/O limits'
@@ -643,7 +644,7 @@ impl QueueThread {
                 }
             }
             if self.engine.has_completions() {
-                self.reap(vrings);
+                self.reap_polled(vrings);
                 worked = true;
             }
             let now = Instant::now();
@@ -697,8 +698,23 @@ impl QueueThread {
         }
     }
 
-    /// The engine's completion eventfd fired: complete what finished and signal the guest.
+    /// The engine's completion eventfd fired: clear it, complete what finished and signal the
+    /// guest.
     pub fn reap(&mut self, vrings: &[Vring]) {
+        self.reap_with(vrings, true);
+    }
+
+    /// Complete what finished and signal the guest, without reading the engine's eventfd: after
+    /// a pass of submissions (the engine does not signal what it finished within them) or when
+    /// polling saw completions. A signal this leaves on the eventfd brings the thread back
+    /// through [`QueueThread::reap`] once.
+    fn reap_polled(&mut self, vrings: &[Vring]) {
+        self.reap_with(vrings, false);
+    }
+
+    /// [`QueueThread::reap`] (`woken`: the eventfd is cleared) or
+    /// [`QueueThread::reap_polled`].
+    fn reap_with(&mut self, vrings: &[Vring], woken: bool) {
         self.deferred_path.set_vrings(vrings);
         let Self {
             engine,
@@ -830,7 +846,12 @@ impl QueueThread {
                 }
             }
         };
-        if let Err(e) = engine.reap(&mut on_completion) {
+        let result = if woken {
+            engine.reap(&mut on_completion)
+        } else {
+            engine.reap_polled(&mut on_completion)
+        };
+        if let Err(e) = result {
             error!("reaping completions: {e}");
         }
         if reaped {

@@ -2,9 +2,9 @@
 //!
 //! [`Engine::submit`] runs the request to the end on the queue thread (`preadv2`/`pwritev2` with
 //! `RWF_DONTCACHE` under `dontcache`, `fdatasync`, `fallocate`, block-device ioctls) and keeps its
-//! completion, buffers included, until [`Engine::reap`]. The eventfd is written when the first
-//! completion of a pass is kept, so the queue thread's epoll loop sees the same signal as with
-//! io_uring.
+//! completion, buffers included, until the queue thread reaps it right after its pass of
+//! submissions. The completion eventfd is never signalled (nothing completes later): it is there
+//! for the queue thread's epoll loop, which registers every engine's.
 
 use std::collections::VecDeque;
 use std::os::unix::io::{AsRawFd, RawFd};
@@ -36,18 +36,12 @@ impl SyncEngine {
 impl Engine for SyncEngine {
     fn submit(&mut self, op: Op, user_data: u64) -> std::result::Result<(), SubmitError> {
         let result = self.image.execute(&op);
-        let was_empty = self.done.is_empty();
         self.done.push_back(Completion {
             user_data,
             result,
             bufs: op.into_buffers(),
             fixed_buffers: false,
         });
-        if was_empty {
-            // The counter saturates only after 2^64 - 2 writes; a failure here would leave the
-            // completion to the next reap, so it is not an error of this request.
-            let _ = self.eventfd.write(1);
-        }
         Ok(())
     }
 
@@ -60,8 +54,7 @@ impl Engine for SyncEngine {
     }
 
     fn reap(&mut self, f: &mut dyn FnMut(Completion)) -> Result<()> {
-        // Clear first: nothing can be added while we hold `&mut self`, so no wakeup is lost.
-        let _ = self.eventfd.read();
+        // The eventfd is never signalled: nothing to clear.
         while let Some(c) = self.done.pop_front() {
             f(c);
         }
