@@ -382,6 +382,91 @@ fn times(x: f64) -> String {
     }
 }
 
+/// `a`'s runs on `w` against `b`'s of the same repetition.
+///
+/// The peers of one repetition run back to back, seconds apart, and this VM's CPUs run whole
+/// repetitions faster or slower for every peer alike; comparing within each repetition cancels
+/// that swing, which the ratio of two columns' medians keeps (their medians may come from
+/// different repetitions).
+struct Paired {
+    /// The median over repetitions of `f(a) / f(b)`.
+    ratio: f64,
+    /// Repetitions where both ran.
+    n: usize,
+    /// Repetitions `a` did better in (a higher figure, or a lower one when lower is better).
+    wins: usize,
+}
+
+impl Paired {
+    /// Pairs `a` and `b` on `w` by repetition over the figure `f`; none when no repetition has
+    /// both.
+    fn of(
+        r: &Results,
+        w: &str,
+        a: &str,
+        b: &str,
+        f: &dyn Fn(&Sample) -> f64,
+        higher: bool,
+    ) -> Option<Paired> {
+        let run = |peer: &str, rep: u32| {
+            r.samples
+                .iter()
+                .find(|s| s.workload == w && s.peer == peer && s.rep == rep && s.error.is_none())
+        };
+        let ratios: Vec<f64> = (0..r.reps)
+            .filter_map(|rep| Some(f(run(a, rep)?) / f(run(b, rep)?)))
+            .collect();
+        if ratios.is_empty() {
+            return None;
+        }
+        let wins = ratios
+            .iter()
+            .filter(|&&x| if higher { x > 1.0 } else { x < 1.0 })
+            .count();
+        Some(Paired {
+            ratio: Spread::of(&ratios).median,
+            n: ratios.len(),
+            wins,
+        })
+    }
+
+    /// A targets-table line for this pairing: `what` (the row's own label) with the pairing
+    /// named, `ours` and `reference` the peers, met when the ratio is at least (`higher`) or at
+    /// most `need`, or strictly below it when `strict`.
+    fn target(
+        &self,
+        what: &str,
+        ours: &str,
+        reference: &str,
+        need: f64,
+        higher: bool,
+        strict: bool,
+    ) -> Target {
+        let met = if higher {
+            self.ratio >= need
+        } else if strict {
+            self.ratio < need
+        } else {
+            self.ratio <= need
+        };
+        Target {
+            what: format!("{what}, paired over {} repetitions", self.n),
+            ours: format!("{ours}: better in {} of {}", self.wins, self.n),
+            reference: reference.into(),
+            measured: times(self.ratio),
+            need: format!(
+                "{}{need:.2}×",
+                match (higher, strict) {
+                    (true, _) => "≥ ",
+                    (false, true) => "< ",
+                    (false, false) => "≤ ",
+                }
+            ),
+            met: (!self.ratio.is_nan()).then_some(met),
+        }
+    }
+}
+
 /// Our deferred-batching peers: dontcache at the default delay
 /// and at `--defer-delay-us 0`.
 const DONTCACHE: &str = "ours-dontcache-uring";
@@ -416,24 +501,34 @@ fn our_default<'a>(r: &'a Results, w: &str, mode: Mode) -> Option<&'a Cell> {
 /// marked "tuned" under the default's; it never replaces it.
 fn targets(r: &Results) -> Vec<Target> {
     let mut v = Vec::new();
-    let mut row =
-        |what: String, ours: &Cell, reference: &Cell, ratio: f64, need: f64, higher: bool| {
-            let fig = |c: &Cell| {
-                if higher {
-                    k(c.iops.median)
-                } else {
-                    format!("{} µs", us(c.backend_cpu_us.median))
-                }
-            };
-            v.push(Target {
-                what,
-                ours: format!("{} {}", ours.peer, fig(ours)),
-                reference: format!("{} {}", reference.peer, fig(reference)),
-                measured: format!("{ratio:.2}×"),
-                need: format!("{}{need:.2}×", if higher { "≥ " } else { "< " }),
-                met: Some(if higher { ratio >= need } else { ratio <= need }),
-            });
+    let row = |what: String, ours: &Cell, reference: &Cell, ratio: f64, need: f64, higher: bool| {
+        let fig = |c: &Cell| {
+            if higher {
+                k(c.iops.median)
+            } else {
+                format!("{} µs", us(c.backend_cpu_us.median))
+            }
         };
+        Target {
+            what,
+            ours: format!("{} {}", ours.peer, fig(ours)),
+            reference: format!("{} {}", reference.peer, fig(reference)),
+            measured: format!("{ratio:.2}×"),
+            need: format!("{}{need:.2}×", if higher { "≥ " } else { "< " }),
+            met: Some(if higher { ratio >= need } else { ratio <= need }),
+        }
+    };
+    // The default row's target again, its runs paired with the reference's of the same
+    // repetition.
+    let paired_row = |what: &str, ours: &Cell, reference: &Cell, need: f64, higher: bool| {
+        let f: &dyn Fn(&Sample) -> f64 = if higher {
+            &|s| s.iops
+        } else {
+            &|s| s.backend_cpu_us
+        };
+        Paired::of(r, &ours.workload, &ours.peer, &reference.peer, f, higher)
+            .map(|p| p.target(what, &ours.peer, &reference.peer, need, higher, false))
+    };
     for (w, need) in [
         ("randread-4k-qd32-q2", 1.1),
         ("randwrite-4k-qd32-q2", 1.1),
@@ -468,32 +563,37 @@ fn targets(r: &Results) -> Vec<Target> {
             };
             for (o, tag) in [(default, "default"), (tuned, "tuned")] {
                 let Some(o) = o else { continue };
+                let mut check = |what: String, reference: &Cell, need: f64, higher: bool| {
+                    let ratio = if higher {
+                        o.iops.median / reference.iops.median
+                    } else {
+                        o.backend_cpu_us.median / reference.backend_cpu_us.median
+                    };
+                    v.push(row(what.clone(), o, reference, ratio, need, higher));
+                    if tag == "default" {
+                        v.extend(paired_row(&what, o, reference, need, higher));
+                    }
+                };
                 if let Some(p) = peer {
-                    row(
+                    check(
                         format!("{w} {label}: IOPS vs best peer ({tag})"),
-                        o,
                         p,
-                        o.iops.median / p.iops.median,
                         need,
                         true,
                     );
                 }
                 if let Some(c) = cheapest {
-                    row(
+                    check(
                         format!("{w} {label}: CPU/req vs cheapest peer ({tag})"),
-                        o,
                         c,
-                        o.backend_cpu_us.median / c.backend_cpu_us.median,
                         1.0,
                         false,
                     );
                 }
                 if let (Some(fneed), Some(f)) = (fio_need, r.cell(w, fio_name)) {
-                    row(
+                    check(
                         format!("{w} {label}: IOPS vs fio on the host ({tag})"),
-                        o,
                         f,
-                        o.iops.median / f.iops.median,
                         fneed,
                         true,
                     );
@@ -503,14 +603,14 @@ fn targets(r: &Results) -> Vec<Target> {
     }
     let w = "randread-4k-qd32-q2";
     if let (Some(o), Some(n)) = (our_default(r, w, Mode::Buffered), r.cell(w, "ours-null")) {
-        row(
+        v.push(row(
             format!("{w} hot page cache: vs our null image (default)"),
             o,
             n,
             o.iops.median / n.iops.median,
             0.8,
             true,
-        );
+        ));
     }
     v.extend(rbd_targets(r));
     v.extend(batching_targets(r));
@@ -541,20 +641,43 @@ fn rbd_targets(r: &Results) -> Vec<Target> {
                 met: (!ratio.is_nan()).then_some(ratio >= need),
             }
         };
+        let paired = |reference: &Cell, what: &str, need: f64, higher: bool| {
+            let f: &dyn Fn(&Sample) -> f64 = if higher {
+                &|s| s.iops
+            } else {
+                &|s| s.backend_cpu_us
+            };
+            Paired::of(r, w, &o.peer, &reference.peer, f, higher)
+                .map(|p| p.target(what, &o.peer, &reference.peer, need, higher, true))
+        };
         if let Some(q) = r.cell(w, "qsd-rbd") {
             v.push(iops(q, 1.1, "qemu-storage-daemon"));
+            v.extend(paired(
+                q,
+                &format!("{w} RBD: IOPS vs qemu-storage-daemon"),
+                1.1,
+                true,
+            ));
             let ratio = o.backend_cpu_us.median / q.backend_cpu_us.median;
+            let what = format!("{w} RBD: CPU/req vs qemu-storage-daemon");
             v.push(Target {
-                what: format!("{w} RBD: CPU/req vs qemu-storage-daemon"),
+                what: what.clone(),
                 ours: format!("{} {} µs", o.peer, us(o.backend_cpu_us.median)),
                 reference: format!("{} {} µs", q.peer, us(q.backend_cpu_us.median)),
                 measured: times(ratio),
                 need: "< 1.00×".into(),
                 met: (!ratio.is_nan()).then_some(ratio < 1.0),
             });
+            v.extend(paired(q, &what, 1.0, false));
         }
         if let Some(f) = r.cell(w, "fio-rbd") {
             v.push(iops(f, 0.9, "fio's rbd engine on the host"));
+            v.extend(paired(
+                f,
+                &format!("{w} RBD: IOPS vs fio's rbd engine on the host"),
+                0.9,
+                true,
+            ));
         }
     }
     v
@@ -651,38 +774,21 @@ fn nobite_targets(r: &Results) -> Vec<Target> {
     let mut v = Vec::new();
     for w in &r.workloads {
         for (limited, base) in NOBITE_PAIRS {
-            let run = |peer: &str, rep: u32| {
-                r.samples.iter().find(|s| {
-                    s.workload == *w && s.peer == peer && s.rep == rep && s.error.is_none()
-                })
-            };
-            let pairs: Vec<(&Sample, &Sample)> = (0..r.reps)
-                .filter_map(|rep| Some((run(limited, rep)?, run(base, rep)?)))
-                .collect();
-            if pairs.is_empty() {
+            let iops = Paired::of(r, w, limited, base, &|s| s.iops, true);
+            let cpu = Paired::of(r, w, limited, base, &|s| s.backend_cpu_us, false);
+            let (Some(iops), Some(cpu)) = (iops, cpu) else {
                 continue;
-            }
-            let paired = |f: &dyn Fn(&Sample) -> f64| {
-                Spread::of(&pairs.iter().map(|(l, b)| f(l) / f(b)).collect::<Vec<_>>()).median
             };
-            let (iops, cpu) = (paired(&|s| s.iops), paired(&|s| s.backend_cpu_us));
-            let n = pairs.len();
-            v.push(Target {
-                what: format!("{w} limit that never bites: IOPS, paired over {n} repetitions"),
-                ours: limited.into(),
-                reference: base.into(),
-                measured: times(iops),
-                need: "≥ 0.98×".into(),
-                met: (!iops.is_nan()).then_some(iops >= 0.98),
-            });
-            v.push(Target {
-                what: format!("{w} limit that never bites: CPU/req, paired over {n} repetitions"),
-                ours: limited.into(),
-                reference: base.into(),
-                measured: times(cpu),
-                need: "≤ 1.05×".into(),
-                met: (!cpu.is_nan()).then_some(cpu <= 1.05),
-            });
+            let what = format!("{w} limit that never bites");
+            v.push(iops.target(&format!("{what}: IOPS"), limited, base, 0.98, true, false));
+            v.push(cpu.target(
+                &format!("{what}: CPU/req"),
+                limited,
+                base,
+                1.05,
+                false,
+                false,
+            ));
         }
     }
     v
@@ -1136,6 +1242,61 @@ mod tests {
     }
 
     #[test]
+    fn default_rows_are_paired_with_their_reference_by_repetition() {
+        let w = "randwrite-4k-qd1-q1";
+        // Ours ahead of cloud-hypervisor by 2 % in two repetitions and behind by 15 % in one
+        // where only ours ran slow: the columns' medians (46k against 47k) read 0.98x, the
+        // repetitions' ratios 1.02, 1.02 and 0.85x.
+        let mut samples = Vec::new();
+        for (rep, ours, ch) in [(0, 46e3, 45e3), (1, 53e3, 52e3), (2, 40e3, 47e3)] {
+            let cpu = |iops: f64| 1e6 / iops;
+            samples.push(sample(
+                w,
+                "ours-writeback-uring",
+                rep,
+                ours,
+                60.0,
+                cpu(ours),
+                None,
+            ));
+            samples.push(sample(w, "ch-buffered", rep, ch, 60.0, cpu(ch), None));
+        }
+        let t = targets(&results(&[w], samples));
+        let medians = find(&t, &format!("{w} buffered: IOPS vs best peer (default)"));
+        assert_eq!(
+            (medians.measured.as_str(), medians.met),
+            ("0.98×", Some(false))
+        );
+        let paired = find(
+            &t,
+            &format!("{w} buffered: IOPS vs best peer (default), paired over 3 repetitions"),
+        );
+        assert_eq!(paired.ours, "ours-writeback-uring: better in 2 of 3");
+        assert_eq!(paired.reference, "ch-buffered");
+        assert_eq!(
+            (paired.measured.as_str(), paired.met),
+            ("1.02×", Some(true))
+        );
+        let cpu = find(
+            &t,
+            &format!("{w} buffered: CPU/req vs cheapest peer (default), paired over 3 repetitions"),
+        );
+        assert_eq!(
+            (cpu.measured.as_str(), cpu.need.as_str()),
+            ("0.98×", "≤ 1.00×")
+        );
+        assert_eq!(
+            (cpu.ours.as_str(), cpu.met),
+            ("ours-writeback-uring: better in 2 of 3", Some(true))
+        );
+        // Tuned rows get no paired line.
+        assert!(
+            !t.iter().any(|t| t.what.contains("(tuned), paired")),
+            "{t:#?}"
+        );
+    }
+
+    #[test]
     fn no_tuned_line_when_the_default_is_best() {
         let w = "randread-4k-qd1-q1";
         let r = results(
@@ -1231,6 +1392,18 @@ mod tests {
             "randread-4k-qd32-q2 RBD: IOPS vs fio's rbd engine on the host",
         );
         assert_eq!((f.measured.as_str(), f.met), ("0.85×", Some(false)));
+        // Each figure again, paired by repetition: the same here, every repetition alike.
+        let qp = find(
+            &t,
+            "randwrite-4k-qd32-q2 RBD: IOPS vs qemu-storage-daemon, paired over 3 repetitions",
+        );
+        assert_eq!((qp.measured.as_str(), qp.met), ("1.10×", Some(true)));
+        assert_eq!(qp.ours, "ours-rbd: better in 3 of 3");
+        let cp = find(
+            &t,
+            "randread-4k-qd32-q2 RBD: CPU/req vs qemu-storage-daemon, paired over 3 repetitions",
+        );
+        assert_eq!((cp.need.as_str(), cp.met), ("< 1.00×", Some(true)));
         // No local-image rows: no peer runs in those modes.
         assert!(t.iter().all(|t| t.what.contains("RBD")), "{t:#?}");
         let md = markdown(&r);
