@@ -132,6 +132,34 @@ const QUIET: Duration = Duration::from_millis(1);
 /// for nothing; it starts at one kick and doubles each time it happens again.
 const MAX_HOLD: u32 = 256;
 
+/// Requests handed to the engine between two submissions to the kernel within one pass over a
+/// ring.
+///
+/// A driver that keeps many requests in flight hands them over in bursts (a whole batch of
+/// completions answered at once), and submitted at the end of the pass they would reach the
+/// host's disk as one burst too, after the thread has spent a few microseconds on each: the
+/// disk idles meanwhile, and a queue's requests move through it in convoys. Submitting every
+/// few requests lets the disk start on the first ones while the thread reads the next. Measured
+/// with 4 KiB O_DIRECT random reads at iodepth 32 on 2 queues (docs/benchmarks.md, "Submitting
+/// in pieces").
+const COMMIT_EVERY: usize = 8;
+
+/// Counts the requests handed to the engine since its last submission to the kernel.
+#[derive(Debug, Default)]
+struct Pending(usize);
+
+impl Pending {
+    /// A request went to the engine; returns whether to submit what it holds now.
+    fn started(&mut self) -> bool {
+        self.0 += 1;
+        if self.0 < COMMIT_EVERY {
+            return false;
+        }
+        self.0 = 0;
+        true
+    }
+}
+
 /// The adaptive poll window of one queue thread.
 ///
 /// The thread measures how long it waited for the driver: from the last work it did with
@@ -457,6 +485,7 @@ impl QueueThread {
         let event_idx = self.shared.event_idx.load(Ordering::Relaxed);
         // The chains of one pass share one reading of the clock (microseconds apart at most).
         self.pass_now = None;
+        let mut pending = Pending::default();
         loop {
             let mut state = vring.get_mut();
             // Stopped by GET_VRING_BASE: the frontend owns the ring again. Stopping (SIGTERM) or
@@ -519,7 +548,16 @@ impl QueueThread {
                 );
                 let chain = ViewChain::new(&view, table.0, table.1, head);
                 match self.start_request(local, head, chain, table, &mem, &view) {
-                    Started::InFlight => {}
+                    Started::InFlight => {
+                        if pending.started() {
+                            if let Err(e) = self.engine.commit() {
+                                error!(
+                                    "queue {}: submitting to the engine: {e}",
+                                    self.queues[local].index
+                                );
+                            }
+                        }
+                    }
                     Started::Done(used_len) => {
                         let index = self.queues[local].index;
                         if order.complete(&mut state, index, head, used_len) {
@@ -1280,6 +1318,21 @@ mod tests {
     use super::*;
 
     const MAX: Duration = Duration::from_micros(50);
+
+    /// A pass over a burst of requests submits every `COMMIT_EVERY` of them (the rest at the
+    /// end of the pass); a pass of fewer submits only at its end.
+    #[test]
+    fn a_burst_of_requests_is_submitted_in_pieces() {
+        let mut pending = Pending::default();
+        let at: Vec<usize> = (1..=20).filter(|_| pending.started()).collect();
+        assert_eq!(at, [8, 16], "20 requests: submitted after the 8th and 16th");
+        let mut pending = Pending::default();
+        let at: Vec<usize> = (1..COMMIT_EVERY).filter(|_| pending.started()).collect();
+        assert!(
+            at.is_empty(),
+            "fewer than a piece: submitted at the end of the pass only"
+        );
+    }
 
     /// The wait for the driver was `us` microseconds.
     fn kick_after(w: &mut PollWindow, us: u64) -> Duration {
