@@ -50,8 +50,10 @@ impl RbdImage {
     }
 
     fn rbd(&self, args: &[&str]) -> Result<Output> {
+        // `-k`: an `rbd` stuck in librados (a full memstore does that to a fill) ignores the
+        // TERM; the KILL ten seconds later ends it, so the run fails instead of hanging.
         let out = Command::new("timeout")
-            .arg("120")
+            .args(["-k", "10", "120"])
             .arg("rbd")
             .arg("-c")
             .arg(&self.conf)
