@@ -382,6 +382,30 @@ fn times(x: f64) -> String {
     }
 }
 
+/// A figure two peers are compared on, and which way is better.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Figure {
+    /// Requests per second: higher is better.
+    Iops,
+    /// Backend CPU per request: lower is better.
+    CpuPerRequest,
+}
+
+impl Figure {
+    /// The figure of one run.
+    fn of(self, s: &Sample) -> f64 {
+        match self {
+            Figure::Iops => s.iops,
+            Figure::CpuPerRequest => s.backend_cpu_us,
+        }
+    }
+
+    /// Whether a higher figure is better.
+    fn higher_is_better(self) -> bool {
+        self == Figure::Iops
+    }
+}
+
 /// `a`'s runs on `w` against `b`'s of the same repetition.
 ///
 /// The peers of one repetition run back to back, seconds apart, and this VM's CPUs run whole
@@ -389,7 +413,9 @@ fn times(x: f64) -> String {
 /// that swing, which the ratio of two columns' medians keeps (their medians may come from
 /// different repetitions).
 struct Paired {
-    /// The median over repetitions of `f(a) / f(b)`.
+    /// What is compared.
+    figure: Figure,
+    /// The median over repetitions of `a`'s figure over `b`'s.
     ratio: f64,
     /// Repetitions where both ran.
     n: usize,
@@ -398,32 +424,26 @@ struct Paired {
 }
 
 impl Paired {
-    /// Pairs `a` and `b` on `w` by repetition over the figure `f`; none when no repetition has
-    /// both.
-    fn of(
-        r: &Results,
-        w: &str,
-        a: &str,
-        b: &str,
-        f: &dyn Fn(&Sample) -> f64,
-        higher: bool,
-    ) -> Option<Paired> {
+    /// Pairs `a` and `b` on `w` by repetition over `figure`; none when no repetition has both.
+    fn of(r: &Results, w: &str, a: &str, b: &str, figure: Figure) -> Option<Paired> {
         let run = |peer: &str, rep: u32| {
             r.samples
                 .iter()
                 .find(|s| s.workload == w && s.peer == peer && s.rep == rep && s.error.is_none())
         };
         let ratios: Vec<f64> = (0..r.reps)
-            .filter_map(|rep| Some(f(run(a, rep)?) / f(run(b, rep)?)))
+            .filter_map(|rep| Some(figure.of(run(a, rep)?) / figure.of(run(b, rep)?)))
             .collect();
         if ratios.is_empty() {
             return None;
         }
+        let higher = figure.higher_is_better();
         let wins = ratios
             .iter()
             .filter(|&&x| if higher { x > 1.0 } else { x < 1.0 })
             .count();
         Some(Paired {
+            figure,
             ratio: Spread::of(&ratios).median,
             n: ratios.len(),
             wins,
@@ -431,17 +451,10 @@ impl Paired {
     }
 
     /// A targets-table line for this pairing: `what` (the row's own label) with the pairing
-    /// named, `ours` and `reference` the peers, met when the ratio is at least (`higher`) or at
-    /// most `need`, or strictly below it when `strict`.
-    fn target(
-        &self,
-        what: &str,
-        ours: &str,
-        reference: &str,
-        need: f64,
-        higher: bool,
-        strict: bool,
-    ) -> Target {
+    /// named, `ours` and `reference` the peers, met when the ratio is at least (a figure where
+    /// higher is better) or at most `need`, or strictly below it when `strict`.
+    fn target(&self, what: &str, ours: &str, reference: &str, need: f64, strict: bool) -> Target {
+        let higher = self.figure.higher_is_better();
         let met = if higher {
             self.ratio >= need
         } else if strict {
@@ -520,14 +533,9 @@ fn targets(r: &Results) -> Vec<Target> {
     };
     // The default row's target again, its runs paired with the reference's of the same
     // repetition.
-    let paired_row = |what: &str, ours: &Cell, reference: &Cell, need: f64, higher: bool| {
-        let f: &dyn Fn(&Sample) -> f64 = if higher {
-            &|s| s.iops
-        } else {
-            &|s| s.backend_cpu_us
-        };
-        Paired::of(r, &ours.workload, &ours.peer, &reference.peer, f, higher)
-            .map(|p| p.target(what, &ours.peer, &reference.peer, need, higher, false))
+    let paired_row = |what: &str, ours: &Cell, reference: &Cell, need: f64, figure: Figure| {
+        Paired::of(r, &ours.workload, &ours.peer, &reference.peer, figure)
+            .map(|p| p.target(what, &ours.peer, &reference.peer, need, false))
     };
     for (w, need) in [
         ("randread-4k-qd32-q2", 1.1),
@@ -571,7 +579,12 @@ fn targets(r: &Results) -> Vec<Target> {
                     };
                     v.push(row(what.clone(), o, reference, ratio, need, higher));
                     if tag == "default" {
-                        v.extend(paired_row(&what, o, reference, need, higher));
+                        let figure = if higher {
+                            Figure::Iops
+                        } else {
+                            Figure::CpuPerRequest
+                        };
+                        v.extend(paired_row(&what, o, reference, need, figure));
                     }
                 };
                 if let Some(p) = peer {
@@ -641,14 +654,9 @@ fn rbd_targets(r: &Results) -> Vec<Target> {
                 met: (!ratio.is_nan()).then_some(ratio >= need),
             }
         };
-        let paired = |reference: &Cell, what: &str, need: f64, higher: bool| {
-            let f: &dyn Fn(&Sample) -> f64 = if higher {
-                &|s| s.iops
-            } else {
-                &|s| s.backend_cpu_us
-            };
-            Paired::of(r, w, &o.peer, &reference.peer, f, higher)
-                .map(|p| p.target(what, &o.peer, &reference.peer, need, higher, true))
+        let paired = |reference: &Cell, what: &str, need: f64, figure: Figure| {
+            Paired::of(r, w, &o.peer, &reference.peer, figure)
+                .map(|p| p.target(what, &o.peer, &reference.peer, need, true))
         };
         if let Some(q) = r.cell(w, "qsd-rbd") {
             v.push(iops(q, 1.1, "qemu-storage-daemon"));
@@ -656,7 +664,7 @@ fn rbd_targets(r: &Results) -> Vec<Target> {
                 q,
                 &format!("{w} RBD: IOPS vs qemu-storage-daemon"),
                 1.1,
-                true,
+                Figure::Iops,
             ));
             let ratio = o.backend_cpu_us.median / q.backend_cpu_us.median;
             let what = format!("{w} RBD: CPU/req vs qemu-storage-daemon");
@@ -668,7 +676,7 @@ fn rbd_targets(r: &Results) -> Vec<Target> {
                 need: "< 1.00×".into(),
                 met: (!ratio.is_nan()).then_some(ratio < 1.0),
             });
-            v.extend(paired(q, &what, 1.0, false));
+            v.extend(paired(q, &what, 1.0, Figure::CpuPerRequest));
         }
         if let Some(f) = r.cell(w, "fio-rbd") {
             v.push(iops(f, 0.9, "fio's rbd engine on the host"));
@@ -676,7 +684,7 @@ fn rbd_targets(r: &Results) -> Vec<Target> {
                 f,
                 &format!("{w} RBD: IOPS vs fio's rbd engine on the host"),
                 0.9,
-                true,
+                Figure::Iops,
             ));
         }
     }
@@ -774,21 +782,14 @@ fn nobite_targets(r: &Results) -> Vec<Target> {
     let mut v = Vec::new();
     for w in &r.workloads {
         for (limited, base) in NOBITE_PAIRS {
-            let iops = Paired::of(r, w, limited, base, &|s| s.iops, true);
-            let cpu = Paired::of(r, w, limited, base, &|s| s.backend_cpu_us, false);
+            let iops = Paired::of(r, w, limited, base, Figure::Iops);
+            let cpu = Paired::of(r, w, limited, base, Figure::CpuPerRequest);
             let (Some(iops), Some(cpu)) = (iops, cpu) else {
                 continue;
             };
             let what = format!("{w} limit that never bites");
-            v.push(iops.target(&format!("{what}: IOPS"), limited, base, 0.98, true, false));
-            v.push(cpu.target(
-                &format!("{what}: CPU/req"),
-                limited,
-                base,
-                1.05,
-                false,
-                false,
-            ));
+            v.push(iops.target(&format!("{what}: IOPS"), limited, base, 0.98, false));
+            v.push(cpu.target(&format!("{what}: CPU/req"), limited, base, 1.05, false));
         }
     }
     v
