@@ -1011,14 +1011,10 @@ mod tests {
                 engine.reap_polled(&mut |c| out.push(c)).unwrap();
                 continue;
             }
-            let mut pfd = libc::pollfd {
-                fd: engine.completion_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one pollfd that lives across the call.
-            let ret = unsafe { libc::poll(&mut pfd, 1, 5000) };
-            assert!(ret > 0, "no completion within 5 s");
+            assert!(
+                readable(engine.completion_fd(), 5000),
+                "no completion within 5 s"
+            );
             engine.reap(&mut |c| out.push(c)).unwrap();
         }
         assert_eq!(out.len(), n);
@@ -1268,15 +1264,15 @@ mod tests {
         }
     }
 
-    /// Whether `fd` is readable now, without waiting.
-    fn readable(fd: RawFd) -> bool {
+    /// Whether `fd` is readable within `timeout_ms` (0: now, without waiting).
+    fn readable(fd: RawFd, timeout_ms: i32) -> bool {
         let mut pfd = libc::pollfd {
             fd,
             events: libc::POLLIN,
             revents: 0,
         };
         // SAFETY: one pollfd that lives across the call.
-        let ret = unsafe { libc::poll(&mut pfd, 1, 0) };
+        let ret = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
         assert!(ret >= 0, "poll: {}", io::Error::last_os_error());
         ret > 0
     }
@@ -1298,7 +1294,7 @@ mod tests {
                 engine.commit().unwrap();
                 assert!(engine.has_completions(), "{kind:?}: finished at submission");
                 assert!(
-                    !readable(engine.completion_fd()),
+                    !readable(engine.completion_fd(), 0),
                     "{kind:?} on {}: completion fd signalled for a request reaped at once",
                     img.path().display()
                 );
