@@ -16,7 +16,7 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use common::blk::{self, feature};
-use common::{pattern, socket_path, Backend, Segment, TempDir, SECTOR_SIZE, S_IOERR, S_OK};
+use common::{pattern, socket_path, Backend, Device, Segment, TempDir, SECTOR_SIZE, S_IOERR, S_OK};
 use rbd::testing::{TestCluster, POOL};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-blk");
@@ -329,6 +329,18 @@ fn a_stalled_osd_fails_only_the_requests_it_stalls_and_serving_resumes() {
     assert!(c.export("fail")[4096..8192] == after[..]);
 }
 
+/// Reads 4 KiB at `sector` on queues 0 and 1 of `d` (each reading through its own connection)
+/// and checks they hold `pattern(seed, 4096)`.
+fn assert_both_queues_read(d: &mut Device, sector: u64, seed: u64, what: &str) {
+    for q in 0..2 {
+        let r = d.read(q, sector, 4096);
+        assert!(
+            r.status == S_OK && r.data == pattern(seed, 4096),
+            "{what} (queue {q})"
+        );
+    }
+}
+
 #[test]
 fn two_backends_hand_the_image_over() {
     let (_shared, c) = shared_cluster();
@@ -342,24 +354,12 @@ fn two_backends_hand_the_image_over() {
     // A second process writes: librbd asks the first for the exclusive lock and gets it.
     let b = spawn_rbd("handover", None, &["--num-queues", "2"]);
     let mut db = b.connect_queues(2);
-    for q in 0..2 {
-        let r = db.read(q, 0, 4096);
-        assert!(
-            r.status == S_OK && r.data == pattern(41, 4096),
-            "B sees A's data (queue {q})"
-        );
-    }
+    assert_both_queues_read(&mut db, 0, 41, "B sees A's data");
     assert_eq!(db.write(1, 8, &pattern(42, 4096)).status, S_OK);
     assert_eq!(db.flush(0).status, S_OK);
 
     // And back: A writes again, after B.
-    for q in 0..2 {
-        let r = da.read(q, 8, 4096);
-        assert!(
-            r.status == S_OK && r.data == pattern(42, 4096),
-            "A sees B's data (queue {q})"
-        );
-    }
+    assert_both_queues_read(&mut da, 8, 42, "A sees B's data");
     assert_eq!(da.write(0, 16, &pattern(43, 4096)).status, S_OK);
     assert_eq!(da.flush(0).status, S_OK);
     drop(db);
